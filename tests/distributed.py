@@ -1,0 +1,36 @@
+"""Run a script on N local ranks with torchrun; the ranks write their results, the test reads them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torchrun(script: Path, nproc: int, out_dir: Path, *args: str, timeout: float = 180.0) -> list[dict]:
+    """Start ``script`` on ``nproc`` ranks (gloo, CPU); return each rank's ``rank{r}.json``.
+
+    The whole process group is killed on a timeout, so a hung collective cannot outlive the test."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(script), str(out_dir), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(f"{script.name} on {nproc} ranks timed out after {timeout}s:\n{output[-4000:]}")
+    results = []
+    for rank in range(nproc):
+        path = out_dir / f"rank{rank}.json"
+        assert path.exists(), f"rank {rank} wrote no result (exit {proc.returncode}):\n{output[-4000:]}"
+        results.append(json.loads(path.read_text()))
+    return results

@@ -1,0 +1,35 @@
+"""zoscale: zeroth-order finetuning of sharded language models."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from zoscale.comm import Comm, print0
+from zoscale.optim import REGISTRY, StepResult, ZOOptimizer
+from zoscale.shards import PerturbationEngine, Shard, local_shards
+
+__version__ = "0.1.0"
+
+
+def build_optimizer(name: str, model_or_shards: torch.nn.Module | Sequence[Shard], *, comm: Comm | None = None,
+                    master_dtype: torch.dtype | None = None, **config) -> ZOOptimizer:
+    """Build a registered ZO optimizer over a model's trainable parameters (one whole shard each)
+    or over shards that a backend produced. ``config`` holds the optimizer's config fields."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(REGISTRY)}")
+    cls = REGISTRY[name]
+    fields = set(cls.Config.__dataclass_fields__)
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {unknown}; valid: {sorted(fields)}")
+    if isinstance(model_or_shards, torch.nn.Module):
+        shards = local_shards(model_or_shards, master_dtype=master_dtype)
+    else:
+        shards = list(model_or_shards)
+    return cls(shards, cls.Config(**config), comm)
+
+
+__all__ = ["Comm", "PerturbationEngine", "Shard", "StepResult", "ZOOptimizer", "build_optimizer",
+           "local_shards", "print0"]

@@ -1,0 +1,5 @@
+import sys
+
+from zoscale.cli import main
+
+sys.exit(main())

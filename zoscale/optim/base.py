@@ -1,0 +1,134 @@
+"""What every ZO optimizer shares: config, registry, seeds, the lr schedule and the loss reduction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from zoscale import rng
+from zoscale.comm import Comm
+from zoscale.optim.schedule import SCHEDULES, lr_at
+from zoscale.shards import PerturbationEngine, Shard
+
+# closure() returns this rank's loss: a scalar (ranks are averaged) or a (loss_sum, count) pair
+# (summed over ranks, then divided, so uneven token counts give the true global mean).
+Closure = Callable[[], "float | torch.Tensor | tuple"]
+
+
+@dataclass
+class ZOConfig:
+    lr: float = 1e-6
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    distribution: str = "gaussian"  # gaussian | rademacher
+    schedule: str = "constant"  # constant | linear | cosine
+    warmup_steps: int = 0
+    total_steps: int | None = None  # needed by linear and cosine
+    min_lr_ratio: float = 0.0
+    seed: int = 0  # run seed: step seeds are derived from it, identically on every rank
+
+    def __post_init__(self):
+        _check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        _check(self.lr >= 0, "lr", f"must be >= 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.distribution in rng.DISTRIBUTIONS, "distribution",
+               f"must be one of {list(rng.DISTRIBUTIONS)}, got {self.distribution!r}")
+        _check(self.schedule in SCHEDULES, "schedule", f"must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.schedule == "constant" or (self.total_steps or 0) > self.warmup_steps, "total_steps",
+               f"must exceed warmup_steps for the {self.schedule} schedule, got {self.total_steps}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63), got {self.seed}")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int  # the step this result belongs to (0-based)
+    loss: float  # global mean loss at theta + eps z (mean over directions)
+    projected_grad: float  # mean over directions
+    projected_grads: tuple[float, ...]
+    lr: float
+    skipped: bool = False  # a non-finite loss: parameters restored, no update
+
+
+REGISTRY: dict[str, type[ZOOptimizer]] = {}
+
+
+def register(name: str):
+    def add(cls):
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+class ZOOptimizer:
+    """Base class: ``step(closure)`` perturbs through the engine and reduces losses through comm."""
+
+    name = "base"
+    Config = ZOConfig
+
+    def __init__(self, shards: Sequence[Shard], config: ZOConfig, comm: Comm | None = None):
+        self.config = config
+        self.comm = comm or Comm()
+        self.engine = PerturbationEngine(shards, config.distribution)
+        self.step_count = 0
+
+    @property
+    def shards(self) -> list[Shard]:
+        return self.engine.shards
+
+    def lr_at(self, step: int) -> float:
+        c = self.config
+        return lr_at(step, lr=c.lr, schedule=c.schedule, warmup_steps=c.warmup_steps,
+                     total_steps=c.total_steps, min_lr_ratio=c.min_lr_ratio)
+
+    def seed_for(self, step: int, *tags: int) -> int:
+        return rng.mix_seed(self.config.seed, step, *tags)
+
+    def global_means(self, losses: Sequence) -> list[float]:
+        """Each rank's closure results -> global mean losses, in one all-reduce."""
+        pairs = [_sum_count(v) for v in losses]
+        totals = self.comm.all_reduce_sum([x for pair in pairs for x in pair])
+        return [totals[2 * i] / totals[2 * i + 1] for i in range(len(pairs))]
+
+    def step(self, closure: Closure) -> StepResult:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Apply any deferred update: call before evaluation, checkpointing and export."""
+        self.engine.flush()
+
+    def state_dict(self) -> dict:
+        """Flushes first, so the parameters saved beside this state are the ones it describes."""
+        self.flush()
+        return {"optimizer": self.name, "step": self.step_count, "config": dataclasses.asdict(self.config)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("optimizer") != self.name:
+            raise ValueError(f"state is for optimizer {state.get('optimizer')!r}, not {self.name!r}")
+        if state["config"]["seed"] != self.config.seed:
+            raise ValueError(f"state was saved with seed {state['config']['seed']}, this run has {self.config.seed}")
+        self.flush()
+        self.step_count = int(state["step"])
+
+
+def _sum_count(value) -> tuple[float, float]:
+    if isinstance(value, tuple):
+        total, count = value
+        return float(total), float(count)
+    return float(value), 1.0
+
+
+def all_finite(values: Sequence[float]) -> bool:
+    return all(math.isfinite(v) for v in values)

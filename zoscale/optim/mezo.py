@@ -1,0 +1,57 @@
+"""MeZO (Malladi et al., 2023): two-sided SPSA with in-place, seed-regenerated perturbations.
+
+One step, with n directions at the same theta (n-SPSA, n = 1 by default):
+
+    for each direction j:  theta + eps z_j -> l+_j ;  theta - eps z_j -> l-_j
+    one all-reduce of all losses;  pg_j = (l+_j - l-_j) / (2 eps)
+    theta <- (1 - lr wd) theta - lr/n sum_j pg_j z_j     (wd only on matrices)
+
+The restore (+eps z_n) and the update go out in one pass; with ``defer_update`` they wait for
+the next step's first perturbation pass (two passes per step instead of three).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zoscale.optim.base import StepResult, ZOConfig, ZOOptimizer, _check, all_finite, register
+
+
+@dataclass
+class MeZOConfig(ZOConfig):
+    n_directions: int = 1
+    defer_update: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.n_directions >= 1, "n_directions", f"must be >= 1, got {self.n_directions}")
+
+
+@register("mezo")
+class MeZO(ZOOptimizer):
+    Config = MeZOConfig
+
+    def step(self, closure) -> StepResult:
+        cfg, step = self.config, self.step_count
+        lr = self.lr_at(step)
+        seeds = [self.seed_for(step, j) for j in range(cfg.n_directions)]
+        raw = []
+        for seed in seeds:
+            self.engine.perturb({seed: cfg.eps})
+            raw.append(closure())
+            self.engine.perturb({seed: -cfg.eps})
+            raw.append(closure())
+        losses = self.global_means(raw)
+        plus, minus = losses[0::2], losses[1::2]
+        pgs = tuple((lp - lm) / (2 * cfg.eps) for lp, lm in zip(plus, minus))
+        skipped = not all_finite(losses)
+        if skipped:
+            self.engine.update({})  # restore theta only
+        else:
+            n = cfg.n_directions
+            self.engine.update({s: -lr * pg / n for s, pg in zip(seeds, pgs)}, decay=1.0 - lr * cfg.weight_decay)
+        if skipped or not cfg.defer_update:
+            self.engine.flush()
+        self.step_count += 1
+        return StepResult(step=step, loss=sum(plus) / len(plus), projected_grad=sum(pgs) / len(pgs),
+                          projected_grads=pgs, lr=lr, skipped=skipped)

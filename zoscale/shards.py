@@ -1,0 +1,266 @@
+"""The shard seam and the perturbation engine.
+
+A backend turns a model into a list of ``Shard``s: the local piece of each trainable parameter that
+the forward reads, with its global offset in the flattened parameter. The optimizers see only
+shards (through the engine) and a ``Comm``; they never learn how the model is distributed.
+
+The engine keeps the parameters as a lazy affine form, per weight-decay group:
+
+    theta = alpha * stored + sum_j c_j * z(seed_j)
+
+``update`` only changes (alpha, c); ``perturb`` and ``flush`` are the passes that touch memory.
+That one mechanism gives the fused restore+update (one pass), the deferred update (folded into
+the next step's first pass) and memory-free n-SPSA.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from zoscale import kernels, rng
+
+# Wrapper segments that frameworks insert into parameter names; the stream id must not see them.
+_WRAPPER_SEGMENTS = re.compile(r"(^|\.)(module|_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)(?=\.)")
+
+
+def canonical_name(name: str) -> str:
+    """The parameter's name as the unwrapped model spells it (DDP, DeepSpeed, compile, FSDP1)."""
+    return _WRAPPER_SEGMENTS.sub("", name).lstrip(".")
+
+
+def decays(name: str, shape: Sequence[int]) -> bool:
+    """Weight decay applies to matrices, not to biases and norm weights (MeZO's rule)."""
+    return len(shape) >= 2 and "norm" not in name.lower()
+
+
+@dataclass
+class Shard:
+    """This rank's piece of one trainable parameter.
+
+    tensor: the view the forward reads (contiguous; written in place)
+    offset: global index of its first element in the flattened parameter
+    master: optional higher-precision copy that holds the parameter's value when the forward reads
+            a half-precision ``tensor``; perturbations are then written from it and never into it
+    """
+
+    name: str
+    tensor: torch.Tensor
+    offset: int = 0
+    global_numel: int | None = None
+    weight_decay: bool = True
+    master: torch.Tensor | None = None
+    stream: int = field(init=False)
+
+    def __post_init__(self):
+        self.name = canonical_name(self.name)
+        self.stream = rng.stream_id(self.name)
+        if self.global_numel is None:
+            self.global_numel = self.offset + self.tensor.numel()
+        if not self.tensor.is_contiguous():
+            raise ValueError(f"shard {self.name}: the local tensor must be contiguous")
+        if self.offset < 0 or self.offset + self.tensor.numel() > self.global_numel:
+            raise ValueError(f"shard {self.name}: elements [{self.offset}, {self.offset + self.tensor.numel()})"
+                             f" outside the parameter's {self.global_numel}")
+        if self.master is not None and self.master.shape != self.tensor.shape:
+            raise ValueError(f"shard {self.name}: master and tensor shapes differ")
+
+    @property
+    def numel(self) -> int:
+        return self.tensor.numel()
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The tensor that holds the parameter's value: the master if there is one."""
+        return self.tensor if self.master is None else self.master
+
+
+def local_shards(model: torch.nn.Module, master_dtype: torch.dtype | None = None) -> list[Shard]:
+    """Every trainable parameter as one whole shard (single process, or replicated under DDP).
+
+    With ``master_dtype`` (e.g. float32) each half-precision parameter gets a master copy: the
+    forward still computes in half precision, but perturbations never accumulate rounding error."""
+    shards = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        master = None
+        if master_dtype is not None and p.dtype != master_dtype:
+            master = p.detach().to(master_dtype).clone()
+        shards.append(Shard(name, p.data, weight_decay=decays(name, p.shape), master=master))
+    if not shards:
+        raise ValueError("the model has no trainable parameters")
+    return shards
+
+
+Terms = Mapping[int, float]  # seed -> coefficient of z(seed)
+
+
+@dataclass
+class _Affine:
+    alpha: float = 1.0
+    terms: dict[int, float] = field(default_factory=dict)
+
+    def plus(self, terms: Terms, scale: float = 1.0) -> dict[int, float]:
+        out = dict(self.terms)
+        for seed, coef in terms.items():
+            out[seed] = out.get(seed, 0.0) + scale * coef
+        return {s: c for s, c in out.items() if c != 0.0}
+
+    @property
+    def identity(self) -> bool:
+        return self.alpha == 1.0 and not self.terms
+
+
+class PerturbationEngine:
+    """Adds seeded perturbations to shards, in place, in passes over local memory only.
+
+    perturb(P):  the forward now reads theta + sum P  (one pass)
+    update(U, decay): theta <- decay * theta + sum U for weight-decayed shards, theta + sum U for
+                 the others (no pass: recorded, applied by the next perturb or flush)
+    flush():     the forward reads theta itself (one pass, or none if nothing is pending)
+
+    CUDA tensors go to the Triton kernels; everything else is generated by rng.py in chunks of at
+    most ``chunk_numel`` elements, so no full-size z is ever materialised.
+    """
+
+    def __init__(self, shards: Sequence[Shard], distribution: str = "gaussian", chunk_numel: int = 1 << 22):
+        if distribution not in rng.DISTRIBUTIONS:
+            raise ValueError(f"unknown distribution {distribution!r}; choose one of {rng.DISTRIBUTIONS}")
+        if not shards:
+            raise ValueError("no shards to perturb")
+        masters = {s.master is not None for s in shards}
+        if len(masters) != 1:
+            raise ValueError("either every shard has a master copy or none does")
+        self.shards = list(shards)
+        self.distribution = distribution
+        self.chunk_numel = chunk_numel
+        self.has_master = masters.pop()
+        self._groups = {wd: [s for s in self.shards if s.weight_decay == wd] for wd in (True, False)}
+        self._state = {wd: _Affine() for wd in (True, False)}
+        self._perturbed = False  # master mode: the forward currently reads a perturbed copy
+
+    # -- the three operations -------------------------------------------------------------------
+    def perturb(self, terms: Terms) -> None:
+        for wd, group in self._groups.items():
+            state = self._state[wd]
+            if self.has_master:  # the master keeps theta; only the forward's copy is perturbed
+                self._fold_into_master(wd)
+                self.apply(group, [s.tensor for s in group], [s.master for s in group], 1.0, dict(terms))
+            else:
+                self.apply(group, [s.tensor for s in group], [s.tensor for s in group], state.alpha, state.plus(terms))
+                self._state[wd] = _Affine(1.0, {s: -c for s, c in terms.items() if c != 0.0})
+        self._perturbed = self.has_master
+
+    def update(self, terms: Terms, decay: float = 1.0) -> None:
+        for wd, state in self._state.items():
+            d = decay if wd else 1.0
+            self._state[wd] = _Affine(state.alpha * d, _Affine(1.0, {s: d * c for s, c in state.terms.items()}).plus(terms))
+
+    def flush(self) -> None:
+        for wd, group in self._groups.items():
+            if self.has_master:
+                if self._fold_into_master(wd) or self._perturbed:
+                    for s in group:
+                        s.tensor.copy_(s.master)
+            elif not self._state[wd].identity:
+                state = self._state[wd]
+                self.apply(group, [s.tensor for s in group], [s.tensor for s in group], state.alpha, state.terms)
+                self._state[wd] = _Affine()
+        self._perturbed = False
+
+    def _fold_into_master(self, wd: bool) -> bool:
+        state, group = self._state[wd], self._groups[wd]
+        if state.identity:
+            return False
+        self.apply(group, [s.master for s in group], [s.master for s in group], state.alpha, state.terms)
+        self._state[wd] = _Affine()
+        return True
+
+    @property
+    def pending(self) -> bool:
+        """Whether the forward currently reads something other than theta."""
+        return self._perturbed or not all(s.identity for s in self._state.values())
+
+    # -- primitives over any tensors laid out like the shards (parameters, momentum, anchors) ----
+    def apply(self, shards: Sequence[Shard], outs: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
+              alpha: float, terms: Terms) -> None:
+        """outs[i] = alpha * srcs[i] + sum_j c_j z_i(seed_j), for each shard i's global elements."""
+        terms = {s: c for s, c in terms.items() if c != 0.0}
+        if alpha == 1.0 and not terms and all(o is s for o, s in zip(outs, srcs)):
+            return
+        cpu = []
+        for shard, out, src in zip(shards, outs, srcs):
+            if out.is_cuda and kernels.available():
+                kernels.affine_noise_(out.view(-1), src.view(-1), distribution=self.distribution,
+                                      stream=shard.stream, start=shard.offset, terms=terms.items(), alpha=alpha)
+            else:
+                cpu.append((shard, out.view(-1), src.view(-1)))
+        for chunk in self._chunks(cpu):
+            wide = any(src.dtype == torch.float64 for _, _, src, _, _ in chunk)
+            noise = self._noise(chunk, terms, torch.float64 if wide else torch.float32)
+            pos = 0
+            for shard, out, src, lo, hi in chunk:
+                compute = torch.promote_types(src.dtype, torch.float32)
+                value = src[lo:hi].to(compute)
+                if alpha != 1.0:
+                    value = value * alpha
+                if noise is not None:
+                    value = value + noise[pos : pos + hi - lo].to(compute)
+                out[lo:hi].copy_(value)
+                pos += hi - lo
+
+    def dot(self, seed: int, tensors: Sequence[torch.Tensor] | None = None) -> float:
+        """This rank's part of <v, z(seed)> (v defaults to the parameters' values), in float64.
+        Sum it over ranks with Comm.all_reduce_sum."""
+        tensors = [s.value for s in self.shards] if tensors is None else tensors
+        total = torch.zeros((), dtype=torch.float64)
+        cpu = []
+        for shard, t in zip(self.shards, tensors):
+            if t.is_cuda and kernels.available():
+                total += kernels.dot_noise(t.view(-1), distribution=self.distribution, stream=shard.stream,
+                                           start=shard.offset, seed=seed).cpu()
+            else:
+                cpu.append((shard, t.view(-1), t.view(-1)))
+        for chunk in self._chunks(cpu):
+            z = self._noise(chunk, {seed: 1.0}, dtype=torch.float64)
+            v = torch.cat([t[lo:hi] for _, t, _, lo, hi in chunk]).to(torch.float64)
+            total += torch.dot(v, z)
+        return float(total)
+
+    def noise_like(self, shard: Shard, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """This shard's slice of z(seed), materialised (tests and small-d reference code only)."""
+        return rng.generate_segments(self.distribution, seed, [(shard.stream, shard.offset, shard.numel)],
+                                     device=shard.tensor.device, dtype=dtype).view_as(shard.tensor)
+
+    # -- CPU chunking ------------------------------------------------------------------------------
+    def _chunks(self, items):
+        """Group (shard, out, src) into pieces (shard, out, src, lo, hi) of at most chunk_numel elements,
+        merging small tensors so one rng call serves many of them."""
+        chunk, size = [], 0
+        for shard, out, src in items:
+            lo = 0
+            while lo < out.numel():
+                hi = min(out.numel(), lo + self.chunk_numel - size)
+                chunk.append((shard, out, src, lo, hi))
+                size += hi - lo
+                lo = hi
+                if size >= self.chunk_numel:
+                    yield chunk
+                    chunk, size = [], 0
+        if chunk:
+            yield chunk
+
+    def _noise(self, chunk, terms: Terms, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        if not terms:
+            return None
+        segments = [(shard.stream, shard.offset + lo, hi - lo) for shard, _, _, lo, hi in chunk]
+        device = chunk[0][1].device
+        total = None
+        for seed, coef in terms.items():
+            z = rng.generate_segments(self.distribution, seed, segments, device=device, dtype=dtype)
+            total = z * coef if total is None else total.add_(z, alpha=coef)
+        return total
