@@ -21,7 +21,7 @@ def z(distribution, seed, stream, start, numel):
 def test_affine_noise_matches_rng(distribution, start, numel):
     seed, stream = 2**40 + 123, 3_000_000_000
     x = torch.randn(numel, device=DEVICE)
-    terms = [(seed, 0.5), (seed + 1, -0.25), (seed + 2, 2.0)]  # three terms: two passes
+    terms = [(seed, 0.5), (seed + 1, -0.25), (seed + 2, 2.0), (2**64 - 1, 0.125)]  # any number, one pass
     out = torch.empty_like(x)
     kernels.affine_noise_(out, x, distribution=distribution, stream=stream, start=start, terms=terms, alpha=0.9)
     expected = 0.9 * x + sum(c * z(distribution, s, stream, start, numel) for s, c in terms)

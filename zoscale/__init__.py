@@ -14,9 +14,11 @@ __version__ = "0.1.0"
 
 
 def build_optimizer(name: str, model_or_shards: torch.nn.Module | Sequence[Shard], *, comm: Comm | None = None,
-                    master_dtype: torch.dtype | None = None, **config) -> ZOOptimizer:
-    """Build a registered ZO optimizer over a model's trainable parameters (one whole shard each)
-    or over shards that a backend produced. ``config`` holds the optimizer's config fields."""
+                    shard_comm: Comm | None = None, master_dtype: torch.dtype | None = None,
+                    **config) -> ZOOptimizer:
+    """Build a registered ZO optimizer over a model's trainable parameters (one whole shard each,
+    so parameter sums need no reduction) or over shards that a backend produced (parameter sums are
+    reduced over ``shard_comm``, by default ``comm``). ``config`` holds the optimizer's fields."""
     if name not in REGISTRY:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(REGISTRY)}")
     cls = REGISTRY[name]
@@ -26,9 +28,10 @@ def build_optimizer(name: str, model_or_shards: torch.nn.Module | Sequence[Shard
         raise ValueError(f"{name}: unknown option(s) {unknown}; valid: {sorted(fields)}")
     if isinstance(model_or_shards, torch.nn.Module):
         shards = local_shards(model_or_shards, master_dtype=master_dtype)
+        shard_comm = shard_comm or Comm(distributed=False)
     else:
         shards = list(model_or_shards)
-    return cls(shards, cls.Config(**config), comm)
+    return cls(shards, cls.Config(**config), comm, shard_comm)
 
 
 __all__ = ["Comm", "PerturbationEngine", "Shard", "StepResult", "ZOOptimizer", "build_optimizer",

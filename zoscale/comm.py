@@ -12,9 +12,11 @@ import torch.distributed as dist
 class Comm:
     """Scalar collectives over a process group; a no-op single-process world when none is set up."""
 
-    def __init__(self, group=None, device: torch.device | str | None = None):
+    def __init__(self, group=None, device: torch.device | str | None = None, distributed: bool | None = None):
+        """``distributed=False`` forces a single-process Comm (e.g. for sums over replicated data)."""
         self.group = group
-        self.distributed = dist.is_available() and dist.is_initialized()
+        initialized = dist.is_available() and dist.is_initialized()
+        self.distributed = initialized if distributed is None else (distributed and initialized)
         self.rank = dist.get_rank(group) if self.distributed else 0
         self.world_size = dist.get_world_size(group) if self.distributed else 1
         if device is None:

@@ -5,8 +5,8 @@ One program handles BLOCK consecutive *global* element indices aligned to 4, so 
 yields four values that are all used (Triton's randn4x layout). Indices are int64 throughout:
 shards of more than 2**31 elements and global offsets beyond 2**32 are routine at 13B+.
 
-    affine_noise_(out, src, ...)   out = alpha * src + a * z(seed_a) [+ b * z(seed_b)], fp32 math
-    dot_noise(x, ...)              sum(x * z(seed)), fp32 per block, fp64 across blocks
+    affine_noise_(out, src, ...)   out = alpha * src + sum_i c_i * z(seed_i), fp32 math, one pass
+    dot_noise(x, ...)              sum(x * z(seed)) (or sum(z**2)), fp32 per block, fp64 across blocks
 
 Tests run these on CPU under TRITON_INTERPRET=1 and compare with rng.py.
 """
@@ -53,22 +53,28 @@ if triton is not None:
         local = quad[:, None] * 4 + tl.arange(0, 4)[None, :] - start
         return quad, local, (local >= 0) & (local < numel)
 
-    @triton.jit(do_not_specialize=["numel", "start", "seed_a", "seed_b", "stream", "alpha", "coef_a", "coef_b"])
-    def _affine_noise_kernel(out_ptr, src_ptr, numel, start, stream, seed_a, coef_a, seed_b, coef_b, alpha,
-                             HAS_B: tl.constexpr, GAUSSIAN: tl.constexpr, BLOCK: tl.constexpr):
+    @triton.jit(do_not_specialize=["numel", "start", "stream", "n_terms", "alpha"])
+    def _affine_noise_kernel(out_ptr, src_ptr, numel, start, stream, key_ptr, coef_ptr, n_terms, alpha,
+                             GAUSSIAN: tl.constexpr, BLOCK: tl.constexpr):
+        """out = alpha * src + sum_i coef[i] * z(key[i]): one read and one write for any number of terms."""
         quad, local, mask = _block_indices(start, numel, BLOCK)
         y = alpha * tl.load(src_ptr + local, mask=mask, other=0.0).to(tl.float32)
-        y += coef_a * _noise(seed_a, quad, stream, GAUSSIAN)
-        if HAS_B:
-            y += coef_b * _noise(seed_b, quad, stream, GAUSSIAN)
+        for i in range(n_terms):
+            seed = (tl.load(key_ptr + 2 * i + 1).to(tl.uint64) << 32) | tl.load(key_ptr + 2 * i).to(tl.uint64)
+            y += tl.load(coef_ptr + i) * _noise(seed, quad, stream, GAUSSIAN)
         tl.store(out_ptr + local, y.to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit(do_not_specialize=["numel", "start", "seed", "stream"])
-    def _dot_noise_kernel(partial_ptr, x_ptr, numel, start, stream, seed,
-                          GAUSSIAN: tl.constexpr, BLOCK: tl.constexpr):
+    @triton.jit(do_not_specialize=["numel", "start", "stream"])
+    def _dot_noise_kernel(partial_ptr, x_ptr, numel, start, stream, key_ptr,
+                          GAUSSIAN: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr):
         quad, local, mask = _block_indices(start, numel, BLOCK)
-        x = tl.load(x_ptr + local, mask=mask, other=0.0).to(tl.float32)
-        tl.store(partial_ptr + tl.program_id(0), tl.sum(x * _noise(seed, quad, stream, GAUSSIAN)))
+        seed = (tl.load(key_ptr + 1).to(tl.uint64) << 32) | tl.load(key_ptr).to(tl.uint64)
+        z = _noise(seed, quad, stream, GAUSSIAN)
+        if SQUARE:
+            value = tl.where(mask, z * z, 0.0)
+        else:
+            value = tl.load(x_ptr + local, mask=mask, other=0.0).to(tl.float32) * z
+        tl.store(partial_ptr + tl.program_id(0), tl.sum(value))
 
 
 def _grid(start: int, numel: int) -> tuple[int]:
@@ -76,31 +82,43 @@ def _grid(start: int, numel: int) -> tuple[int]:
     return (max(1, triton.cdiv(covered, BLOCK)),)
 
 
+class Terms:
+    """(seed, coefficient) pairs staged on a device once per pass and shared by every shard's launch.
+    Seeds go as two uint32 words each (stored in int64), so all 64-bit seeds pass unchanged."""
+
+    def __init__(self, terms, device):
+        terms = list(terms)
+        self.count = len(terms)
+        words = [w for seed, _ in terms for w in (seed & 0xFFFFFFFF, seed >> 32)] or [0, 0]
+        self.keys = torch.tensor(words, dtype=torch.int64, device=device)
+        self.coefs = torch.tensor([float(c) for _, c in terms] or [0.0], dtype=torch.float32, device=device)
+
+
 def affine_noise_(out: torch.Tensor, src: torch.Tensor, *, distribution: str, stream: int, start: int,
                   terms, alpha: float = 1.0) -> None:
     """out = alpha * src + sum(c * z(s) for s, c in terms), over global elements [start, start+numel).
 
     ``out`` and ``src`` are contiguous with the same number of elements; they may be the same tensor.
-    Terms are applied two per pass; with no terms this is a plain (scaled) copy."""
+    ``terms`` is a list of (seed, coefficient) or a ``Terms`` already on the device."""
     if not (out.is_contiguous() and src.is_contiguous()) or out.numel() != src.numel():
         raise ValueError("affine_noise_ needs contiguous tensors of equal size")
-    gaussian = distribution == "gaussian"
-    terms = list(terms) or [(0, 0.0)]
+    staged = terms if isinstance(terms, Terms) else Terms(terms, out.device)
     numel = out.numel()
-    for i in range(0, len(terms), 2):
-        (seed_a, coef_a), *rest = terms[i : i + 2]
-        seed_b, coef_b = rest[0] if rest else (0, 0.0)
-        _affine_noise_kernel[_grid(start, numel)](
-            out, src if i == 0 else out, numel, start, stream, seed_a, float(coef_a), seed_b, float(coef_b),
-            float(alpha) if i == 0 else 1.0, HAS_B=bool(rest), GAUSSIAN=gaussian, BLOCK=BLOCK)
+    _affine_noise_kernel[_grid(start, numel)](
+        out, src, numel, start, stream, staged.keys, staged.coefs, staged.count, float(alpha),
+        GAUSSIAN=distribution == "gaussian", BLOCK=BLOCK)
 
 
-def dot_noise(x: torch.Tensor, *, distribution: str, stream: int, start: int, seed: int) -> torch.Tensor:
-    """sum(x * z(seed)) over global elements [start, start+numel), as a float64 scalar tensor."""
-    if not x.is_contiguous():
+def dot_noise(x: torch.Tensor | None, *, distribution: str, stream: int, start: int, seed: int,
+              numel: int | None = None) -> torch.Tensor:
+    """sum(x * z(seed)) over global elements [start, start+numel), as a float64 scalar tensor; with
+    ``x=None``, sum(z**2) over ``numel`` elements."""
+    if x is not None and not x.is_contiguous():
         raise ValueError("dot_noise needs a contiguous tensor")
-    grid = _grid(start, x.numel())
-    partial = torch.empty(grid[0], dtype=torch.float32, device=x.device)
-    _dot_noise_kernel[grid](partial, x, x.numel(), start, stream, seed,
-                            GAUSSIAN=distribution == "gaussian", BLOCK=BLOCK)
+    numel = x.numel() if x is not None else numel
+    device = x.device if x is not None else torch.device("cuda")
+    grid = _grid(start, numel)
+    partial = torch.empty(grid[0], dtype=torch.float32, device=device)
+    _dot_noise_kernel[grid](partial, partial if x is None else x, numel, start, stream, Terms([(seed, 1.0)], device).keys,
+                            GAUSSIAN=distribution == "gaussian", SQUARE=x is None, BLOCK=BLOCK)
     return partial.double().sum()

@@ -96,7 +96,16 @@ def local_shards(model: torch.nn.Module, master_dtype: torch.dtype | None = None
     return shards
 
 
-Terms = Mapping[int, float]  # seed -> coefficient of z(seed)
+class ShardBuffer:
+    """A parameter-sized tensor per shard (momentum, anchor copy), laid out exactly like the shards,
+    so it is sharded, gathered and checkpointed the same way."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self.tensors = list(tensors)
+
+
+# seed -> coefficient of z(seed); a ShardBuffer key adds coefficient * buffer instead.
+Terms = Mapping["int | ShardBuffer", float]
 
 
 @dataclass
@@ -139,6 +148,7 @@ class PerturbationEngine:
         self.distribution = distribution
         self.chunk_numel = chunk_numel
         self.has_master = masters.pop()
+        self._index = {id(s): i for i, s in enumerate(self.shards)}
         self._groups = {wd: [s for s in self.shards if s.weight_decay == wd] for wd in (True, False)}
         self._state = {wd: _Affine() for wd in (True, False)}
         self._perturbed = False  # master mode: the forward currently reads a perturbed copy
@@ -188,46 +198,83 @@ class PerturbationEngine:
     # -- primitives over any tensors laid out like the shards (parameters, momentum, anchors) ----
     def apply(self, shards: Sequence[Shard], outs: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
               alpha: float, terms: Terms) -> None:
-        """outs[i] = alpha * srcs[i] + sum_j c_j z_i(seed_j), for each shard i's global elements."""
-        terms = {s: c for s, c in terms.items() if c != 0.0}
-        if alpha == 1.0 and not terms and all(o is s for o, s in zip(outs, srcs)):
+        """outs[i] = alpha * srcs[i] + sum_j c_j z_i(seed_j) + sum_k b_k buffer_k[i], per shard i."""
+        seeds = {k: c for k, c in terms.items() if isinstance(k, int) and c != 0.0}
+        buffers = [(k, c) for k, c in terms.items() if isinstance(k, ShardBuffer) and c != 0.0]
+        if alpha == 1.0 and not seeds and not buffers and all(o is s for o, s in zip(outs, srcs)):
             return
-        cpu = []
+        staged, cpu = None, []
         for shard, out, src in zip(shards, outs, srcs):
+            extra = [(b.tensors[self._index[id(shard)]].view(-1), c) for b, c in buffers]
             if out.is_cuda and kernels.available():
+                staged = staged or kernels.Terms(seeds.items(), out.device)
                 kernels.affine_noise_(out.view(-1), src.view(-1), distribution=self.distribution,
-                                      stream=shard.stream, start=shard.offset, terms=terms.items(), alpha=alpha)
+                                      stream=shard.stream, start=shard.offset, terms=staged, alpha=alpha)
+                for buffer, coef in extra:
+                    out.view(-1).add_(buffer, alpha=coef)
             else:
-                cpu.append((shard, out.view(-1), src.view(-1)))
+                cpu.append((shard, out.view(-1), src.view(-1), extra))
         for chunk in self._chunks(cpu):
-            wide = any(src.dtype == torch.float64 for _, _, src, _, _ in chunk)
-            noise = self._noise(chunk, terms, torch.float64 if wide else torch.float32)
+            wide = any(src.dtype == torch.float64 for _, _, src, _, _, _ in chunk)
+            noise = self._noise(chunk, seeds, torch.float64 if wide else torch.float32)
             pos = 0
-            for shard, out, src, lo, hi in chunk:
+            for shard, out, src, extra, lo, hi in chunk:
                 compute = torch.promote_types(src.dtype, torch.float32)
                 value = src[lo:hi].to(compute)
                 if alpha != 1.0:
                     value = value * alpha
                 if noise is not None:
                     value = value + noise[pos : pos + hi - lo].to(compute)
+                for buffer, coef in extra:
+                    value = value + coef * buffer[lo:hi].to(compute)
                 out[lo:hi].copy_(value)
                 pos += hi - lo
+
+    def new_buffer(self, dtype: torch.dtype | None = None) -> ShardBuffer:
+        """Zeros laid out like the shards (dtype defaults to that of the parameters' values)."""
+        return ShardBuffer([torch.zeros_like(s.value, dtype=dtype or s.value.dtype) for s in self.shards])
+
+    def swap(self, buffer: ShardBuffer) -> None:
+        """Exchange the parameters' values with ``buffer`` (same dtype), a chunk at a time."""
+        self.flush()
+        for shard, other in zip(self.shards, buffer.tensors):
+            mine, other = shard.value.view(-1), other.view(-1)
+            for lo in range(0, mine.numel(), self.chunk_numel):
+                hi = min(mine.numel(), lo + self.chunk_numel)
+                held = mine[lo:hi].clone()
+                mine[lo:hi].copy_(other[lo:hi])
+                other[lo:hi].copy_(held)
+            if shard.master is not None:
+                shard.tensor.copy_(shard.master)
+
+    def norm2(self, tensors: Sequence[torch.Tensor]) -> float:
+        """This rank's part of sum(v**2) over a shard-laid-out tensor list, accumulated in float64."""
+        return float(sum(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2 for t in tensors))
 
     def dot(self, seed: int, tensors: Sequence[torch.Tensor] | None = None) -> float:
         """This rank's part of <v, z(seed)> (v defaults to the parameters' values), in float64.
         Sum it over ranks with Comm.all_reduce_sum."""
         tensors = [s.value for s in self.shards] if tensors is None else tensors
+        return self._reduce_noise(seed, tensors)
+
+    def noise_norm2(self, seed: int) -> float:
+        """This rank's part of ||z(seed)||^2, in float64."""
+        return self._reduce_noise(seed, None)
+
+    def _reduce_noise(self, seed: int, tensors) -> float:
         total = torch.zeros((), dtype=torch.float64)
         cpu = []
-        for shard, t in zip(self.shards, tensors):
+        for i, shard in enumerate(self.shards):
+            t = shard.value if tensors is None else tensors[i]
             if t.is_cuda and kernels.available():
-                total += kernels.dot_noise(t.view(-1), distribution=self.distribution, stream=shard.stream,
-                                           start=shard.offset, seed=seed).cpu()
+                total += kernels.dot_noise(None if tensors is None else t.view(-1), distribution=self.distribution,
+                                           stream=shard.stream, start=shard.offset, seed=seed,
+                                           numel=shard.numel).cpu()
             else:
-                cpu.append((shard, t.view(-1), t.view(-1)))
+                cpu.append((shard, t.view(-1), t.view(-1), ()))
         for chunk in self._chunks(cpu):
             z = self._noise(chunk, {seed: 1.0}, dtype=torch.float64)
-            v = torch.cat([t[lo:hi] for _, t, _, lo, hi in chunk]).to(torch.float64)
+            v = z if tensors is None else torch.cat([t[lo:hi] for _, t, _, _, lo, hi in chunk]).to(torch.float64)
             total += torch.dot(v, z)
         return float(total)
 
@@ -238,14 +285,14 @@ class PerturbationEngine:
 
     # -- CPU chunking ------------------------------------------------------------------------------
     def _chunks(self, items):
-        """Group (shard, out, src) into pieces (shard, out, src, lo, hi) of at most chunk_numel elements,
-        merging small tensors so one rng call serves many of them."""
+        """Group (shard, out, src, extra) into pieces (shard, out, src, extra, lo, hi) of at most
+        chunk_numel elements, merging small tensors so one rng call serves many of them."""
         chunk, size = [], 0
-        for shard, out, src in items:
+        for shard, out, src, extra in items:
             lo = 0
             while lo < out.numel():
                 hi = min(out.numel(), lo + self.chunk_numel - size)
-                chunk.append((shard, out, src, lo, hi))
+                chunk.append((shard, out, src, extra, lo, hi))
                 size += hi - lo
                 lo = hi
                 if size >= self.chunk_numel:
@@ -257,7 +304,7 @@ class PerturbationEngine:
     def _noise(self, chunk, terms: Terms, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         if not terms:
             return None
-        segments = [(shard.stream, shard.offset + lo, hi - lo) for shard, _, _, lo, hi in chunk]
+        segments = [(shard.stream, shard.offset + lo, hi - lo) for shard, _, _, _, lo, hi in chunk]
         device = chunk[0][1].device
         total = None
         for seed, coef in terms.items():

@@ -2,7 +2,7 @@
 
 Each rank owns a slice of every parameter (a Shard with its global offset), all-gathers the full
 parameters for its forward (as FSDP does), evaluates its own slice of the examples, and returns
-(loss_sum, count). Usage: torchrun ... sharded_least_squares.py OUT_DIR STEPS
+(loss_sum, count). Usage: torchrun ... sharded_least_squares.py OUT_DIR STEPS OPTIMIZER OPTIONS_JSON
 """
 
 import json
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from problems import least_squares, split_evenly  # noqa: E402
 
 
-def main(out_dir: Path, steps: int) -> None:
+def main(out_dir: Path, steps: int, optimizer: str, options: dict) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     params, features, targets = least_squares()
@@ -45,7 +45,7 @@ def main(out_dir: Path, steps: int) -> None:
         pred = features[ex_lo:ex_hi] @ full["weight"].view(-1) + full["bias"].sum()
         return ((pred - targets[ex_lo:ex_hi]) ** 2).sum().item(), ex_hi - ex_lo
 
-    opt = zoscale.build_optimizer("mezo", shards, comm=Comm(), lr=0.02, eps=1e-3, weight_decay=0.1, seed=5)
+    opt = zoscale.build_optimizer(optimizer, shards, comm=Comm(), **options)
     pgs = [opt.step(closure).projected_grad for _ in range(steps)]
     full = gather()
     result = {"rank": rank, "world": world, "projected_grads": pgs,
@@ -55,4 +55,4 @@ def main(out_dir: Path, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4]))

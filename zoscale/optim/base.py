@@ -78,9 +78,14 @@ class ZOOptimizer:
     name = "base"
     Config = ZOConfig
 
-    def __init__(self, shards: Sequence[Shard], config: ZOConfig, comm: Comm | None = None):
+    def __init__(self, shards: Sequence[Shard], config: ZOConfig, comm: Comm | None = None,
+                 shard_comm: Comm | None = None):
+        """``comm`` reduces losses over every data-parallel rank; ``shard_comm`` reduces sums over
+        parameter elements (norms, dot products) over the ranks that hold *different* pieces:
+        the world under FSDP/ZeRO-3, a single process when every rank holds whole parameters."""
         self.config = config
         self.comm = comm or Comm()
+        self.shard_comm = shard_comm or self.comm
         self.engine = PerturbationEngine(shards, config.distribution)
         self.step_count = 0
 
@@ -95,6 +100,10 @@ class ZOOptimizer:
 
     def seed_for(self, step: int, *tags: int) -> int:
         return rng.mix_seed(self.config.seed, step, *tags)
+
+    def param_sums(self, values: Sequence[float]) -> list[float]:
+        """Per-rank partial sums over parameter elements -> global sums, in one all-reduce."""
+        return self.shard_comm.all_reduce_sum(values)
 
     def global_means(self, losses: Sequence) -> list[float]:
         """Each rank's closure results -> global mean losses, in one all-reduce."""

@@ -1,4 +1,6 @@
-"""MeZO on real gloo ranks: sharded parameters and split data give the single-process trajectory."""
+"""Optimizers on real gloo ranks: sharded parameters and split data give the single-process trajectory."""
+
+import json
 
 import sys
 from pathlib import Path
@@ -14,9 +16,13 @@ sys.path.insert(0, str(SCRIPTS))
 from problems import least_squares  # noqa: E402
 
 STEPS = 15
+OPTIMIZERS = {
+    "mezo": dict(lr=0.02, eps=1e-3, weight_decay=0.1, seed=5),
+    "conmezo": dict(lr=0.02, eps=1e-3, weight_decay=0.1, seed=5, cone_theta=1.3, beta=0.9, buffer_dtype="float64"),
+}
 
 
-def single_process_run():
+def single_process_run(optimizer):
     params, features, targets = least_squares()
     model = torch.nn.Module()
     model.weight = torch.nn.Parameter(params["weight"])
@@ -26,15 +32,17 @@ def single_process_run():
         pred = features @ model.weight.view(-1) + model.bias.sum()
         return ((pred - targets) ** 2).sum().item(), len(targets)
 
-    opt = zoscale.build_optimizer("mezo", model, lr=0.02, eps=1e-3, weight_decay=0.1, seed=5)
+    opt = zoscale.build_optimizer(optimizer, model, **OPTIMIZERS[optimizer])
     pgs = [opt.step(closure).projected_grad for _ in range(STEPS)]
     return pgs, {"weight": model.weight.detach().view(-1), "bias": model.bias.detach().view(-1)}
 
 
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharded_ranks_follow_the_single_process_trajectory(world, tmp_path):
-    pgs, params = single_process_run()
-    results = torchrun(SCRIPTS / "sharded_least_squares.py", world, tmp_path, str(STEPS))
+def test_sharded_ranks_follow_the_single_process_trajectory(world, optimizer, tmp_path):
+    pgs, params = single_process_run(optimizer)
+    results = torchrun(SCRIPTS / "sharded_least_squares.py", world, tmp_path, str(STEPS), optimizer,
+                       json.dumps(OPTIMIZERS[optimizer]))
     for r in results:
         assert r["world"] == world
         # every rank applied the same scalars, and they are the single-process ones

@@ -1,0 +1,178 @@
+"""ConMeZO (Behric et al., 2025): directions sampled on a cone around the momentum.
+
+    z_t = sqrt(d) cos(theta) m_t/|m_t| + sin(theta) u_t          u_t ~ N(0, I), from the step seed
+    pg_t = [L(x + eps z_t) - L(x - eps z_t)] / (2 eps)
+    x   <- x - lr pg_t z_t
+    m   <- beta m + (1 - beta) pg_t z_t                         (|m| < 1e-8: z_t = u_t, a MeZO step)
+
+One parameter-sized buffer D holds m_t + r_t u_t, so that z_t = a_t D (algorithms.md 2.4): the
+three parameter passes read D and generate nothing; the buffer update regenerates u_t once to turn
+D into m_{t+1} and generates u_{t+1} once. |m| is measured exactly through ``param_sums`` (so it is
+right on sharded runs) unless ``norm="predicted"`` (the reference code's formula).
+``noise="projected"`` removes u's component along m and rescales it, so that |z| = sqrt(d) and
+the angle to m is exactly theta (one more dot product). theta = pi/2 is MeZO.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from zoscale.optim.base import StepResult, ZOConfig, ZOOptimizer, _check, all_finite, register
+
+_DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+@dataclass
+class ConMeZOConfig(ZOConfig):
+    cone_theta: float = 1.35  # half-angle in radians (OPT scripts 1.35, synthetic 1.30)
+    beta: float = 0.99
+    beta_warmup: tuple[int, int] | None = None  # reference LLM schedule: (200, 2000) for OPT
+    norm: str = "exact"  # exact | predicted
+    noise: str = "unprojected"  # unprojected (reference) | projected
+    momentum_init: str = "zero"  # zero (synthetic code) | random (LLM code: m_0 = u, |m_0| = sqrt(d))
+    buffer_dtype: str = "float32"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(0.0 < self.cone_theta <= math.pi / 2, "cone_theta", f"must be in (0, pi/2], got {self.cone_theta}")
+        _check(0.0 <= self.beta <= 1.0, "beta", f"must be in [0, 1], got {self.beta}")
+        _check(self.norm in ("exact", "predicted"), "norm", f"must be 'exact' or 'predicted', got {self.norm!r}")
+        _check(self.noise in ("unprojected", "projected"), "noise",
+               f"must be 'unprojected' or 'projected', got {self.noise!r}")
+        _check(not (self.noise == "projected" and self.norm == "predicted"), "noise",
+               "'projected' needs norm='exact'")
+        _check(self.momentum_init in ("zero", "random"), "momentum_init",
+               f"must be 'zero' or 'random', got {self.momentum_init!r}")
+        _check(self.buffer_dtype in _DTYPES, "buffer_dtype", f"must be one of {list(_DTYPES)}, got {self.buffer_dtype!r}")
+        if self.beta_warmup is not None:
+            s1, s2 = self.beta_warmup
+            _check(0 <= s1 < s2, "beta_warmup", f"must be (S1, S2) with 0 <= S1 < S2, got {self.beta_warmup}")
+            self.beta_warmup = (int(s1), int(s2))
+
+
+@register("conmezo")
+class ConMeZO(ZOOptimizer):
+    Config = ConMeZOConfig
+
+    def __init__(self, shards, config: ConMeZOConfig, comm=None, shard_comm=None):
+        super().__init__(shards, config, comm, shard_comm)
+        self.buffer = self.engine.new_buffer(getattr(torch, config.buffer_dtype))
+        self.dim = self.param_sums([sum(s.numel for s in self.shards)])[0]
+        self.momentum_norm = 0.0  # |m_t|, measured or predicted
+        self.initialized = config.momentum_init == "zero"
+        self.prepared: tuple[int, float, float] | None = None  # (step, a, r) while D = m + r u_step
+
+    # -- the schedule and the cone ------------------------------------------------------------------
+    def beta_at(self, step: int) -> float:
+        """The reference LLM code's warm-up: 0.1 until S1, a smooth ramp to beta by S2."""
+        cfg = self.config
+        if cfg.beta_warmup is None:
+            return cfg.beta
+        s1, s2 = cfg.beta_warmup
+        if step <= s1:
+            return 0.1
+        if step > s2:
+            return cfg.beta
+        p = ((step - s1) / (s2 - s1)) ** 1.8
+        return cfg.beta - (cfg.beta - 0.1) / (1 + 8 * p) ** 3
+
+    @property
+    def is_mezo(self) -> bool:
+        return math.cos(self.config.cone_theta) < 1e-12
+
+    def _initialize(self) -> None:
+        """momentum_init='random': m_0 = u (a seed of its own), with |m_0| measured or taken as sqrt(d)."""
+        self.engine.apply(self.shards, self.buffer.tensors, self.buffer.tensors, 0.0, {self.seed_for(0, 1): 1.0})
+        exact = self.config.norm == "exact"
+        self.momentum_norm = math.sqrt(self.param_sums([self.engine.norm2(self.buffer.tensors)])[0]) if exact \
+            else math.sqrt(self.dim)
+        self.initialized = True
+
+    def _prepare(self, step: int, seed: int) -> dict:
+        """Make D = m_t + r u_t and return the direction z_t as engine terms."""
+        if not self.initialized:
+            self._initialize()
+        if self.momentum_norm < 1e-8:
+            return {seed: 1.0}  # no momentum yet: a plain Gaussian step
+        cfg, d, m = self.config, self.dim, self.momentum_norm
+        cos, sin = math.cos(cfg.cone_theta), math.sin(cfg.cone_theta)
+        if cfg.noise == "unprojected":
+            a, r = math.sqrt(d) * cos / m, math.tan(cfg.cone_theta) * m / math.sqrt(d)
+        else:  # z = sqrt(d) cos m/|m| + sqrt(d) sin u_perp/|u_perp|, u_perp = u - <u,m>/|m|^2 m
+            um, uu = self.param_sums([self.engine.dot(seed, self.buffer.tensors), self.engine.noise_norm2(seed)])
+            coef_u = math.sqrt(d) * sin / math.sqrt(max(uu - um * um / (m * m), 1e-30))
+            a = math.sqrt(d) * cos / m - coef_u * um / (m * m)
+            r = coef_u / a
+        self.engine.apply(self.shards, self.buffer.tensors, self.buffer.tensors, 1.0, {seed: r})
+        self.prepared = (step, a, r)
+        return {self.buffer: a}
+
+    def _advance_momentum(self, seed: int, pg: float, beta: float) -> None:
+        """D = m_t + r u_t  ->  m_{t+1} = beta m_t + (1 - beta) pg z_t, then |m_{t+1}|."""
+        cfg, d = self.config, self.dim
+        if self.prepared is None:  # z = u
+            self.engine.apply(self.shards, self.buffer.tensors, self.buffer.tensors, beta, {seed: (1 - beta) * pg})
+            parallel, perpendicular = beta * self.momentum_norm, (1 - beta) * pg * math.sqrt(d)
+        else:
+            _, a, r = self.prepared
+            self.engine.apply(self.shards, self.buffer.tensors, self.buffer.tensors, beta + (1 - beta) * pg * a,
+                              {seed: -beta * r})
+            parallel = beta * self.momentum_norm + (1 - beta) * pg * math.sqrt(d) * math.cos(cfg.cone_theta)
+            perpendicular = (1 - beta) * pg * math.sqrt(d) * math.sin(cfg.cone_theta)
+        if cfg.norm == "exact":
+            self.momentum_norm = math.sqrt(self.param_sums([self.engine.norm2(self.buffer.tensors)])[0])
+        else:
+            self.momentum_norm = math.hypot(parallel, perpendicular)
+        self.prepared = None
+
+    def _unprepare(self, seed: int) -> None:
+        """Take u_t back out of D (a skipped step leaves the momentum as it was)."""
+        if self.prepared is not None:
+            self.engine.apply(self.shards, self.buffer.tensors, self.buffer.tensors, 1.0, {seed: -self.prepared[2]})
+            self.prepared = None
+
+    # -- the step -----------------------------------------------------------------------------------
+    def step(self, closure) -> StepResult:
+        cfg, step = self.config, self.step_count
+        lr, beta, seed = self.lr_at(step), self.beta_at(step), self.seed_for(step, 0)
+        direction = {seed: 1.0} if self.is_mezo else self._prepare(step, seed)
+        scaled = lambda c: {k: c * v for k, v in direction.items()}  # noqa: E731
+        self.engine.perturb(scaled(cfg.eps))
+        plus = closure()
+        self.engine.perturb(scaled(-cfg.eps))
+        minus = closure()
+        loss_plus, loss_minus = self.global_means([plus, minus])
+        pg = (loss_plus - loss_minus) / (2 * cfg.eps)
+        skipped = not all_finite([loss_plus, loss_minus])
+        if skipped:
+            self.engine.update({})
+            self.engine.flush()
+            self._unprepare(seed)
+        else:
+            self.engine.update(scaled(-lr * pg), decay=1.0 - lr * cfg.weight_decay)
+            self.engine.flush()  # restore and update in one pass
+            if not self.is_mezo:
+                self._advance_momentum(seed, pg, beta)
+        self.step_count += 1
+        return StepResult(step=step, loss=loss_plus, projected_grad=pg, projected_grads=(pg,), lr=lr, skipped=skipped)
+
+    # -- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(momentum_norm=self.momentum_norm, initialized=self.initialized,
+                     buffer={f"{s.name}@{s.offset}": t.detach().clone() for s, t in zip(self.shards, self.buffer.tensors)})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        for s, t in zip(self.shards, self.buffer.tensors):
+            key = f"{s.name}@{s.offset}"
+            if key not in state["buffer"]:
+                raise ValueError(f"ConMeZO state has no momentum for shard {key}")
+            t.copy_(state["buffer"][key])
+        self.momentum_norm = float(state["momentum_norm"])
+        self.initialized = bool(state["initialized"])
+        self.prepared = None
