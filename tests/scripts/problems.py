@@ -20,3 +20,32 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
         bounds.append((start, start + size))
         start += size
     return bounds
+
+
+def batch(step: int, kind: str, rank: int, world: int, n: int) -> list[int]:
+    """This rank's share of step ``step``'s global minibatch (8 examples) or of the full set."""
+    index = list(range(n)) if kind == "full" else [(5 * step + j) % n for j in range(8)]
+    a, b = split_evenly(len(index), world)[rank]
+    return index[a:b]
+
+
+def run_steps(opt, predict, targets, rank: int, world: int, steps: int) -> list[list[float]]:
+    """Step any zoscale optimizer on least squares; ``predict(index)`` evaluates the current
+    parameters on examples ``index``. Returns every step's projected gradients."""
+    n = len(targets)
+
+    def loss(kind, step):
+        index = batch(step, kind, rank, world, n)
+        return lambda: (((predict(index) - targets[index]) ** 2).sum().item(), len(index))
+
+    history = []
+    for step in range(steps):
+        if opt.name == "mezo_svrg":
+            result = opt.step(loss("mini", step), full_closure=loss("full", step))
+        elif opt.name == "pseuzo":
+            index = batch(step, "mini", rank, world, n)
+            result = opt.step(lambda: (predict(index), lambda o: (((o - targets[index]) ** 2).sum(), len(index))))
+        else:
+            result = opt.step(loss("mini", step))
+        history.append(list(result.projected_grads))
+    return history

@@ -1,8 +1,8 @@
-"""Rank program: MeZO on least squares with the parameters *and* the data split unevenly over ranks.
+"""Rank program: a zoscale optimizer on least squares, parameters *and* data split unevenly over ranks.
 
 Each rank owns a slice of every parameter (a Shard with its global offset), all-gathers the full
-parameters for its forward (as FSDP does), evaluates its own slice of the examples, and returns
-(loss_sum, count). Usage: torchrun ... sharded_least_squares.py OUT_DIR STEPS OPTIMIZER OPTIONS_JSON
+parameters for its forward (as FSDP does) and evaluates its own share of each batch.
+Usage: torchrun ... sharded_least_squares.py OUT_DIR STEPS OPTIMIZER OPTIONS_JSON
 """
 
 import json
@@ -17,7 +17,7 @@ from zoscale.comm import Comm
 from zoscale.shards import Shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from problems import least_squares, split_evenly  # noqa: E402
+from problems import least_squares, run_steps, split_evenly  # noqa: E402
 
 
 def main(out_dir: Path, steps: int, optimizer: str, options: dict) -> None:
@@ -30,7 +30,6 @@ def main(out_dir: Path, steps: int, optimizer: str, options: dict) -> None:
         local = p.view(-1)[a:b].clone()
         shards.append(Shard(name, local, offset=a, global_numel=p.numel(), weight_decay=p.dim() >= 2))
         full_views[name] = (local, p)
-    ex_lo, ex_hi = split_evenly(len(targets), world)[rank]
 
     def gather() -> dict[str, torch.Tensor]:
         full = {}
@@ -40,13 +39,12 @@ def main(out_dir: Path, steps: int, optimizer: str, options: dict) -> None:
             full[name] = torch.cat(pieces).view_as(p)
         return full
 
-    def closure():
+    def predict(index):
         full = gather()
-        pred = features[ex_lo:ex_hi] @ full["weight"].view(-1) + full["bias"].sum()
-        return ((pred - targets[ex_lo:ex_hi]) ** 2).sum().item(), ex_hi - ex_lo
+        return features[index] @ full["weight"].view(-1) + full["bias"].sum()
 
     opt = zoscale.build_optimizer(optimizer, shards, comm=Comm(), **options)
-    pgs = [opt.step(closure).projected_grad for _ in range(steps)]
+    pgs = run_steps(opt, predict, targets, rank, world, steps)
     full = gather()
     result = {"rank": rank, "world": world, "projected_grads": pgs,
               "params": {k: v.view(-1).tolist() for k, v in full.items()}}

@@ -12,7 +12,7 @@ import torch
 from zoscale import rng
 from zoscale.comm import Comm
 from zoscale.optim.schedule import SCHEDULES, lr_at
-from zoscale.shards import PerturbationEngine, Shard
+from zoscale.shards import PerturbationEngine, Shard, ShardBuffer
 
 # closure() returns this rank's loss: a scalar (ranks are averaged) or a (loss_sum, count) pair
 # (summed over ranks, then divided, so uneven token counts give the true global mean).
@@ -101,6 +101,16 @@ class ZOOptimizer:
     def seed_for(self, step: int, *tags: int) -> int:
         return rng.mix_seed(self.config.seed, step, *tags)
 
+    def evaluate_pairs(self, directions: Sequence[dict], closure: Closure) -> list:
+        """Closure results at theta + eps d and theta - eps d for each direction d (engine terms),
+        in that order; theta - eps d_last stays pending until the next update/flush."""
+        eps, raw = self.config.eps, []
+        for direction in directions:
+            for sign in (1.0, -1.0):
+                self.engine.perturb({k: sign * eps * c for k, c in direction.items()})
+                raw.append(closure())
+        return raw
+
     def param_sums(self, values: Sequence[float]) -> list[float]:
         """Per-rank partial sums over parameter elements -> global sums, in one all-reduce."""
         return self.shard_comm.all_reduce_sum(values)
@@ -122,6 +132,17 @@ class ZOOptimizer:
         """Flushes first, so the parameters saved beside this state are the ones it describes."""
         self.flush()
         return {"optimizer": self.name, "step": self.step_count, "config": dataclasses.asdict(self.config)}
+
+    def buffer_state(self, buffer: ShardBuffer) -> dict[str, torch.Tensor]:
+        """A per-shard buffer keyed by shard (name@offset), for state_dict."""
+        return {f"{s.name}@{s.offset}": t.detach().clone() for s, t in zip(self.shards, buffer.tensors)}
+
+    def load_buffer_state(self, buffer: ShardBuffer, saved: dict[str, torch.Tensor], what: str) -> None:
+        for s, t in zip(self.shards, buffer.tensors):
+            key = f"{s.name}@{s.offset}"
+            if key not in saved:
+                raise ValueError(f"{self.name} state has no {what} for shard {key}")
+            t.copy_(saved[key])
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("optimizer") != self.name:

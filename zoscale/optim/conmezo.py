@@ -139,12 +139,7 @@ class ConMeZO(ZOOptimizer):
         cfg, step = self.config, self.step_count
         lr, beta, seed = self.lr_at(step), self.beta_at(step), self.seed_for(step, 0)
         direction = {seed: 1.0} if self.is_mezo else self._prepare(step, seed)
-        scaled = lambda c: {k: c * v for k, v in direction.items()}  # noqa: E731
-        self.engine.perturb(scaled(cfg.eps))
-        plus = closure()
-        self.engine.perturb(scaled(-cfg.eps))
-        minus = closure()
-        loss_plus, loss_minus = self.global_means([plus, minus])
+        loss_plus, loss_minus = self.global_means(self.evaluate_pairs([direction], closure))
         pg = (loss_plus - loss_minus) / (2 * cfg.eps)
         skipped = not all_finite([loss_plus, loss_minus])
         if skipped:
@@ -152,7 +147,7 @@ class ConMeZO(ZOOptimizer):
             self.engine.flush()
             self._unprepare(seed)
         else:
-            self.engine.update(scaled(-lr * pg), decay=1.0 - lr * cfg.weight_decay)
+            self.engine.update({k: -lr * pg * c for k, c in direction.items()}, decay=1.0 - lr * cfg.weight_decay)
             self.engine.flush()  # restore and update in one pass
             if not self.is_mezo:
                 self._advance_momentum(seed, pg, beta)
@@ -163,16 +158,12 @@ class ConMeZO(ZOOptimizer):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state.update(momentum_norm=self.momentum_norm, initialized=self.initialized,
-                     buffer={f"{s.name}@{s.offset}": t.detach().clone() for s, t in zip(self.shards, self.buffer.tensors)})
+                     buffer=self.buffer_state(self.buffer))
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        for s, t in zip(self.shards, self.buffer.tensors):
-            key = f"{s.name}@{s.offset}"
-            if key not in state["buffer"]:
-                raise ValueError(f"ConMeZO state has no momentum for shard {key}")
-            t.copy_(state["buffer"][key])
+        self.load_buffer_state(self.buffer, state["buffer"], "momentum")
         self.momentum_norm = float(state["momentum_norm"])
         self.initialized = bool(state["initialized"])
         self.prepared = None

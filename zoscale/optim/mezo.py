@@ -35,13 +35,7 @@ class MeZO(ZOOptimizer):
         cfg, step = self.config, self.step_count
         lr = self.lr_at(step)
         seeds = [self.seed_for(step, j) for j in range(cfg.n_directions)]
-        raw = []
-        for seed in seeds:
-            self.engine.perturb({seed: cfg.eps})
-            raw.append(closure())
-            self.engine.perturb({seed: -cfg.eps})
-            raw.append(closure())
-        losses = self.global_means(raw)
+        losses = self.global_means(self.evaluate_pairs([{seed: 1.0} for seed in seeds], closure))
         plus, minus = losses[0::2], losses[1::2]
         pgs = tuple((lp - lm) / (2 * cfg.eps) for lp, lm in zip(plus, minus))
         skipped = not all_finite(losses)
