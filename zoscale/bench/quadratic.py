@@ -70,6 +70,16 @@ def run_trial(cfg: QuadraticConfig, method: str, trial: int, progress: bool = Tr
     return values
 
 
+def cpu_description() -> str:
+    model = platform.processor()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model or platform.machine()}, {os.cpu_count()} cores"
+
+
 def first_reach(curve: list[float], target: float) -> int | None:
     return next((t for t, v in enumerate(curve) if v <= target), None)
 
@@ -83,7 +93,7 @@ def summarize(cfg: QuadraticConfig, curves: dict[str, list[list[float]]]) -> dic
     return {
         "config": asdict(cfg),
         "date": datetime.date.today().isoformat(),
-        "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.processor() or 'unknown'})",
+        "hardware": cpu_description(),
         "initial_value": means["mezo"][0],
         "methods": {m: {"options": METHODS[m], "final_mean": means[m][-1],
                         "final_per_trial": [run[-1] for run in curves[m]],

@@ -17,7 +17,7 @@ Memory: one parameter-sized buffer (theta_bar), held per shard. theta and theta_
 place, a chunk at a time, to evaluate at the anchor. ``shared_direction=False`` draws z' on its own
 seed, as the authors' code does; the control variate then no longer shrinks as theta -> theta_bar.
 The reference code's other departures (aliased anchor, materialised g, lr annealing) are not
-reproduced: see docs/algorithms-notes.md.
+reproduced: see docs/optimizers.md.
 """
 
 from __future__ import annotations
