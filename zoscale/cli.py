@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,22 +15,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zoscale", description="Zeroth-order finetuning of sharded LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="MeZO finetunes a tiny OPT on a synthetic prompt task (CPU, ~1 min)")
-    demo.add_argument("--steps", type=_positive_int, default=None, help="MeZO steps (default 6000)")
-    demo.add_argument("--lr", type=_positive_float, default=None)
-    demo.add_argument("--eps", type=_positive_float, default=None)
-    demo.add_argument("--seed", type=int, default=None)
-    demo.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    train = sub.add_parser("train", help="finetune a model (no arguments: the CPU quickstart)")
+    train.add_argument("--config", type=Path, help="experiment YAML (default: configs/quickstart.yaml)")
+    train.add_argument("--out", type=Path, help="run directory (default: runs/<time>-<task>-<optimizer>)")
+    train.add_argument("--resume", type=Path, metavar="RUN", help="continue RUN from its latest checkpoint")
+    train.add_argument("--steps", type=_positive_int, help="total steps (overrides the config)")
+    train.add_argument("--backend", help="local | ddp | fsdp | deepspeed (overrides the config)")
+    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=1e-6")
+
+    export = sub.add_parser("export", help="write a run's parameters as a transformers save_pretrained directory")
+    export.add_argument("run", type=Path)
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
+
+    replay = sub.add_parser("replay", help="rebuild a run's final parameters from its initial weights and seed log")
+    replay.add_argument("run", type=Path)
+    replay.add_argument("--out", type=Path, required=True)
 
     bench = sub.add_parser("bench", help="benchmarks that write reports").add_subparsers(dest="bench", required=True)
     quad = bench.add_parser("quadratic", help="MeZO vs ConMeZO on ConMeZO's ill-conditioned quadratic")
@@ -52,17 +55,15 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from zoscale import demo
+    if args.command in ("train", "export", "replay"):
+        from zoscale import commands
+        from zoscale.config import ConfigError
 
-        overrides = {k: v for k, v in vars(args).items() if k in ("steps", "lr", "eps", "seed") and v is not None}
-        result = demo.run(demo.DemoConfig(**overrides))
-        if args.json:
-            print(json.dumps(result))
-        else:
-            print(f"MeZO on a {result['parameters']:,}-parameter OPT, {result['steps']} steps in "
-                  f"{result['seconds']:.0f} s: eval accuracy {result['eval_before']:.3f} -> {result['eval_after']:.3f}")
-    elif args.command == "bench" and args.bench == "quadratic":
+        try:
+            return getattr(commands, args.command)(args)
+        except ConfigError as e:
+            return _fail(str(e))
+    if args.command == "bench" and args.bench == "quadratic":
         if (args.out / "quadratic.json").exists() and not args.force:
             return _fail(f"{args.out / 'quadratic.json'} exists; pass --force to overwrite it")
         if args.out.exists() and not args.out.is_dir():

@@ -119,6 +119,7 @@ def dot_noise(x: torch.Tensor | None, *, distribution: str, stream: int, start: 
     device = x.device if x is not None else torch.device("cuda")
     grid = _grid(start, numel)
     partial = torch.empty(grid[0], dtype=torch.float32, device=device)
-    _dot_noise_kernel[grid](partial, partial if x is None else x, numel, start, stream, Terms([(seed, 1.0)], device).keys,
+    keys = Terms([(seed, 1.0)], device).keys
+    _dot_noise_kernel[grid](partial, partial if x is None else x, numel, start, stream, keys,
                             GAUSSIAN=distribution == "gaussian", SQUARE=x is None, BLOCK=BLOCK)
     return partial.double().sum()

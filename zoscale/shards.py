@@ -16,7 +16,7 @@ the next step's first pass) and memory-free n-SPSA.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -152,6 +152,9 @@ class PerturbationEngine:
         self._groups = {wd: [s for s in self.shards if s.weight_decay == wd] for wd in (True, False)}
         self._state = {wd: _Affine() for wd in (True, False)}
         self._perturbed = False  # master mode: the forward currently reads a perturbed copy
+        # When a list, every update is appended as (seed terms, decay), or None when it used a
+        # buffer: the trainer's seed log, from which `zoscale replay` rebuilds the parameters.
+        self.journal: list | None = None
 
     # -- the three operations -------------------------------------------------------------------
     def perturb(self, terms: Terms) -> None:
@@ -166,9 +169,13 @@ class PerturbationEngine:
         self._perturbed = self.has_master
 
     def update(self, terms: Terms, decay: float = 1.0) -> None:
+        if self.journal is not None and (terms or decay != 1.0):
+            replayable = all(isinstance(k, int) for k in terms)
+            self.journal.append(({int(k): float(c) for k, c in terms.items()}, float(decay)) if replayable else None)
         for wd, state in self._state.items():
             d = decay if wd else 1.0
-            self._state[wd] = _Affine(state.alpha * d, _Affine(1.0, {s: d * c for s, c in state.terms.items()}).plus(terms))
+            decayed = _Affine(1.0, {s: d * c for s, c in state.terms.items()})
+            self._state[wd] = _Affine(state.alpha * d, decayed.plus(terms))
 
     def flush(self) -> None:
         for wd, group in self._groups.items():

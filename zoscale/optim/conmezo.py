@@ -46,7 +46,8 @@ class ConMeZOConfig(ZOConfig):
                "'projected' needs norm='exact'")
         _check(self.momentum_init in ("zero", "random"), "momentum_init",
                f"must be 'zero' or 'random', got {self.momentum_init!r}")
-        _check(self.buffer_dtype in _DTYPES, "buffer_dtype", f"must be one of {list(_DTYPES)}, got {self.buffer_dtype!r}")
+        _check(self.buffer_dtype in _DTYPES, "buffer_dtype",
+               f"must be one of {list(_DTYPES)}, got {self.buffer_dtype!r}")
         if self.beta_warmup is not None:
             s1, s2 = self.beta_warmup
             _check(0 <= s1 < s2, "beta_warmup", f"must be (S1, S2) with 0 <= S1 < S2, got {self.beta_warmup}")

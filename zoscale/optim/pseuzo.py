@@ -42,11 +42,13 @@ class PseuZOConfig(ZOConfig):
     steps_per_epoch: int | None = None
     total_epochs: int | None = None
     window_dtype: str | None = None  # default: the body output's dtype
+    output: str = "hidden"  # what the trainer's closure returns as the body output: hidden | logits
 
     def __post_init__(self):
         super().__post_init__()
         _check(self.window >= 1, "window", f"must be >= 1, got {self.window}")
         _check(0.0 <= self.decay <= 1.0, "decay", f"must be in [0, 1], got {self.decay}")
+        _check(self.output in ("hidden", "logits"), "output", f"must be 'hidden' or 'logits', got {self.output!r}")
         _check(self.lambda_schedule in ("constant", "cyclic"), "lambda_schedule",
                f"must be 'constant' or 'cyclic', got {self.lambda_schedule!r}")
         if self.lambda_schedule == "cyclic":
@@ -130,7 +132,10 @@ class PseuZO(ZOOptimizer):
         plus, minus = self.global_means(self.evaluate_pairs([{seed: 1.0}], loss))
         pg = (plus - minus) / (2 * self.config.eps)
         skipped = not all_finite([plus, minus])
-        self.engine.update({} if skipped else {seed: -lr * pg}, decay=1.0 if skipped else 1.0 - lr * self.config.weight_decay)
+        if skipped:
+            self.engine.update({})
+        else:
+            self.engine.update({seed: -lr * pg}, decay=1.0 - lr * self.config.weight_decay)
         self.engine.flush()
         self.step_count += 1
         return StepResult(step=step, loss=plus, projected_grad=pg, projected_grads=(pg,), lr=lr, skipped=skipped)

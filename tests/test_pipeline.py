@@ -1,0 +1,173 @@
+"""`zoscale train | export | replay` end to end on tiny models and shipped data."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zoscale import checkpoint
+from zoscale.commands import QUICKSTART
+
+# A fast variant of the quickstart: fewer steps and evaluation examples.
+FAST = ["steps=40", "eval_every=20", "save_every=20", "data.num_dev=40", "data.num_test=60", "log_every=5"]
+
+
+def zoscale(*args, timeout=600, cwd=None):
+    return subprocess.run([sys.executable, "-m", "zoscale", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "mezo"
+    done = zoscale("train", "--out", run, *FAST)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return run
+
+
+def test_a_run_writes_its_directory(finished_run):
+    assert {"config.yaml", "metrics.jsonl", "seeds.jsonl", "summary.json", "checkpoints", "best"} <= \
+        {p.name for p in finished_run.iterdir()}
+    s = summary(finished_run)
+    assert s["steps"] == 40 and "accuracy" in s["eval_before"] and "accuracy" in s["eval_after"]
+    assert s["param_sq_sum"] > 0 and s["nonfinite_steps"] == 0
+    train = [m for m in lines(finished_run / "metrics.jsonl") if "loss" in m]
+    assert [m["step"] for m in train] == list(range(40))
+    assert {"loss", "projected_grad", "lr", "step_time", "tokens_per_s"} <= set(train[0])
+    assert [e["step"] for e in lines(finished_run / "seeds.jsonl")] == list(range(40))
+    assert checkpoint.latest(finished_run).name == "step-00000040"
+
+
+def test_resumed_run_equals_the_uninterrupted_one(finished_run, tmp_path):
+    run = tmp_path / "interrupted"
+    first = zoscale("train", "--out", run, *[o if not o.startswith("steps=") else "steps=20" for o in FAST])
+    assert first.returncode == 0, first.stderr
+    second = zoscale("train", "--resume", run, "--steps", 40)
+    assert second.returncode == 0, second.stderr
+    a, b = summary(finished_run), summary(run)
+    assert (a["param_sum"], a["param_sq_sum"]) == (b["param_sum"], b["param_sq_sum"])
+    assert a["eval_after"] == b["eval_after"]
+    assert lines(run / "seeds.jsonl") == lines(finished_run / "seeds.jsonl")
+
+
+def test_export_loads_in_plain_transformers(finished_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf"
+    done = zoscale("export", finished_run, "--out", out)
+    assert done.returncode == 0, done.stderr
+    model = AutoModelForCausalLM.from_pretrained(out)
+    saved = load_file(checkpoint.latest(finished_run) / "params.safetensors")
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), saved[name]), name
+    again = zoscale("export", finished_run, "--out", out)
+    assert again.returncode == 2 and "not empty" in again.stderr  # never overwritten
+
+
+def test_replay_rebuilds_the_parameters_from_the_seed_log(finished_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "replayed"
+    done = zoscale("replay", finished_run, "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "replayed 40 steps" in done.stdout
+    saved = load_file(checkpoint.latest(finished_run) / "params.safetensors")
+    replayed = AutoModelForCausalLM.from_pretrained(out)
+    for name, p in replayed.named_parameters():
+        torch.testing.assert_close(p.detach(), saved[name], rtol=0, atol=1e-6)
+    size = (finished_run / "seeds.jsonl").stat().st_size
+    assert size < 20_000  # the whole finetune, in kilobytes
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.eps=0", "optim.eps: must be > 0"),
+    ("optim.name=adam", "optim.name: unknown optimizer 'adam'"),
+    ("optim.momentum=0.9", "unknown option(s) ['momentum']"),
+    ("stepz=3", "stepz: unknown key"),
+    ("steps=many", "steps: expected int"),
+    ("data.task=imdb", "data.task: unknown task 'imdb'"),
+    ("data.path=/nonexistent", "data.path: no such directory"),
+    ("model.dtype=fp8", "model.dtype: must be one of"),
+    ("backend=tpu", "backend: must be one of"),
+])
+def test_bad_input_is_one_line_and_exit_2(override, message, tmp_path):
+    done = zoscale("train", "--out", tmp_path / "run", override)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing was built or written
+
+
+def test_missing_config_file_and_existing_run_directory(finished_run, tmp_path):
+    done = zoscale("train", "--config", tmp_path / "missing.yaml")
+    assert done.returncode == 2 and "no such file" in done.stderr
+    before = (finished_run / "summary.json").read_text()
+    done = zoscale("train", "--out", finished_run, *FAST)
+    assert done.returncode == 2 and "not empty" in done.stderr
+    assert (finished_run / "summary.json").read_text() == before
+
+
+def test_quickstart_config_is_the_default_and_lives_in_configs():
+    repo = Path(__file__).resolve().parents[1]
+    assert (repo / "configs" / "quickstart.yaml").resolve() == QUICKSTART.resolve()
+
+
+@pytest.mark.parametrize("optimizer", ["conmezo", "mezo_svrg", "pseuzo"])
+def test_every_optimizer_trains_through_the_pipeline(optimizer, tmp_path):
+    extra = {"mezo_svrg": ["optim.anchor_lr=1e-3", "optim.q=4", "data.num_train=64"]}.get(optimizer, [])
+    done = zoscale("train", "--out", tmp_path / "run", "steps=8", "eval_every=0", "save_every=0",
+                   "data.num_dev=8", "data.num_test=16", f"optim.name={optimizer}", *extra)
+    assert done.returncode == 0, done.stdout + done.stderr
+    s = summary(tmp_path / "run")
+    assert s["optimizer"] == optimizer and s["steps"] == 8 and s["nonfinite_steps"] == 0
+
+
+def test_every_shipped_config_validates():
+    from zoscale.config import load
+
+    repo = Path(__file__).resolve().parents[1]
+    configs = sorted((repo / "configs").rglob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        if "accelerate" not in path.parts:
+            load(path)
+
+
+def test_lora_trains_only_adapters_and_exports_merged(tmp_path):
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "lora"
+    done = zoscale("train", "--out", run, "steps=6", "eval_every=0", "save_every=0", "data.num_dev=4",
+                   "data.num_test=8", "model.lora={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}")
+    assert done.returncode == 0, done.stderr
+    saved = load_file(checkpoint.latest(run) / "params.safetensors")
+    assert saved and all(".lora_" in name for name in saved)
+    assert zoscale("export", run, "--out", tmp_path / "hf").returncode == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_training_starts_from_a_local_pretrained_directory(finished_run, tmp_path):
+    """The from_pretrained path, on local files: continue from an exported model."""
+    exported = tmp_path / "hf"
+    assert zoscale("export", finished_run, "--out", exported).returncode == 0
+    run = tmp_path / "continued"
+    done = zoscale("train", "--out", run, "steps=4", "eval_every=0", "save_every=0", "data.num_dev=4",
+                   "data.num_test=60", "model.config=null", f"model.name_or_path={exported}",
+                   f"model.tokenizer={exported}")
+    assert done.returncode == 0, done.stderr
+    # it starts where the finished run ended: the same test accuracy before training
+    assert summary(run)["eval_before"] == summary(finished_run)["eval_final"]

@@ -1,0 +1,108 @@
+"""What `zoscale train | export | replay` do (argument parsing is in cli.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from zoscale.config import ConfigError, load
+
+QUICKSTART = Path(str(resources.files("zoscale.quickstart") / "quickstart.yaml"))
+
+
+def _fresh_directory(path: Path, flag: str) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"{flag} {path} exists and is not empty; choose another directory (nothing was overwritten)")
+
+
+def train(args) -> int:
+    from zoscale.trainer import NonFiniteLossError, Trainer, resumed_config
+
+    if args.resume is not None:
+        if args.config is not None or args.overrides or args.out is not None:
+            raise ConfigError("--resume continues a run as configured: only --steps may change")
+        if not (args.resume / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {args.resume} is not a run directory (no config.yaml)")
+        cfg, run_dir = resumed_config(args.resume, args.steps), args.resume
+    else:
+        overrides = list(args.overrides)
+        if args.steps is not None:
+            overrides.append(f"steps={args.steps}")
+        if args.backend is not None:
+            overrides.append(f"backend={args.backend}")
+        cfg = load(args.config, overrides, defaults=QUICKSTART)
+        task = Path(cfg.data.task).stem
+        run_dir = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}-{cfg.optim.name}"
+        _fresh_directory(run_dir, "--out")
+    trainer = Trainer(cfg, run_dir, resume=args.resume is not None)
+    try:
+        trainer.run()
+    except NonFiniteLossError as e:
+        print(f"zoscale: error: {e}", flush=True)
+        return 1
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _initial_model(run: Path):
+    """The run's model before training (from its config) and tokenizer."""
+    from zoscale.models import build_model, build_tokenizer
+
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run} is not a run directory (no config.yaml)")
+    cfg = load(run / "config.yaml")
+    tokenizer = build_tokenizer(cfg.model)
+    return cfg, build_model(cfg.model, vocab_size=len(tokenizer)), tokenizer
+
+
+def _save_pretrained(model, tokenizer, out: Path) -> None:
+    from zoscale.models import unwrap
+
+    unwrap(model).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"wrote {out}")
+
+
+def export(args) -> int:
+    from zoscale import checkpoint
+
+    _fresh_directory(args.out, "--out")
+    _, model, tokenizer = _initial_model(args.run)
+    source = checkpoint.latest(args.run) if args.checkpoint == "latest" else args.run / "best"
+    if source is None or not (source / "params.safetensors").exists():
+        raise ConfigError(f"{args.run} has no {args.checkpoint} checkpoint")
+    checkpoint.load_params(model, source)
+    _save_pretrained(model, tokenizer, args.out)
+    return 0
+
+
+def replay(args) -> int:
+    """Apply the logged updates (seeds and coefficients) to the initial weights, in order."""
+    from zoscale.shards import PerturbationEngine, local_shards
+
+    _fresh_directory(args.out, "--out")
+    cfg, model, tokenizer = _initial_model(args.run)
+    log = args.run / "seeds.jsonl"
+    if not log.is_file():
+        raise ConfigError(f"{args.run} has no seeds.jsonl")
+    master = torch.float32 if cfg.model.master_weights else None
+    distribution = cfg.optim.options.get("distribution", "gaussian")
+    engine = PerturbationEngine(local_shards(model, master_dtype=master), distribution)
+    steps = 0
+    with open(log) as f:
+        for line in f:
+            entry = json.loads(line)
+            for update in entry["updates"]:
+                if update is None:
+                    raise ConfigError(f"step {entry['step']} of {args.run} used a buffer ({cfg.optim.name}): "
+                                      f"its update is not a function of seeds alone, so it cannot be replayed")
+                engine.update({int(s): c for s, c in update["terms"]}, update["decay"])
+                engine.flush()
+            steps += 1
+    print(f"replayed {steps} steps")
+    _save_pretrained(model, tokenizer, args.out)
+    return 0

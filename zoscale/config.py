@@ -1,0 +1,241 @@
+"""The training configuration: typed dataclasses are the single source of truth; YAML files and
+dotted ``key=value`` overrides are serialisations of them. Everything is checked here, before any
+model is built, and every problem is a one-line ``ConfigError`` that names the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dacite
+import yaml
+
+BACKENDS = ("local", "ddp", "fsdp", "deepspeed")  # local runs now; the others arrive with issue 5
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line and names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None  # hub id or local directory (from_pretrained)
+    config: dict | None = None  # or build from a config dict, e.g. {model_type: opt, hidden_size: 64, ...}
+    tokenizer: str | None = None  # hub id or local directory; defaults to name_or_path
+    dtype: str = "float32"
+    trainable: str = "all"  # "all", or a regex: parameters whose names match train
+    master_weights: bool = False  # fp32 master copies of half-precision weights (docs/numerics.md)
+    lora: dict | None = None  # peft LoraConfig fields, e.g. {r: 8, lora_alpha: 16} (pip install peft)
+    init_seed: int = 0  # for models built from a config
+
+    def __post_init__(self):
+        _require((self.name_or_path is None) != (self.config is None), "model",
+                 "set exactly one of model.name_or_path and model.config")
+        _require(self.config is None or "model_type" in self.config, "model.config", "needs a model_type (e.g. opt)")
+        _require(self.name_or_path is not None or self.tokenizer is not None, "model.tokenizer",
+                 "is required when the model is built from a config")
+        _choice(self.dtype, DTYPES, "model.dtype")
+        if self.trainable != "all":
+            try:
+                re.compile(self.trainable)
+            except re.error as e:
+                raise ConfigError(f"model.trainable: not a valid regex ({e})") from None
+
+
+@dataclass
+class DataConfig:
+    task: str = "sst2"
+    path: str | None = None  # a directory of local files (docs/tasks.md); default: the task's hub dataset
+    num_train: int = 1000
+    num_dev: int = 500
+    num_test: int = 1000
+    seed: int = 13  # MeZO's data seeds are 13, 21, 42, 87, 100
+    max_length: int = 2048
+    max_new_tokens: int = 50  # greedy decoding for generation tasks
+
+    def __post_init__(self):
+        for key in ("num_train", "num_dev", "num_test", "max_length", "max_new_tokens"):
+            _require(getattr(self, key) >= 0, f"data.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _require(self.max_length > 0, "data.max_length", "must be > 0")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "mezo"
+    options: dict = field(default_factory=dict)  # the optimizer's own fields (lr, eps, ...)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 20_000
+    batch_size: int = 16
+    eval_every: int = 4000  # 0: only before and after training
+    eval_batch_size: int = 16
+    save_every: int = 4000  # 0: only at the end
+    log_every: int = 10
+    seed: int = 0  # the run seed; step seeds and data order derive from it
+    backend: str = "local"
+    tensorboard: bool = False
+    max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+    eval_before: bool = True
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "eval_batch_size", "log_every"):
+            _require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        for key in ("eval_every", "save_every", "max_nonfinite"):
+            _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        _choice(self.backend, BACKENDS, "backend")
+        if self.tensorboard:
+            import importlib.util
+
+            _require(importlib.util.find_spec("tensorboard") is not None, "tensorboard",
+                     "needs the tensorboard package (pip install 'zoscale[tensorboard]')")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _choice(value, choices, key: str) -> None:
+    _require(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
+
+
+# PyYAML follows YAML 1.1, where 1e-6 (no dot) is a string; accept it as a float.
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$|^[-+]?\d+\.\d*$|^[-+]?\.\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str):
+    """A command-line value as YAML would read it (numbers, booleans, null, lists, strings)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Set a dotted key (``optim.lr=1e-6``) in a raw config dict."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r}: expected key=value")
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[leaf] = parse_value(value)
+
+
+def from_dict(raw: dict) -> TrainConfig:
+    """Validate a raw dict (from YAML plus overrides) into a TrainConfig."""
+    raw = dict(raw)
+    optim = dict(raw.pop("optim", None) or {})
+    raw["optim"] = {"name": optim.pop("name", "mezo"), "options": optim}
+    if "model" not in raw:
+        raise ConfigError("model: missing (set model.name_or_path or model.config)")
+    _check_keys(raw)
+    try:
+        cfg = dacite.from_dict(TrainConfig, raw, config=dacite.Config(strict=True))
+    except dacite.WrongTypeError as e:
+        raise ConfigError(f"{e.field_path}: expected {_type_name(e.field_type)}, got {e.value!r}") from None
+    except dacite.DaciteError as e:
+        raise ConfigError(str(e)) from None
+    validate_optimizer(cfg.optim)
+    return cfg
+
+
+def validate_optimizer(optim: OptimConfig):
+    """Build the optimizer's own config dataclass from the options: the same checks as at run time."""
+    from zoscale.optim import REGISTRY
+
+    if optim.name not in REGISTRY:
+        raise ConfigError(f"optim.name: unknown optimizer {optim.name!r}; choose one of {sorted(REGISTRY)}")
+    cls = REGISTRY[optim.name].Config
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(optim.options) - set(fields))
+    if unknown:
+        raise ConfigError(f"optim: unknown option(s) {unknown} for {optim.name}; valid: {sorted(fields)}")
+    optim.options = {k: _coerce(v, fields[k].type) for k, v in optim.options.items()}
+    try:
+        return cls(**optim.options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"optim.{e}") from None
+
+
+def _coerce(value, annotation):
+    """Integers where floats are expected (lr: 1), lists where tuples are (beta_warmup: [200, 2000])."""
+    text = str(annotation)
+    if isinstance(value, int) and not isinstance(value, bool) and text.startswith("float"):
+        return float(value)
+    if isinstance(value, list) and "tuple" in text:
+        return tuple(value)
+    return value
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _check_keys(raw: dict) -> None:
+    """Unknown keys, named with their section and the valid choices."""
+    for section, cls in (("", TrainConfig), ("model.", ModelConfig), ("data.", DataConfig)):
+        node = raw if not section else raw.get(section[:-1])
+        if not isinstance(node, dict):
+            continue
+        names = sorted(f.name for f in dataclasses.fields(cls))
+        for key in node:
+            if key not in names:
+                raise ConfigError(f"{section}{key}: unknown key; valid: {names}")
+
+
+def load(path: Path | None, overrides: list[str] = (), defaults: Path | None = None) -> TrainConfig:
+    """A YAML file (or ``defaults``) plus dotted overrides -> a validated TrainConfig."""
+    source = path or defaults
+    raw: dict = {}
+    if source is not None:
+        if not Path(source).is_file():
+            raise ConfigError(f"--config: no such file {source}")
+        try:
+            raw = yaml.load(Path(source).read_text(), Loader=_Loader) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {source}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {source}: the top level must be a mapping")
+        _resolve_paths(raw, Path(source).resolve().parent)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return from_dict(raw)
+
+
+# Keys that may hold a local path: a relative one is read against the config file's directory
+# when something exists there (hub ids such as facebook/opt-13b are left alone).
+PATH_KEYS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "path"), ("data", "task"))
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    for section, key in PATH_KEYS:
+        value = (raw.get(section) or {}).get(key)
+        if key == "task" and not str(value).endswith((".yaml", ".yml")):
+            continue  # a task name, not a file
+        if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
+            raw[section][key] = str((base / value).resolve())
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    """The resolved config as saved with a run (optimizer options back at optim's top level)."""
+    raw = dataclasses.asdict(cfg)
+    optim = raw.pop("optim")
+    raw["optim"] = {"name": optim["name"], **optim["options"]}
+    return raw

@@ -1,0 +1,117 @@
+"""Task data: load (hub or local files), sample as MeZO does, tokenize, and order batches.
+
+Sampling: train and dev are disjoint samples of the task's train split, test is a sample of its
+test split (``num_*`` examples each, by ``data.seed``). Batch order is a pure function of
+(run seed, step): each epoch is a fresh permutation of the train set, so a resumed run needs only
+the step to continue with the same batches, and ranks can split each global batch the same way.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zoscale import rng
+from zoscale.config import ConfigError, DataConfig
+from zoscale.tasks import Example, Task
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class Encoded:
+    """One example as token ids: the prompt, each candidate's ids, the training target's ids."""
+
+    prompt: list[int]
+    candidates: list[list[int]]
+    label: int | None
+    target: list[int]  # lm objective: the gold answer's tokens
+    answers: list[str]
+
+
+def _local_split(path: Path, split: str):
+    import datasets
+
+    files = [path / f"{split}{suffix}" for suffix in LOCAL_FORMATS]
+    found = [f for f in files if f.is_file()]
+    if not found:
+        raise ConfigError(f"data.path: {path} has no {split}.jsonl/.json/.csv/.parquet")
+    return datasets.load_dataset(LOCAL_FORMATS[found[0].suffix], data_files={split: str(found[0])}, split=split)
+
+
+def load_raw(cfg: DataConfig, task: Task):
+    """(train pool, test pool) as datasets.Dataset objects."""
+    if cfg.path is not None:
+        path = Path(cfg.path)
+        if not path.is_dir():
+            raise ConfigError(f"data.path: no such directory {path}")
+        pools = _local_split(path, task.train_split), _local_split(path, task.test_split)
+        for pool, split in zip(pools, (task.train_split, task.test_split)):
+            missing = sorted(set(task.fields) - set(pool.column_names))
+            if missing:
+                raise ConfigError(f"data.path: {split} examples lack field(s) {missing} that task {task.name} needs "
+                                  f"(it reads {list(task.fields)}; see docs/tasks.md)")
+        return pools
+    if not task.hub:
+        raise ConfigError(f"data.path: task {task.name} has no hub dataset; give a directory of local files")
+    import datasets
+
+    loaded = datasets.load_dataset(*task.hub)
+    return loaded[task.train_split], loaded[task.test_split]
+
+
+def sample(cfg: DataConfig, task: Task) -> dict[str, list[Example]]:
+    train_pool, test_pool = load_raw(cfg, task)
+    order = list(range(len(train_pool)))
+    random.Random(cfg.seed).shuffle(order)
+    test_order = list(range(len(test_pool)))
+    random.Random(cfg.seed + 1).shuffle(test_order)
+
+    def build(pool, indices, count):
+        out = []
+        for i in indices:
+            if len(out) == count:
+                break
+            example = task.build(pool[i])
+            if example is not None:
+                out.append(example)
+        return out
+
+    train = build(train_pool, order, cfg.num_train)
+    dev = build(train_pool, order[len(train):] if len(train) < len(order) else [], cfg.num_dev)
+    return {"train": train, "dev": dev, "test": build(test_pool, test_order, cfg.num_test)}
+
+
+def encode(example: Example, tokenizer, max_length: int) -> Encoded:
+    prompt = tokenizer(example.prompt)["input_ids"]
+    piece = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    candidates = [piece(c) for c in example.candidates]
+    target = piece(example.answers[0]) if example.answers else (candidates[example.label] if candidates else [])
+    longest = max([len(c) for c in candidates] + [len(target)])
+    keep = max(1, max_length - longest)
+    return Encoded(prompt[-keep:], candidates, example.label, target, list(example.answers))
+
+
+def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The global batch of step ``step``: positions [step*B, (step+1)*B) of the endless sequence of
+    per-epoch permutations keyed by (seed, epoch)."""
+    out = []
+    position = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(position, num_examples)
+        generator = torch.Generator().manual_seed(rng.mix_seed(seed, epoch) & (2**63 - 1))
+        permutation = torch.randperm(num_examples, generator=generator).tolist()
+        take = permutation[offset : offset + batch_size - len(out)]
+        out.extend(take)
+        position += len(take)
+    return out
+
+
+def rank_share(indices: list[int], rank: int, world: int) -> list[int]:
+    """This rank's contiguous share of a global batch (the first batch % world ranks get one more)."""
+    base, extra = divmod(len(indices), world)
+    start = rank * base + min(rank, extra)
+    return indices[start : start + base + (rank < extra)]

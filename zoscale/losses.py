@@ -1,0 +1,116 @@
+"""Losses on a causal LM, split into body and head.
+
+body(model) -> the last hidden state; head: the output embedding applied only at the positions
+that are scored (so no (batch, length, vocab) tensor is formed for the whole sequence). PseuZO
+uses the split directly: its closure returns the body output and a head loss on it.
+
+Objectives, both returned as (loss_sum, count) so that the global mean is exact across ranks:
+- classification: each candidate's mean token log-likelihood after the prompt is its score;
+  cross-entropy over the candidates, summed over examples (count = examples);
+- lm: negative log-likelihood of the gold answer's tokens (count = tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from zoscale.data import Encoded
+
+
+def causal_lm(model):
+    """The transformers causal LM itself, also under a peft wrapper (whose LoRA layers it contains)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class Batch:
+    """Encoded examples packed as right-padded sequences for one objective."""
+
+    def __init__(self, examples: list[Encoded], objective: str, pad_id: int, device):
+        self.objective = objective
+        sequences, spans, self.groups, labels = [], [], [], []
+        for ex in examples:
+            if objective == "classification":
+                first = len(sequences)
+                for cand in ex.candidates:
+                    spans.append((len(ex.prompt), len(cand)))
+                    sequences.append(ex.prompt + cand)
+                self.groups.append(list(range(first, len(sequences))))
+                labels.append(ex.label)
+            else:
+                spans.append((len(ex.prompt), len(ex.target)))
+                sequences.append(ex.prompt + ex.target)
+        length = max(len(s) for s in sequences)
+        self.input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+        self.attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        # target[i, p] = the token at p+1 when it belongs to a scored span (predicted at position p)
+        self.scored = torch.zeros((len(sequences), length), dtype=torch.bool)
+        for i, (seq, (start, size)) in enumerate(zip(sequences, spans)):
+            self.input_ids[i, : len(seq)] = torch.tensor(seq)
+            self.attention_mask[i, : len(seq)] = 1
+            self.scored[i, start - 1 : start - 1 + size] = True
+        self.targets = torch.roll(self.input_ids, -1, dims=1)
+        self.labels = torch.tensor(labels, dtype=torch.long) if labels else None
+        self.examples = len(examples)
+        self.to(device)
+
+    def to(self, device) -> Batch:
+        for name in ("input_ids", "attention_mask", "scored", "targets", "labels"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
+    # -- body and head --------------------------------------------------------------------------
+    def body(self, model) -> torch.Tensor:
+        body = causal_lm(model).base_model
+        return body(input_ids=self.input_ids, attention_mask=self.attention_mask).last_hidden_state
+
+    def token_logprobs(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """Log-likelihood of each scored token, flattened in (sequence, position) order."""
+        return self.logprobs_from_logits(causal_lm(model).get_output_embeddings()(hidden[self.scored]))
+
+    def logprobs_from_logits(self, scored_logits: torch.Tensor) -> torch.Tensor:
+        return -F.cross_entropy(scored_logits.float(), self.targets[self.scored], reduction="none")
+
+    def candidate_scores(self, token: torch.Tensor) -> torch.Tensor:
+        """Each sequence's mean scored-token log-likelihood."""
+        owner = self.scored.nonzero()[:, 0]
+        totals = torch.zeros(self.scored.shape[0], dtype=token.dtype, device=token.device).index_add(0, owner, token)
+        return totals / self.scored.sum(1).clamp_min(1)
+
+    def loss_from_token_logprobs(self, token: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if self.objective == "lm":
+            return -token.sum(), int(token.numel())
+        scores = self.candidate_scores(token)
+        per_example = torch.stack([-F.log_softmax(scores[g], 0)[y] for g, y in zip(self.groups, self.labels)])
+        return per_example.sum(), self.examples
+
+    def head_loss(self, model, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(loss_sum, count) from the body output: differentiable with respect to ``hidden``."""
+        return self.loss_from_token_logprobs(self.token_logprobs(model, hidden))
+
+    def loss(self, model) -> tuple[float, int]:
+        with torch.inference_mode():
+            total, count = self.head_loss(model, self.body(model))
+        return total.item(), count
+
+    def predictions(self, model) -> torch.Tensor:
+        """The highest-scoring candidate of each example (classification batches)."""
+        with torch.inference_mode():
+            scores = self.candidate_scores(self.token_logprobs(model, self.body(model)))
+        return torch.stack([scores[g].argmax() for g in self.groups]).cpu()
+
+
+def pseuzo_closure(model, batch: Batch, output: str = "hidden"):
+    """PseuZO's closure: the body output (the last hidden state, or the logits at the scored
+    positions) and a head loss on it."""
+    def closure():
+        with torch.inference_mode():
+            hidden = batch.body(model)
+            if output == "hidden":
+                return hidden, lambda h: batch.head_loss(model, h)
+            logits = causal_lm(model).get_output_embeddings()(hidden[batch.scored])
+        return logits, lambda o: batch.loss_from_token_logprobs(batch.logprobs_from_logits(o))
+
+    return closure

@@ -1,0 +1,70 @@
+"""Build the model and tokenizer a config names, and choose which parameters train."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from zoscale.config import ConfigError, ModelConfig
+
+
+def build_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or cfg.name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(cfg: ModelConfig, vocab_size: int | None = None):
+    """A causal LM from the hub or a local directory, or built from a config dict with random
+    weights (seeded by ``init_seed``). Dropout is off: ZO forwards must see one function."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.name_or_path is not None:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype)
+    else:
+        fields = dict(cfg.config)
+        model_type = fields.pop("model_type")
+        if vocab_size is not None:
+            fields.setdefault("vocab_size", vocab_size)
+        torch.manual_seed(cfg.init_seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields)).to(dtype)
+    model.eval()
+    model.requires_grad_(False)
+    if cfg.lora is not None:
+        model = _add_lora(model, cfg.lora)
+    else:
+        select_trainable(model, cfg.trainable)
+    return model
+
+
+def select_trainable(model: torch.nn.Module, pattern: str) -> None:
+    matched = 0
+    for name, p in model.named_parameters():
+        train = pattern == "all" or re.search(pattern, name) is not None
+        p.requires_grad_(train)
+        matched += train
+    if matched == 0:
+        raise ConfigError(f"model.trainable: {pattern!r} matches no parameter name")
+
+
+def _add_lora(model, options: dict):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("model.lora: needs peft (pip install peft)") from None
+    try:
+        lora = LoraConfig(task_type="CAUSAL_LM", **options)
+    except TypeError as e:
+        raise ConfigError(f"model.lora: {e}") from None
+    return get_peft_model(model, lora).eval()
+
+
+def unwrap(model):
+    """The transformers model under a peft wrapper (for save_pretrained after merging)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

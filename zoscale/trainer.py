@@ -1,0 +1,258 @@
+"""`zoscale train`: the loop. Read top to bottom: setup, the step, logging, evaluation, checkpoints.
+
+Run directory:
+    config.yaml        the resolved config (what `--resume` reloads)
+    metrics.jsonl      one line per step (and per evaluation)
+    seeds.jsonl        the update of every step as seeds and coefficients (`zoscale replay`)
+    checkpoints/       resumable state, written atomically; best/ holds the best dev parameters
+    summary.json       evaluations and parameter statistics at the end
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+import zoscale
+from zoscale import checkpoint, data, tasks
+from zoscale.comm import Comm, print0
+from zoscale.config import ConfigError, TrainConfig, to_dict
+from zoscale.evaluate import evaluate, headline
+from zoscale.losses import Batch, pseuzo_closure
+from zoscale.models import build_model, build_tokenizer
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def parameter_stats(model: torch.nn.Module) -> dict[str, float]:
+    """Global statistics of the trainable parameters (float64), to compare runs."""
+    total = squares = 0.0
+    for p in model.parameters():
+        if p.requires_grad:
+            total += p.detach().double().sum().item()
+            squares += p.detach().double().pow(2).sum().item()
+    return {"param_sum": total, "param_sq_sum": squares}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False):
+        if cfg.backend != "local":
+            raise ConfigError(f"backend: {cfg.backend!r} is not available yet; use 'local'")
+        self.cfg, self.run_dir = cfg, run_dir
+        self.comm = Comm()
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        try:
+            self.task = tasks.get(cfg.data.task)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.tokenizer = build_tokenizer(cfg.model)
+        splits = data.sample(cfg.data, self.task)
+        if not splits["train"]:
+            raise ConfigError("data: the training sample is empty")
+        encode = lambda examples: [data.encode(e, self.tokenizer, cfg.data.max_length) for e in examples]  # noqa: E731
+        self.train, self.dev, self.test = (encode(splits[k]) for k in ("train", "dev", "test"))
+
+        self.model = build_model(cfg.model, vocab_size=len(self.tokenizer)).to(self.device)
+        options = {"seed": cfg.seed, **cfg.optim.options}
+        if options.get("schedule", "constant") != "constant":
+            options.setdefault("total_steps", cfg.steps)
+        master = torch.float32 if cfg.model.master_weights else None
+        self.optimizer = zoscale.build_optimizer(cfg.optim.name, self.model, comm=self.comm, master_dtype=master,
+                                                 **options)
+        self.optimizer.engine.journal = []
+
+        self.step = 0
+        self.consecutive_nonfinite = self.total_nonfinite = 0
+        self.best: dict | None = None
+        self.history: dict = {}
+        if resume:
+            self._resume()
+        elif self.comm.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.writer = self._tensorboard() if cfg.tensorboard else None
+
+    # -- the step -------------------------------------------------------------------------------
+    def batch(self, step: int) -> Batch:
+        index = data.batch_indices(len(self.train), self.cfg.batch_size, step, self.cfg.seed)
+        mine = data.rank_share(index, self.comm.rank, self.comm.world_size)
+        return Batch([self.train[i] for i in mine], self.task.train_objective, self.tokenizer.pad_token_id, self.device)
+
+    def full_batch_loss(self) -> tuple[float, int]:
+        """MeZO-SVRG's anchor loss: this rank's share of the whole training sample."""
+        mine = data.rank_share(list(range(len(self.train))), self.comm.rank, self.comm.world_size)
+        total = count = 0
+        for start in range(0, len(mine), self.cfg.eval_batch_size):
+            chunk = [self.train[i] for i in mine[start : start + self.cfg.eval_batch_size]]
+            s, c = Batch(chunk, self.task.train_objective, self.tokenizer.pad_token_id, self.device).loss(self.model)
+            total, count = total + s, count + c
+        return total, count
+
+    def train_step(self, batch: Batch):
+        opt, model = self.optimizer, self.model
+        if opt.name == "pseuzo":
+            return opt.step(pseuzo_closure(model, batch, opt.config.output))
+        if opt.name == "mezo_svrg":
+            return opt.step(lambda: batch.loss(model), full_closure=self.full_batch_loss)
+        return opt.step(lambda: batch.loss(model))
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        start_time = time.time()
+        if self.step == 0 and cfg.eval_before:
+            self.history["eval_before"] = self.evaluate("test")
+            print0(f"before training: test {self._fmt(self.history['eval_before'])}")
+        bar = tqdm(range(self.step, cfg.steps), initial=self.step, total=cfg.steps, desc=cfg.optim.name,
+                   unit="step", disable=not self.comm.is_main, mininterval=1.0)
+        for step in bar:
+            batch = self.batch(step)
+            t0 = time.time()
+            result = self.train_step(batch)
+            elapsed = time.time() - t0
+            self.step = step + 1
+            self._log_step(result, elapsed, batch)
+            if result.skipped:
+                self._count_nonfinite(step)
+            else:
+                self.consecutive_nonfinite = 0
+            if step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{result.loss:.4f}", pg=f"{result.projected_grad:+.3g}")
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self._dev_eval()
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save()
+        bar.close()
+        self._dev_eval()
+        self.save()
+        return self._finish(time.time() - start_time)
+
+    def _finish(self, seconds: float) -> dict:
+        summary = {"steps": self.step, "optimizer": self.cfg.optim.name, "task": self.task.name,
+                   "seconds": seconds, "nonfinite_steps": self.total_nonfinite, **parameter_stats(self.model)}
+        summary["eval_final"] = self.evaluate("test")
+        summary["eval_after"] = summary["eval_final"]
+        if self.best is not None and (self.run_dir / "best" / "params.safetensors").exists():
+            summary["best_dev"] = self.best
+            final_params = checkpoint.trainable_state(self.model)
+            checkpoint.load_params(self.model, self.run_dir / "best")
+            summary["eval_after"] = self.evaluate("test")  # MeZO reports the best dev checkpoint on test
+            for name, p in self.model.named_parameters():
+                if name in final_params:
+                    p.data.copy_(final_params[name])
+        summary.update({k: v for k, v in self.history.items() if k == "eval_before"})
+        if self.comm.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        before = self._fmt(summary["eval_before"]) if "eval_before" in summary else "-"
+        after = self._fmt(summary["eval_after"])
+        print0(f"done: {self.step} steps in {seconds:.0f} s; test before {before}, after {after}")
+        return summary
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def evaluate(self, split: str) -> dict[str, float]:
+        self.optimizer.flush()
+        examples = {"dev": self.dev, "test": self.test}[split]
+        mine = data.rank_share(examples, self.comm.rank, self.comm.world_size)
+        return evaluate(self.model, self.tokenizer, mine, self.task.evaluation, self.cfg.eval_batch_size,
+                        self.tokenizer.pad_token_id, self.device, self.comm, self.cfg.data.max_new_tokens)
+
+    def _dev_eval(self) -> None:
+        if not self.dev:
+            return
+        metrics = self.evaluate("dev")
+        self._write_metrics({"step": self.step, "split": "dev", **metrics})
+        if self.best is None or headline(metrics) > self.best["score"]:
+            self.best = {"step": self.step, "score": headline(metrics), **metrics}
+            if self.comm.is_main:
+                checkpoint.save_best(self.run_dir, self.model)
+
+    # -- logging and checkpoints --------------------------------------------------------------------
+    def _log_step(self, result, elapsed: float, batch: Batch) -> None:
+        tokens = int(batch.attention_mask.sum()) * 2  # two forwards per step
+        self._write_metrics({"step": result.step, "loss": result.loss, "projected_grad": result.projected_grad,
+                             "lr": result.lr, "step_time": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
+                             "skipped": result.skipped})
+        journal = self.optimizer.engine.journal
+        if self.comm.is_main:
+            with open(self.run_dir / "seeds.jsonl", "a") as f:
+                entry = {"step": result.step, "projected_grads": list(result.projected_grads),
+                         "updates": [None if u is None else {"terms": [[s, c] for s, c in u[0].items()], "decay": u[1]}
+                                     for u in journal]}
+                f.write(json.dumps(entry) + "\n")
+        journal.clear()
+
+    def _write_metrics(self, record: dict) -> None:
+        if not self.comm.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            prefix = f"{record.get('split', 'train')}/"
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.writer.add_scalar(prefix + key, value, record["step"])
+
+    def _count_nonfinite(self, step: int) -> None:
+        self.consecutive_nonfinite += 1
+        self.total_nonfinite += 1
+        if self.cfg.max_nonfinite and self.consecutive_nonfinite > self.cfg.max_nonfinite:
+            raise NonFiniteLossError(f"{self.consecutive_nonfinite} consecutive non-finite losses up to step {step}; "
+                                     f"stopped (the last checkpoint is intact)")
+
+    def save(self) -> None:
+        state = self.optimizer.state_dict()
+        if self.comm.is_main:
+            trainer_state = {"consecutive_nonfinite": self.consecutive_nonfinite,
+                             "total_nonfinite": self.total_nonfinite, "best": self.best, "history": self.history}
+            checkpoint.save(self.run_dir, self.step, self.model, state, trainer_state)
+
+    def _resume(self) -> None:
+        path = checkpoint.latest(self.run_dir)
+        if path is None:
+            raise ConfigError(f"--resume: {self.run_dir} has no checkpoint")
+        optimizer_state, trainer_state = checkpoint.load(path)
+        checkpoint.load_params(self.model, path)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.step = trainer_state["step"]
+        self.consecutive_nonfinite = trainer_state["consecutive_nonfinite"]
+        self.total_nonfinite = trainer_state["total_nonfinite"]
+        self.best, self.history = trainer_state["best"], trainer_state["history"]
+        if self.comm.is_main:  # drop what was logged after the checkpoint: those steps run again
+            for name in ("metrics.jsonl", "seeds.jsonl"):
+                _truncate_log(self.run_dir / name, self.step)
+        print0(f"resumed {self.run_dir} at step {self.step}")
+
+    def _tensorboard(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(self.run_dir / "tensorboard") if self.comm.is_main else None
+
+    @staticmethod
+    def _fmt(metrics: dict) -> str:
+        return ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "examples")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < step
+            or (json.loads(line).get("split") and json.loads(line)["step"] <= step)]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def resumed_config(run_dir: Path, steps: int | None) -> TrainConfig:
+    from zoscale.config import load
+
+    cfg = load(run_dir / "config.yaml")
+    return replace(cfg, steps=steps) if steps is not None else cfg
+
