@@ -12,14 +12,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def torchrun(script: Path, nproc: int, out_dir: Path, *args: str, timeout: float = 180.0) -> list[dict]:
-    """Start ``script`` on ``nproc`` ranks (gloo, CPU); return each rank's ``rank{r}.json``.
-
-    The whole process group is killed on a timeout, so a hung collective cannot outlive the test."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def launch(nproc: int, *program: str, timeout: float = 180.0) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node nproc PROGRAM...`` (gloo on CPU). The whole process
+    group is killed on a timeout, so a hung collective cannot outlive the test."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(script), str(out_dir), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *program]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -27,7 +24,15 @@ def torchrun(script: Path, nproc: int, out_dir: Path, *args: str, timeout: float
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        raise AssertionError(f"{script.name} on {nproc} ranks timed out after {timeout}s:\n{output[-4000:]}")
+        raise AssertionError(f"{' '.join(program)} on {nproc} ranks timed out after {timeout}s:\n{output[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
+
+
+def torchrun(script: Path, nproc: int, out_dir: Path, *args: str, timeout: float = 180.0) -> list[dict]:
+    """Start ``script`` on ``nproc`` ranks; return each rank's ``rank{r}.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proc = launch(nproc, str(script), str(out_dir), *args, timeout=timeout)
+    output = proc.stdout
     results = []
     for rank in range(nproc):
         path = out_dir / f"rank{rank}.json"

@@ -9,7 +9,7 @@ def zoscale(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_bad_arguments_exit_2_with_a_one_line_error():
     for args, message in ((["train", "--steps", "0"], "must be a positive integer"),
                           (["train", "--resume", "/nonexistent"], "not a run directory"),
-                          (["train", "optim.lr"], "expected key=value"),
+                          (["train", "optim.lr"], "unrecognized arguments: optim.lr"),
                           (["bench", "quadratic", "--dim", "-3", "--out", "x"], "must be a positive integer"),
                           (["frobnicate"], "invalid choice")):
         done = zoscale(*args)

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=_positive_int, help="total steps (overrides the config)")
     train.add_argument("--backend", help="local | ddp | fsdp | deepspeed (overrides the config)")
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=1e-6")
+    train.epilog = "Any number of key=value arguments, anywhere, override config keys (e.g. optim.lr=1e-6)."
 
     export = sub.add_parser("export", help="write a run's parameters as a transformers save_pretrained directory")
     export.add_argument("run", type=Path)
@@ -54,7 +54,14 @@ def _fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may stand anywhere among the options (argparse cannot interleave them)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")] if args.command == "train" else []
+    unknown = [a for a in extra if a not in overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = overrides
     if args.command in ("train", "export", "replay"):
         from zoscale import commands
         from zoscale.config import ConfigError

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -20,6 +22,17 @@ def _fresh_directory(path: Path, flag: str) -> None:
 
 
 def train(args) -> int:
+    code = _train(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Ranks of a torch.distributed job sometimes abort in interpreter teardown after a clean run
+        # ("terminate called without an active exception"): leave with the real exit code instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _train(args) -> int:
     from zoscale.trainer import NonFiniteLossError, Trainer, resumed_config
 
     if args.resume is not None:
@@ -35,6 +48,8 @@ def train(args) -> int:
         if args.backend is not None:
             overrides.append(f"backend={args.backend}")
         cfg = load(args.config, overrides, defaults=QUICKSTART)
+        if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("--out is required when the launcher starts several ranks")
         task = Path(cfg.data.task).stem
         run_dir = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}-{cfg.optim.name}"
         _fresh_directory(run_dir, "--out")
@@ -44,7 +59,10 @@ def train(args) -> int:
     except NonFiniteLossError as e:
         print(f"zoscale: error: {e}", flush=True)
         return 1
-    print(f"run directory: {run_dir}")
+    finally:
+        trainer.backend.teardown()
+    if trainer.comm.is_main:
+        print(f"run directory: {run_dir}")
     return 0
 
 

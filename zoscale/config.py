@@ -83,11 +83,13 @@ class TrainConfig:
     backend: str = "local"
     tensorboard: bool = False
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+    collective_timeout_s: float = 600.0  # a rank stuck longer in a collective fails the run
     eval_before: bool = True
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "eval_batch_size", "log_every"):
             _require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        _require(self.collective_timeout_s > 0, "collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
         for key in ("eval_every", "save_every", "max_nonfinite"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _choice(self.backend, BACKENDS, "backend")

@@ -11,7 +11,6 @@ Run directory:
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,8 +20,8 @@ import yaml
 from tqdm import tqdm
 
 import zoscale
-from zoscale import checkpoint, data, tasks
-from zoscale.comm import Comm, print0
+from zoscale import backends, checkpoint, data, tasks
+from zoscale.comm import print0
 from zoscale.config import ConfigError, TrainConfig, to_dict
 from zoscale.evaluate import evaluate, headline
 from zoscale.losses import Batch, pseuzo_closure
@@ -45,12 +44,9 @@ def parameter_stats(model: torch.nn.Module) -> dict[str, float]:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False):
-        if cfg.backend != "local":
-            raise ConfigError(f"backend: {cfg.backend!r} is not available yet; use 'local'")
         self.cfg, self.run_dir = cfg, run_dir
-        self.comm = Comm()
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-            else torch.device("cpu")
+        self.backend = backends.get(cfg.backend)
+        self.comm, self.device = self.backend.setup(cfg.collective_timeout_s)
         try:
             self.task = tasks.get(cfg.data.task)
         except ValueError as e:
@@ -66,8 +62,8 @@ class Trainer:
         options = {"seed": cfg.seed, **cfg.optim.options}
         if options.get("schedule", "constant") != "constant":
             options.setdefault("total_steps", cfg.steps)
-        master = torch.float32 if cfg.model.master_weights else None
-        self.optimizer = zoscale.build_optimizer(cfg.optim.name, self.model, comm=self.comm, master_dtype=master,
+        shards, shard_comm = self.backend.shards(self.model, torch.float32 if cfg.model.master_weights else None)
+        self.optimizer = zoscale.build_optimizer(cfg.optim.name, shards, comm=self.comm, shard_comm=shard_comm,
                                                  **options)
         self.optimizer.engine.journal = []
 

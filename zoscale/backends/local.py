@@ -1,0 +1,69 @@
+"""One process (`local`), or replicas on every rank with the batch split across ranks (`ddp`).
+
+Under `ddp` every rank holds whole parameters and applies the same update (same seeds, same
+all-reduced losses), so replicas stay identical with no parameter traffic at all: a step costs an
+all-reduce of a few scalars. Parameter sums (ConMeZO's norm) need no reduction: each rank has them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from zoscale.comm import Comm
+from zoscale.config import ConfigError
+from zoscale.shards import local_shards
+
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+class LocalBackend:
+    name = "local"
+
+    def setup(self, timeout_s: float) -> tuple[Comm, torch.device]:
+        if launched_world_size() > 1:
+            raise ConfigError("backend: 'local' runs one process, but the launcher started several; use backend=ddp")
+        return Comm(), _device()
+
+    def shards(self, model, master_dtype):
+        return local_shards(model, master_dtype=master_dtype), Comm(distributed=False)
+
+    def teardown(self) -> None:
+        pass
+
+
+class DDPBackend(LocalBackend):
+    name = "ddp"
+
+    def setup(self, timeout_s: float) -> tuple[Comm, torch.device]:
+        world = launched_world_size()
+        if world > 1:
+            missing = [v for v in LAUNCH_VARIABLES if v not in os.environ]
+            if missing:
+                raise ConfigError(f"backend ddp: WORLD_SIZE={world} but {', '.join(missing)} not set; "
+                                  f"launch with torchrun or the deepspeed launcher")
+        device = _device()
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                    **({"device_id": device} if device.type == "cuda" else {}))
+        return Comm(), device
+
+    def teardown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
