@@ -28,7 +28,7 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path, m
     t.step = 4
 
     def crash(*args, **kwargs):
-        raise OSError("disk full")  # after params.safetensors was written, before the rename
+        raise OSError("disk full")  # in the middle of writing the new checkpoint
 
     monkeypatch.setattr(checkpoint.torch, "save", crash)
     with pytest.raises(OSError):
@@ -36,10 +36,10 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path, m
     monkeypatch.undo()
     path = checkpoint.latest(tmp_path / "run")
     assert path.name == "step-00000003"
-    optimizer_state, trainer_state = checkpoint.load(path)
+    optimizer_state, trainer_state = checkpoint.load(path, t.comm)
     assert trainer_state["step"] == 3 and optimizer_state["step"] == 3
     fresh = trainer(tmp_path / "other", "steps=6")
-    checkpoint.load_params(fresh.model, path)
+    checkpoint.apply_params(fresh.model, checkpoint.load_params(path))
     for name, p in fresh.model.named_parameters():
         assert torch.equal(p.detach(), saved[name])
     t.save()  # the next save succeeds and clears the leftover
@@ -61,6 +61,6 @@ def test_too_many_non_finite_losses_stop_the_run_with_the_checkpoint_intact(tmp_
         t.run()
     path = checkpoint.latest(tmp_path / "run")
     assert path.name == "step-00000010"  # saved at 10 with 4 skipped (restored, not updated) steps
-    _, state = checkpoint.load(path)
+    _, state = checkpoint.load(path, t.comm)
     assert state["consecutive_nonfinite"] == 3 and state["total_nonfinite"] == 3
     assert all(torch.isfinite(v).all() for v in load_file(path / "params.safetensors").values())

@@ -49,6 +49,10 @@ class Comm:
         if len(set(values)) != 1:
             raise RuntimeError(f"{what} differs across ranks: {[pickle.loads(v) for v in values]}")
 
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.group)
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

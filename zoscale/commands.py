@@ -93,7 +93,7 @@ def export(args) -> int:
     source = checkpoint.latest(args.run) if args.checkpoint == "latest" else args.run / "best"
     if source is None or not (source / "params.safetensors").exists():
         raise ConfigError(f"{args.run} has no {args.checkpoint} checkpoint")
-    checkpoint.load_params(model, source)
+    checkpoint.apply_params(model, checkpoint.load_params(source))
     _save_pretrained(model, tokenizer, args.out)
     return 0
 

@@ -34,7 +34,7 @@ def exact_match(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(model, tokenizer, examples: list[Encoded], max_new_tokens: int, device) -> list[str]:
     """Greedy continuations of the prompts (left-padded batch), cut at the first newline."""
     width = max(len(e.prompt) for e in examples)
@@ -50,13 +50,14 @@ def generate(model, tokenizer, examples: list[Encoded], max_new_tokens: int, dev
 
 
 def evaluate(model, tokenizer, examples: list[Encoded], evaluation: str, batch_size: int, pad_id: int, device,
-             comm: Comm, max_new_tokens: int = 50) -> dict[str, float]:
+             comm: Comm, max_new_tokens: int = 50, body=None, head=None) -> dict[str, float]:
     """This rank's examples; the sums go through one all-reduce, so every rank gets global metrics."""
     totals = [0.0, 0.0, 0.0]  # accuracy: correct, -, count | generation: f1, em, count
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         if evaluation == "candidates":
-            predicted = Batch(chunk, "classification", pad_id, device).predictions(model)
+            batch = Batch(chunk, "classification", pad_id, device, body=body, head=head)
+            predicted = batch.predictions(model)
             totals[0] += sum(int(p == e.label) for p, e in zip(predicted.tolist(), chunk))
         else:
             for text, e in zip(generate(model, tokenizer, chunk, max_new_tokens, device), chunk):

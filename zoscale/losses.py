@@ -1,4 +1,5 @@
-"""Losses on a causal LM, split into body and head.
+"""Losses on a causal LM, split into body and head (forwards under no_grad, not inference_mode:
+FSDP2's gathered parameters must stay ordinary tensors for PseuZO's head autograd).
 
 body(model) -> the last hidden state; head: the output embedding applied only at the positions
 that are scored (so no (batch, length, vocab) tensor is formed for the whole sequence). PseuZO
@@ -18,6 +19,12 @@ import torch.nn.functional as F
 from zoscale.data import Encoded
 
 
+def sequence_length(example: Encoded, objective: str) -> int:
+    """The longest sequence ``example`` contributes to a Batch."""
+    tails = [len(c) for c in example.candidates] if objective == "classification" else [len(example.target)]
+    return len(example.prompt) + max(tails)
+
+
 def causal_lm(model):
     """The transformers causal LM itself, also under a peft wrapper (whose LoRA layers it contains)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -26,8 +33,12 @@ def causal_lm(model):
 class Batch:
     """Encoded examples packed as right-padded sequences for one objective."""
 
-    def __init__(self, examples: list[Encoded], objective: str, pad_id: int, device):
-        self.objective = objective
+    def __init__(self, examples: list[Encoded], objective: str, pad_id: int, device, body=None, head=None,
+                 pad_to: int = 0):
+        """A sharded backend replaces ``body(model, input_ids, attention_mask)`` (the direct call of
+        the base model) and ``head(model, hidden)`` (the output embedding). ``pad_to``: pad to at
+        least this length (a rank's share of a global batch pads like the whole batch)."""
+        self.objective, self.body_fn, self.head_fn = objective, body, head
         sequences, spans, self.groups, labels = [], [], [], []
         for ex in examples:
             if objective == "classification":
@@ -40,7 +51,7 @@ class Batch:
             else:
                 spans.append((len(ex.prompt), len(ex.target)))
                 sequences.append(ex.prompt + ex.target)
-        length = max(len(s) for s in sequences)
+        length = max(pad_to, max(len(s) for s in sequences))
         self.input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
         self.attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
         # target[i, p] = the token at p+1 when it belongs to a scored span (predicted at position p)
@@ -63,12 +74,19 @@ class Batch:
 
     # -- body and head --------------------------------------------------------------------------
     def body(self, model) -> torch.Tensor:
+        if self.body_fn is not None:
+            return self.body_fn(model, self.input_ids, self.attention_mask)
         body = causal_lm(model).base_model
         return body(input_ids=self.input_ids, attention_mask=self.attention_mask).last_hidden_state
 
     def token_logprobs(self, model, hidden: torch.Tensor) -> torch.Tensor:
         """Log-likelihood of each scored token, flattened in (sequence, position) order."""
-        return self.logprobs_from_logits(causal_lm(model).get_output_embeddings()(hidden[self.scored]))
+        return self.logprobs_from_logits(self.head(model, hidden[self.scored]))
+
+    def head(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        if self.head_fn is not None:
+            return self.head_fn(model, hidden)
+        return causal_lm(model).get_output_embeddings()(hidden)
 
     def logprobs_from_logits(self, scored_logits: torch.Tensor) -> torch.Tensor:
         return -F.cross_entropy(scored_logits.float(), self.targets[self.scored], reduction="none")
@@ -91,13 +109,13 @@ class Batch:
         return self.loss_from_token_logprobs(self.token_logprobs(model, hidden))
 
     def loss(self, model) -> tuple[float, int]:
-        with torch.inference_mode():
+        with torch.no_grad():
             total, count = self.head_loss(model, self.body(model))
         return total.item(), count
 
     def predictions(self, model) -> torch.Tensor:
         """The highest-scoring candidate of each example (classification batches)."""
-        with torch.inference_mode():
+        with torch.no_grad():
             scores = self.candidate_scores(self.token_logprobs(model, self.body(model)))
         return torch.stack([scores[g].argmax() for g in self.groups]).cpu()
 
@@ -106,11 +124,11 @@ def pseuzo_closure(model, batch: Batch, output: str = "hidden"):
     """PseuZO's closure: the body output (the last hidden state, or the logits at the scored
     positions) and a head loss on it."""
     def closure():
-        with torch.inference_mode():
+        with torch.no_grad():
             hidden = batch.body(model)
             if output == "hidden":
                 return hidden, lambda h: batch.head_loss(model, h)
-            logits = causal_lm(model).get_output_embeddings()(hidden[batch.scored])
+            logits = batch.head(model, hidden[batch.scored])
         return logits, lambda o: batch.loss_from_token_logprobs(batch.logprobs_from_logits(o))
 
     return closure

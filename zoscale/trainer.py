@@ -24,7 +24,7 @@ from zoscale import backends, checkpoint, data, tasks
 from zoscale.comm import print0
 from zoscale.config import ConfigError, TrainConfig, to_dict
 from zoscale.evaluate import evaluate, headline
-from zoscale.losses import Batch, pseuzo_closure
+from zoscale.losses import Batch, pseuzo_closure, sequence_length
 from zoscale.models import build_model, build_tokenizer
 
 
@@ -32,13 +32,11 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def parameter_stats(model: torch.nn.Module) -> dict[str, float]:
-    """Global statistics of the trainable parameters (float64), to compare runs."""
-    total = squares = 0.0
-    for p in model.parameters():
-        if p.requires_grad:
-            total += p.detach().double().sum().item()
-            squares += p.detach().double().pow(2).sum().item()
+def parameter_stats(optimizer) -> dict[str, float]:
+    """Global statistics of the trainable parameters (float64, over every rank's shards)."""
+    local = [sum(s.tensor.double().sum().item() for s in optimizer.shards),
+             sum(s.tensor.double().pow(2).sum().item() for s in optimizer.shards)]
+    total, squares = optimizer.param_sums(local)
     return {"param_sum": total, "param_sq_sum": squares}
 
 
@@ -58,7 +56,8 @@ class Trainer:
         encode = lambda examples: [data.encode(e, self.tokenizer, cfg.data.max_length) for e in examples]  # noqa: E731
         self.train, self.dev, self.test = (encode(splits[k]) for k in ("train", "dev", "test"))
 
-        self.model = build_model(cfg.model, vocab_size=len(self.tokenizer)).to(self.device)
+        self.model = self.backend.prepare(build_model(cfg.model, vocab_size=len(self.tokenizer)).to(self.device),
+                                          self.device)
         options = {"seed": cfg.seed, **cfg.optim.options}
         if options.get("schedule", "constant") != "constant":
             options.setdefault("total_steps", cfg.steps)
@@ -82,7 +81,14 @@ class Trainer:
     def batch(self, step: int) -> Batch:
         index = data.batch_indices(len(self.train), self.cfg.batch_size, step, self.cfg.seed)
         mine = data.rank_share(index, self.comm.rank, self.comm.world_size)
-        return Batch([self.train[i] for i in mine], self.task.train_objective, self.tokenizer.pad_token_id, self.device)
+        # every rank pads like the whole batch: the same shapes as in one process (PseuZO pairs
+        # positions of older outputs by them)
+        longest = max(sequence_length(self.train[i], self.task.train_objective) for i in index)
+        return self._batch([self.train[i] for i in mine], pad_to=longest)
+
+    def _batch(self, examples, pad_to: int = 0) -> Batch:
+        return Batch(examples, self.task.train_objective, self.tokenizer.pad_token_id, self.device,
+                     body=self.backend.body, head=self.backend.head, pad_to=pad_to)
 
     def full_batch_loss(self) -> tuple[float, int]:
         """MeZO-SVRG's anchor loss: this rank's share of the whole training sample."""
@@ -90,7 +96,7 @@ class Trainer:
         total = count = 0
         for start in range(0, len(mine), self.cfg.eval_batch_size):
             chunk = [self.train[i] for i in mine[start : start + self.cfg.eval_batch_size]]
-            s, c = Batch(chunk, self.task.train_objective, self.tokenizer.pad_token_id, self.device).loss(self.model)
+            s, c = self._batch(chunk).loss(self.model)
             total, count = total + s, count + c
         return total, count
 
@@ -135,17 +141,15 @@ class Trainer:
 
     def _finish(self, seconds: float) -> dict:
         summary = {"steps": self.step, "optimizer": self.cfg.optim.name, "task": self.task.name,
-                   "seconds": seconds, "nonfinite_steps": self.total_nonfinite, **parameter_stats(self.model)}
+                   "seconds": seconds, "nonfinite_steps": self.total_nonfinite, **parameter_stats(self.optimizer)}
         summary["eval_final"] = self.evaluate("test")
         summary["eval_after"] = summary["eval_final"]
-        if self.best is not None and (self.run_dir / "best" / "params.safetensors").exists():
+        if self.best is not None:
             summary["best_dev"] = self.best
-            final_params = checkpoint.trainable_state(self.model)
-            checkpoint.load_params(self.model, self.run_dir / "best")
+            final_params = self.backend.full_state(self.model)
+            self.backend.load_state(self.model, checkpoint.load_params(self.run_dir / "best"))
             summary["eval_after"] = self.evaluate("test")  # MeZO reports the best dev checkpoint on test
-            for name, p in self.model.named_parameters():
-                if name in final_params:
-                    p.data.copy_(final_params[name])
+            self.backend.load_state(self.model, final_params)
         summary.update({k: v for k, v in self.history.items() if k == "eval_before"})
         if self.comm.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -160,7 +164,8 @@ class Trainer:
         examples = {"dev": self.dev, "test": self.test}[split]
         mine = data.rank_share(examples, self.comm.rank, self.comm.world_size)
         return evaluate(self.model, self.tokenizer, mine, self.task.evaluation, self.cfg.eval_batch_size,
-                        self.tokenizer.pad_token_id, self.device, self.comm, self.cfg.data.max_new_tokens)
+                        self.tokenizer.pad_token_id, self.device, self.comm, self.cfg.data.max_new_tokens,
+                        body=self.backend.body, head=self.backend.head)
 
     def _dev_eval(self) -> None:
         if not self.dev:
@@ -169,8 +174,10 @@ class Trainer:
         self._write_metrics({"step": self.step, "split": "dev", **metrics})
         if self.best is None or headline(metrics) > self.best["score"]:
             self.best = {"step": self.step, "score": headline(metrics), **metrics}
+            params = self.backend.full_state(self.model)  # a collective under sharding: every rank
             if self.comm.is_main:
-                checkpoint.save_best(self.run_dir, self.model)
+                checkpoint.save_best(self.run_dir, params)
+            self.comm.barrier()
 
     # -- logging and checkpoints --------------------------------------------------------------------
     def _log_step(self, result, elapsed: float, batch: Batch) -> None:
@@ -207,17 +214,17 @@ class Trainer:
 
     def save(self) -> None:
         state = self.optimizer.state_dict()
-        if self.comm.is_main:
-            trainer_state = {"consecutive_nonfinite": self.consecutive_nonfinite,
-                             "total_nonfinite": self.total_nonfinite, "best": self.best, "history": self.history}
-            checkpoint.save(self.run_dir, self.step, self.model, state, trainer_state)
+        params = self.backend.full_state(self.model)
+        trainer_state = {"consecutive_nonfinite": self.consecutive_nonfinite,
+                         "total_nonfinite": self.total_nonfinite, "best": self.best, "history": self.history}
+        checkpoint.save(self.run_dir, self.step, params, state, trainer_state, self.comm)
 
     def _resume(self) -> None:
         path = checkpoint.latest(self.run_dir)
         if path is None:
             raise ConfigError(f"--resume: {self.run_dir} has no checkpoint")
-        optimizer_state, trainer_state = checkpoint.load(path)
-        checkpoint.load_params(self.model, path)
+        optimizer_state, trainer_state = checkpoint.load(path, self.comm)
+        self.backend.load_state(self.model, checkpoint.load_params(path))
         self.optimizer.load_state_dict(optimizer_state)
         self.step = trainer_state["step"]
         self.consecutive_nonfinite = trainer_state["consecutive_nonfinite"]

@@ -6,10 +6,14 @@ from __future__ import annotations
 from zoscale.backends.local import DDPBackend, LocalBackend
 from zoscale.config import ConfigError
 
-BACKENDS = {"local": LocalBackend, "ddp": DDPBackend}
-
 
 def get(name: str):
-    if name not in BACKENDS:
-        raise ConfigError(f"backend: {name!r} is not available yet; choose one of {sorted(BACKENDS)}")
-    return BACKENDS[name]()
+    if name == "local":
+        return LocalBackend()
+    if name == "ddp":
+        return DDPBackend()
+    if name == "fsdp":
+        from zoscale.backends.fsdp import FSDPBackend
+
+        return FSDPBackend()
+    raise ConfigError(f"backend: {name!r} is not available yet; choose one of ['ddp', 'fsdp', 'local']")

@@ -13,6 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from zoscale.checkpoint import apply_params, trainable_state
 from zoscale.comm import Comm
 from zoscale.config import ConfigError
 from zoscale.shards import local_shards
@@ -38,10 +39,25 @@ class LocalBackend:
     def setup(self, timeout_s: float) -> tuple[Comm, torch.device]:
         if launched_world_size() > 1:
             raise ConfigError("backend: 'local' runs one process, but the launcher started several; use backend=ddp")
-        return Comm(), _device()
+        self.comm = Comm()
+        return self.comm, _device()
+
+    def prepare(self, model, device):
+        """Wrap or shard the model (after it is on its device)."""
+        return model
 
     def shards(self, model, master_dtype):
         return local_shards(model, master_dtype=master_dtype), Comm(distributed=False)
+
+    body = None  # losses call the base model directly (no full-vocabulary logits) ...
+    head = None  # ... and the output embedding on the scored positions only
+
+    def full_state(self, model) -> dict[str, torch.Tensor]:
+        """The whole trainable parameters, on every rank (a collective for sharded backends)."""
+        return trainable_state(model)
+
+    def load_state(self, model, saved: dict[str, torch.Tensor]) -> None:
+        apply_params(model, saved)
 
     def teardown(self) -> None:
         pass
@@ -62,7 +78,8 @@ class DDPBackend(LocalBackend):
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                     **({"device_id": device} if device.type == "cuda" else {}))
-        return Comm(), device
+        self.comm = Comm()
+        return self.comm, device
 
     def teardown(self) -> None:
         if dist.is_initialized():

@@ -138,11 +138,19 @@ class ZOOptimizer:
         return {f"{s.name}@{s.offset}": t.detach().clone() for s, t in zip(self.shards, buffer.tensors)}
 
     def load_buffer_state(self, buffer: ShardBuffer, saved: dict[str, torch.Tensor], what: str) -> None:
+        """Copy each shard's piece; pieces saved on another layout (world size) are put together
+        by global offset and re-sliced."""
         for s, t in zip(self.shards, buffer.tensors):
             key = f"{s.name}@{s.offset}"
-            if key not in saved:
-                raise ValueError(f"{self.name} state has no {what} for shard {key}")
-            t.copy_(saved[key])
+            if key in saved and saved[key].numel() == t.numel():
+                t.copy_(saved[key].view_as(t))
+                continue
+            pieces = sorted((int(k.rsplit("@", 1)[1]), v.reshape(-1)) for k, v in saved.items()
+                            if k.rsplit("@", 1)[0] == s.name)
+            whole = torch.cat([v for _, v in pieces]) if pieces else torch.empty(0)
+            if not pieces or pieces[0][0] != 0 or whole.numel() != s.global_numel:
+                raise ValueError(f"{self.name} state has no complete {what} for {s.name}")
+            t.copy_(whole[s.offset : s.offset + s.numel].view_as(t))
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("optimizer") != self.name:

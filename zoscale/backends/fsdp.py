@@ -1,0 +1,90 @@
+"""FSDP2 (`fully_shard`): each rank holds a block of rows of every parameter.
+
+Every decoder layer (the model's `_no_split_modules` classes) is one FSDP unit and the root owns
+the rest (embeddings, final norm, LM head), so tied weights stay one parameter: sharding the base
+model as a unit of its own silently unties OPT's embedding and head. The root reshards after every
+forward, otherwise edits to its shards would not reach the next forward (environment.md).
+
+Shards are the local blocks (`DTensor.to_local()`, rows along dim 0, the last rank may hold fewer)
+with their global offsets; sums over parameter elements reduce over the world. The body runs
+through the root forward (so every unit's hooks fire); the head is applied with its weight
+gathered (`full_tensor`), outside FSDP's unshard/reshard cycle.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from zoscale.backends.local import DDPBackend
+from zoscale.comm import Comm
+from zoscale.config import ConfigError
+from zoscale.losses import causal_lm
+from zoscale.shards import Shard, decays
+
+
+class FSDPBackend(DDPBackend):
+    name = "fsdp"
+
+    def prepare(self, model, device):
+        mesh = init_device_mesh(device.type, (self.comm.world_size,))
+        units = set(getattr(model, "_no_split_modules", None) or [])
+        if not units:
+            raise ConfigError("backend fsdp: the model names no _no_split_modules to shard layer by layer")
+        for module in model.modules():
+            if type(module).__name__ in units:
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh, reshard_after_forward=True)
+        return model
+
+    def shards(self, model, master_dtype):
+        if master_dtype is not None:
+            raise ConfigError("model.master_weights: not with backend fsdp (keep fp32 shards and compute in half "
+                              "precision instead)")
+        shards = []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            row = p.numel() // p.shape[0] if p.shape[0] else 0
+            # detach(): the same storage, without autograd's view tracking (ZO writes it in place)
+            shards.append(Shard(name, p.to_local().detach(), offset=global_offset[0] * row, global_numel=p.numel(),
+                                weight_decay=decays(name, p.shape)))
+        self._shards = shards  # the local blocks are views of FSDP's persistent sharded storage
+        return shards, Comm()
+
+    def body(self, model, input_ids, attention_mask) -> torch.Tensor:
+        """The head's input, from the root forward: called directly, the base model would skip the
+        root's pre-forward and the layers would keep serving their first all-gathered values."""
+        captured = []
+        head = causal_lm(model).get_output_embeddings()
+        handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            handle.remove()
+        return captured[0]
+
+    def head(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """The output embedding with its weight gathered into a tensor of its own (a collective),
+        so that autograd through the head (PseuZO) outlives the root's resharding."""
+        head = causal_lm(model).get_output_embeddings()
+        gather = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
+        return torch.nn.functional.linear(hidden, gather(head.weight),
+                                          None if head.bias is None else gather(head.bias))
+
+    def full_state(self, model) -> dict[str, torch.Tensor]:
+        """Every trainable parameter, whole, on every rank (a collective: all ranks call it)."""
+        return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().to("cpu", copy=True)
+                for name, p in model.named_parameters() if p.requires_grad}
+
+    def load_state(self, model, saved: dict[str, torch.Tensor]) -> None:
+        """This rank's rows of each saved whole parameter (any world size may have saved them)."""
+        for shard in self._shards:
+            if shard.name not in saved:
+                raise ValueError(f"checkpoint has no parameter {shard.name}")
+            flat = saved[shard.name].reshape(-1)
+            shard.tensor.copy_(flat[shard.offset : shard.offset + shard.numel].view_as(shard.tensor))
