@@ -101,6 +101,8 @@ def test_replay_rebuilds_the_parameters_from_the_seed_log(finished_run, tmp_path
     ("data.path=/nonexistent", "data.path: no such directory"),
     ("model.dtype=fp8", "model.dtype: must be one of"),
     ("backend=tpu", "backend: must be one of"),
+    ("deepspeed_config=/nonexistent.json", "deepspeed_config: no such file"),
+    ("collective_timeout_s=0", "collective_timeout_s: must be > 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(override, message, tmp_path):
     done = zoscale("train", "--out", tmp_path / "run", override)

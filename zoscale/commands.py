@@ -37,10 +37,10 @@ def _train(args) -> int:
 
     if args.resume is not None:
         if args.config is not None or args.overrides or args.out is not None:
-            raise ConfigError("--resume continues a run as configured: only --steps may change")
+            raise ConfigError("--resume continues a run as configured: only --steps and --backend may change")
         if not (args.resume / "config.yaml").is_file():
             raise ConfigError(f"--resume: {args.resume} is not a run directory (no config.yaml)")
-        cfg, run_dir = resumed_config(args.resume, args.steps), args.resume
+        cfg, run_dir = resumed_config(args.resume, args.steps, args.backend), args.resume
     else:
         overrides = list(args.overrides)
         if args.steps is not None:

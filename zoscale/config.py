@@ -84,6 +84,7 @@ class TrainConfig:
     tensorboard: bool = False
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
     collective_timeout_s: float = 600.0  # a rank stuck longer in a collective fails the run
+    deepspeed_config: str | None = None  # backend deepspeed: a ZeRO-3 JSON (default: generated, configs/deepspeed/)
     eval_before: bool = True
 
     def __post_init__(self):
@@ -93,11 +94,27 @@ class TrainConfig:
         for key in ("eval_every", "save_every", "max_nonfinite"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _choice(self.backend, BACKENDS, "backend")
+        if self.deepspeed_config is not None:
+            _check_deepspeed_json(self.deepspeed_config)
         if self.tensorboard:
             import importlib.util
 
             _require(importlib.util.find_spec("tensorboard") is not None, "tensorboard",
                      "needs the tensorboard package (pip install 'zoscale[tensorboard]')")
+
+
+def _check_deepspeed_json(path: str) -> None:
+    import json
+
+    _require(Path(path).is_file(), "deepspeed_config", f"no such file {path}")
+    try:
+        zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed_config: {path} is not valid JSON ({e})") from None
+    _require(zero.get("stage") == 3, "deepspeed_config", f"{path}: zero_optimization.stage must be 3")
+    _require(zero.get("stage3_param_persistence_threshold", 1) == 0, "deepspeed_config",
+             f"{path}: zero_optimization.stage3_param_persistence_threshold must be 0 (persistent parameters "
+             f"stay gathered and would silently stop seeing perturbations)")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -223,16 +240,18 @@ def load(path: Path | None, overrides: list[str] = (), defaults: Path | None = N
 
 # Keys that may hold a local path: a relative one is read against the config file's directory
 # when something exists there (hub ids such as facebook/opt-13b are left alone).
-PATH_KEYS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "path"), ("data", "task"))
+PATH_KEYS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "path"), ("data", "task"),
+             (None, "deepspeed_config"))
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:
     for section, key in PATH_KEYS:
-        value = (raw.get(section) or {}).get(key)
+        node = raw if section is None else (raw.get(section) or {})
+        value = node.get(key)
         if key == "task" and not str(value).endswith((".yaml", ".yml")):
             continue  # a task name, not a file
         if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
-            raw[section][key] = str((base / value).resolve())
+            node[key] = str((base / value).resolve())
 
 
 def to_dict(cfg: TrainConfig) -> dict:

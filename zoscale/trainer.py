@@ -43,7 +43,7 @@ def parameter_stats(optimizer) -> dict[str, float]:
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False):
         self.cfg, self.run_dir = cfg, run_dir
-        self.backend = backends.get(cfg.backend)
+        self.backend = backends.get(cfg.backend, cfg.deepspeed_config)
         self.comm, self.device = self.backend.setup(cfg.collective_timeout_s)
         try:
             self.task = tasks.get(cfg.data.task)
@@ -253,9 +253,11 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def resumed_config(run_dir: Path, steps: int | None) -> TrainConfig:
+def resumed_config(run_dir: Path, steps: int | None, backend: str | None = None) -> TrainConfig:
+    """The run's config; the step target and the backend may change (checkpoints hold whole
+    parameters and offset-keyed buffers, so any backend and world size can continue them)."""
     from zoscale.config import load
 
     cfg = load(run_dir / "config.yaml")
-    return replace(cfg, steps=steps) if steps is not None else cfg
+    return replace(cfg, steps=steps or cfg.steps, backend=backend or cfg.backend)
 

@@ -7,7 +7,7 @@ from zoscale.backends.local import DDPBackend, LocalBackend
 from zoscale.config import ConfigError
 
 
-def get(name: str):
+def get(name: str, deepspeed_config: str | None = None):
     if name == "local":
         return LocalBackend()
     if name == "ddp":
@@ -16,4 +16,8 @@ def get(name: str):
         from zoscale.backends.fsdp import FSDPBackend
 
         return FSDPBackend()
-    raise ConfigError(f"backend: {name!r} is not available yet; choose one of ['ddp', 'fsdp', 'local']")
+    if name == "deepspeed":
+        from zoscale.backends.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(deepspeed_config)
+    raise ConfigError(f"backend: {name!r} is not available; choose one of ['ddp', 'deepspeed', 'fsdp', 'local']")

@@ -1,0 +1,97 @@
+"""DeepSpeed ZeRO-3: each rank holds a flat partition of every parameter (`param.ds_tensor`).
+
+`deepspeed.initialize` partitions the model with no optimizer (ZO needs none). Partition r of a
+parameter holds its flattened elements [r * P, (r + 1) * P) with P = ceil(numel / world); the last
+rank's partition is padded, and the padding is cut off the shard. The persistence threshold is 0:
+parameters below it stay gathered after the first forward, and edits to their partitions would
+then stop reaching the forward (environment.md). The head and checkpoints gather parameters with
+`GatheredParameters`, on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zoscale.backends.local import DDPBackend
+from zoscale.comm import Comm
+from zoscale.config import ConfigError
+from zoscale.losses import causal_lm
+from zoscale.shards import Shard, decays
+
+
+def _deepspeed():
+    try:
+        import deepspeed
+    except ImportError:
+        raise ConfigError("backend deepspeed: needs deepspeed (pip install deepspeed)") from None
+    return deepspeed
+
+
+def zero3_config(dtype: torch.dtype) -> dict:
+    """The DeepSpeed config zoscale generates (configs/deepspeed/zero3.json is the same, as a file)."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+    }
+
+
+class DeepSpeedBackend(DDPBackend):
+    name = "deepspeed"
+
+    def __init__(self, config_path: str | None = None):
+        self.config_path = config_path
+
+    def setup(self, timeout_s: float):
+        deepspeed = _deepspeed()
+        if not torch.cuda.is_available():
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 45 s JIT build on CPU
+        return super().setup(timeout_s)  # the process group DeepSpeed then uses
+
+    def prepare(self, model, device):
+        deepspeed = _deepspeed()
+        dtype = next(model.parameters()).dtype
+        config = self.config_path or zero3_config(dtype)  # a path is validated by zoscale.config
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        return engine.module
+
+    def shards(self, model, master_dtype):
+        if master_dtype is not None:
+            raise ConfigError("model.master_weights: not with backend deepspeed")
+        rank, shards = self.comm.rank, []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            partition = p.ds_tensor.ds_numel
+            offset = rank * partition
+            valid = max(0, min(partition, p.ds_numel - offset))
+            shards.append(Shard(name, p.ds_tensor.data.narrow(0, 0, valid), offset=min(offset, p.ds_numel),
+                                global_numel=p.ds_numel, weight_decay=decays(name, p.ds_shape)))
+        self._shards = shards
+        return shards, Comm()
+
+    def head(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """The output embedding with its parameters gathered and copied (a collective), so that
+        autograd through the head (PseuZO) outlives the release of the gathered weights."""
+        head = causal_lm(model).get_output_embeddings()
+        params = [p for p in (head.weight, head.bias) if p is not None]
+        with _deepspeed().zero.GatheredParameters(params):
+            weight = head.weight.detach().clone()
+            bias = None if head.bias is None else head.bias.detach().clone()
+        return torch.nn.functional.linear(hidden, weight, bias)
+
+    def full_state(self, model) -> dict[str, torch.Tensor]:
+        state = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                with _deepspeed().zero.GatheredParameters([p]):
+                    state[name] = p.detach().to("cpu", copy=True)
+        return state
+
+    def load_state(self, model, saved: dict[str, torch.Tensor]) -> None:
+        for shard in self._shards:
+            if shard.name not in saved:
+                raise ValueError(f"checkpoint has no parameter {shard.name}")
+            flat = saved[shard.name].reshape(-1)
+            shard.tensor.copy_(flat[shard.offset : shard.offset + shard.numel])
