@@ -29,7 +29,7 @@ def local_run(tmp_path_factory):
 def test_ddp_ranks_follow_the_local_trajectory(world, local_run, tmp_path):
     run = tmp_path / "ddp"
     done = launch(world, "-m", "zoscale", "train", "--out", str(run), "backend=ddp", *RUN, "optim.name=conmezo",
-                  timeout=300)
+                  "check_sync=true", timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
     a, b = summary(local_run), summary(run)
     # the batch is split over ranks: only the order of the loss sums differs, so floats agree closely

@@ -36,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("run", type=Path)
     replay.add_argument("--out", type=Path, required=True)
 
+    plan = sub.add_parser("plan", help="per-GPU memory estimate of a run (no GPU needed)")
+    plan.add_argument("--model", required=True, help="config.json file, directory or hub id (configs/models/)")
+    plan.add_argument("--backend", choices=("ddp", "fsdp", "deepspeed"), default="fsdp")
+    plan.add_argument("--world-size", type=_positive_int, nargs="+", default=[8])
+    plan.add_argument("--batch", type=_positive_int, default=16)
+    plan.add_argument("--seq", type=_positive_int, default=128)
+    plan.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    plan.add_argument("--optimizer", choices=("mezo", "conmezo", "mezo_svrg", "pseuzo"), default="mezo")
+
     bench = sub.add_parser("bench", help="benchmarks that write reports").add_subparsers(dest="bench", required=True)
     quad = bench.add_parser("quadratic", help="MeZO vs ConMeZO on ConMeZO's ill-conditioned quadratic")
     quad.add_argument("--dim", type=_positive_int, default=1000)
@@ -70,6 +79,16 @@ def main(argv: list[str] | None = None) -> int:
             return getattr(commands, args.command)(args)
         except ConfigError as e:
             return _fail(str(e))
+    if args.command == "plan":
+        from zoscale.plan import plan, table
+
+        try:
+            plans = [plan(args.model, args.backend, n, args.batch, args.seq, args.dtype, args.optimizer)
+                     for n in args.world_size]
+        except (OSError, ValueError) as e:
+            return _fail(f"--model {args.model}: {str(e).splitlines()[0]}")
+        print(table(plans))
+        return 0
     if args.command == "bench" and args.bench == "quadratic":
         if (args.out / "quadratic.json").exists() and not args.force:
             return _fail(f"{args.out / 'quadratic.json'} exists; pass --force to overwrite it")

@@ -84,6 +84,7 @@ class TrainConfig:
     tensorboard: bool = False
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
     collective_timeout_s: float = 600.0  # a rank stuck longer in a collective fails the run
+    check_sync: bool = False  # debug: assert every step that all ranks applied the same scalars
     deepspeed_config: str | None = None  # backend deepspeed: a ZeRO-3 JSON (default: generated, configs/deepspeed/)
     eval_before: bool = True
 

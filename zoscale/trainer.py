@@ -122,6 +122,8 @@ class Trainer:
             t0 = time.time()
             result = self.train_step(batch)
             elapsed = time.time() - t0
+            if cfg.check_sync:
+                self.comm.assert_same((result.projected_grads, result.lr, result.skipped), f"step {step}'s update")
             self.step = step + 1
             self._log_step(result, elapsed, batch)
             if result.skipped:

@@ -1,0 +1,91 @@
+"""`zoscale plan`: per-rank memory of a ZO run, estimated without GPUs (the model is built on the
+meta device, so no weights are allocated). An estimate from parameter counts and a simple
+activation model, not a measurement: memory reports (issue 6) measure.
+
+    parameter shard     whole parameters (ddp) or 1/N of them (fsdp, deepspeed)
+    optimizer buffers   conmezo: momentum (fp32 by default); mezo_svrg: the anchor; mezo, pseuzo: none
+    gathered layers     sharded backends: the largest decoder layer whole, twice (one is prefetched)
+    gathered root       sharded backends: embeddings, final norm and LM head while the root runs
+    activations         no-grad forward: a few hidden-sized tensors and the FFN block per token,
+                        attention scores (eager), and the logits
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GIB = 2**30
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class Plan:
+    model: str
+    backend: str
+    world_size: int
+    parameters: int
+    parameter_shard_gib: float
+    optimizer_buffers_gib: float
+    gathered_layers_gib: float
+    gathered_root_gib: float
+    activations_gib: float
+    total_gib: float
+
+
+def load_model_config(model: str):
+    """A config.json file, a directory holding one, or a hub id (needs network access)."""
+    from transformers import AutoConfig
+
+    path = Path(model)
+    if path.suffix == ".json":
+        import json
+
+        fields = json.loads(path.read_text())
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    return AutoConfig.from_pretrained(model)
+
+
+def plan(model: str, backend: str, world_size: int, batch: int = 16, seq: int = 128, dtype: str = "bfloat16",
+         optimizer: str = "mezo") -> Plan:
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_model_config(model)
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(cfg)
+    size = BYTES[dtype]
+    total = sum(p.numel() for p in net.parameters())  # tied weights counted once
+    units = set(getattr(net, "_no_split_modules", None) or [])
+    layers = [m for m in net.modules() if type(m).__name__ in units]
+    layer_numel = max((sum(p.numel() for p in m.parameters()) for m in layers), default=0)
+    root_numel = total - sum(sum(p.numel() for p in m.parameters()) for m in layers)
+    sharded = backend in ("fsdp", "deepspeed")
+    shard = total * size / (world_size if sharded else 1)
+    buffer_bytes = {"conmezo": 4, "mezo_svrg": size}.get(optimizer, 0)
+    buffers = total * buffer_bytes / (world_size if sharded else 1)
+    gathered_layers = 2 * layer_numel * size if sharded else 0.0
+    gathered_root = root_numel * size if sharded else 0.0
+    hidden, heads = cfg.hidden_size, cfg.num_attention_heads
+    ffn = getattr(cfg, "ffn_dim", None) or getattr(cfg, "intermediate_size", 4 * hidden)
+    per_rank_batch = batch / world_size if backend != "local" else batch
+    tokens = per_rank_batch * seq
+    activations = tokens * (6 * hidden + 2 * ffn) * size + per_rank_batch * heads * seq * seq * size \
+        + tokens * cfg.vocab_size * 4
+    parts = [shard, buffers, gathered_layers, gathered_root, activations]
+    return Plan(model=Path(model).stem, backend=backend, world_size=world_size, parameters=total,
+                parameter_shard_gib=shard / GIB, optimizer_buffers_gib=buffers / GIB,
+                gathered_layers_gib=gathered_layers / GIB, gathered_root_gib=gathered_root / GIB,
+                activations_gib=activations / GIB, total_gib=sum(parts) / GIB)
+
+
+def table(plans: list[Plan]) -> str:
+    rows = ["| model | backend | GPUs | parameters | shard | buffers | gathered layers | gathered root | "
+            "activations | total per GPU (GiB) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for p in plans:
+        rows.append(f"| {p.model} | {p.backend} | {p.world_size} | {p.parameters / 1e9:.1f}B | "
+                    f"{p.parameter_shard_gib:.1f} | {p.optimizer_buffers_gib:.1f} | {p.gathered_layers_gib:.1f} | "
+                    f"{p.gathered_root_gib:.1f} | {p.activations_gib:.1f} | {p.total_gib:.1f} |")
+    return "\n".join(rows)
+
