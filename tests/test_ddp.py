@@ -74,3 +74,38 @@ def test_the_single_node_launch_script(tmp_path):
     assert proc.returncode == 0, output[-3000:]
     assert summary(run)["steps"] == 12
     assert "backend: ddp" in (run / "config.yaml").read_text()
+
+
+def test_a_dead_rank_ends_the_whole_job_promptly(tmp_path):
+    """SIGKILL one rank mid-run: the job exits non-zero within a bounded time, no rank left hanging."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from distributed import REPO
+
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "zoscale",
+           "train", "--out", str(run), "backend=ddp", "steps=100000", "eval_every=0", "save_every=0",
+           "eval_before=false", "data.num_dev=0", "data.num_test=8", "collective_timeout_s=30"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        metrics = run / "metrics.jsonl"
+        deadline = time.time() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+            assert time.time() < deadline and proc.poll() is None, "training did not start"
+            time.sleep(0.2)
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "zoscale" in " ".join(p.cmdline())]
+        victim = next(p for p in ranks if p.environ().get("RANK") == "1")
+        killed = time.time()
+        victim.send_signal(signal.SIGKILL)
+        code = proc.wait(timeout=90)
+        assert code != 0
+        assert time.time() - killed < 60
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -74,7 +74,7 @@ class DDPBackend(LocalBackend):
                 raise ConfigError(f"backend ddp: WORLD_SIZE={world} but {', '.join(missing)} not set; "
                                   f"launch with torchrun or the deepspeed launcher")
         device = _device()
-        if not dist.is_initialized():
+        if not dist.is_initialized() and (world > 1 or "RANK" in os.environ):  # no launcher: one process
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                     **({"device_id": device} if device.type == "cuda" else {}))
