@@ -71,3 +71,18 @@ def test_a_run_saved_on_2_ranks_resumes_on_3(local_runs, tmp_path):
     local = load_file(next((local_runs["conmezo"] / "checkpoints").glob("step-00000012")) / "params.safetensors")
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), local[name], rtol=1e-4, atol=1e-5)
+
+
+def test_fp32_shards_with_bf16_compute(local_runs, tmp_path):
+    """MixedPrecisionPolicy: perturbations go into fp32 shards; the forward computes in bf16."""
+    run = tmp_path / "mp"
+    done = launch(2, "-m", "zoscale", "train", "--out", str(run), "backend=fsdp", "fsdp_compute_dtype=bfloat16",
+                  *RUN, "optim.name=mezo", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    params = load_file(next((run / "checkpoints").glob("step-00000012")) / "params.safetensors")
+    assert all(t.dtype == torch.float32 for t in params.values())
+    first = lambda r: json.loads((r / "metrics.jsonl").read_text().splitlines()[0])["loss"]  # noqa: E731
+    assert first(run) == pytest.approx(first(local_runs["mezo"]), abs=2e-2)  # bf16 rounding of the forward
+    offload = subprocess.run([sys.executable, "-m", "zoscale", "train", "--out", str(tmp_path / "o"),
+                              "backend=fsdp", "fsdp_cpu_offload=true"], capture_output=True, text=True, timeout=120)
+    assert offload.returncode == 2 and "fsdp_cpu_offload: needs CUDA" in offload.stderr

@@ -86,6 +86,8 @@ class TrainConfig:
     collective_timeout_s: float = 600.0  # a rank stuck longer in a collective fails the run
     check_sync: bool = False  # debug: assert every step that all ranks applied the same scalars
     deepspeed_config: str | None = None  # backend deepspeed: a ZeRO-3 JSON (default: generated, configs/deepspeed/)
+    fsdp_compute_dtype: str | None = None  # backend fsdp: compute in this dtype, keep shards in model.dtype
+    fsdp_cpu_offload: bool = False  # backend fsdp: shards in host memory (CUDA only)
     eval_before: bool = True
 
     def __post_init__(self):
@@ -95,6 +97,8 @@ class TrainConfig:
         for key in ("eval_every", "save_every", "max_nonfinite"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _choice(self.backend, BACKENDS, "backend")
+        if self.fsdp_compute_dtype is not None:
+            _choice(self.fsdp_compute_dtype, DTYPES, "fsdp_compute_dtype")
         if self.deepspeed_config is not None:
             _check_deepspeed_json(self.deepspeed_config)
         if self.tensorboard:

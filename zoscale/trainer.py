@@ -43,7 +43,7 @@ def parameter_stats(optimizer) -> dict[str, float]:
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False):
         self.cfg, self.run_dir = cfg, run_dir
-        self.backend = backends.get(cfg.backend, cfg.deepspeed_config)
+        self.backend = backends.get(cfg.backend, cfg.deepspeed_config, cfg.fsdp_compute_dtype, cfg.fsdp_cpu_offload)
         self.comm, self.device = self.backend.setup(cfg.collective_timeout_s)
         try:
             self.task = tasks.get(cfg.data.task)

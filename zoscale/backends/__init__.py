@@ -7,7 +7,8 @@ from zoscale.backends.local import DDPBackend, LocalBackend
 from zoscale.config import ConfigError
 
 
-def get(name: str, deepspeed_config: str | None = None):
+def get(name: str, deepspeed_config: str | None = None, fsdp_compute_dtype: str | None = None,
+        fsdp_cpu_offload: bool = False):
     if name == "local":
         return LocalBackend()
     if name == "ddp":
@@ -15,7 +16,7 @@ def get(name: str, deepspeed_config: str | None = None):
     if name == "fsdp":
         from zoscale.backends.fsdp import FSDPBackend
 
-        return FSDPBackend()
+        return FSDPBackend(fsdp_compute_dtype, fsdp_cpu_offload)
     if name == "deepspeed":
         from zoscale.backends.deepspeed import DeepSpeedBackend
 

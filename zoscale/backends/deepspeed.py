@@ -39,6 +39,7 @@ def zero3_config(dtype: torch.dtype) -> dict:
 
 class DeepSpeedBackend(DDPBackend):
     name = "deepspeed"
+    needs_process_group = True
 
     def __init__(self, config_path: str | None = None):
         self.config_path = config_path

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -28,16 +28,32 @@ from zoscale.shards import Shard, decays
 
 class FSDPBackend(DDPBackend):
     name = "fsdp"
+    needs_process_group = True
+
+    def __init__(self, compute_dtype: str | None = None, cpu_offload: bool = False):
+        """compute_dtype: FSDP2's MixedPrecisionPolicy (e.g. fp32 shards, which the perturbations
+        go into, with bf16 compute); cpu_offload: shards in host memory."""
+        self.compute_dtype, self.cpu_offload = compute_dtype, cpu_offload
+
+    def setup(self, timeout_s: float):
+        if self.cpu_offload and not torch.cuda.is_available():
+            raise ConfigError("fsdp_cpu_offload: needs CUDA devices (the shards are on the host already)")
+        return super().setup(timeout_s)
 
     def prepare(self, model, device):
         mesh = init_device_mesh(device.type, (self.comm.world_size,))
         units = set(getattr(model, "_no_split_modules", None) or [])
         if not units:
             raise ConfigError("backend fsdp: the model names no _no_split_modules to shard layer by layer")
+        options = {"mesh": mesh}
+        if self.compute_dtype is not None:
+            options["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, self.compute_dtype))
+        if self.cpu_offload:
+            options["offload_policy"] = CPUOffloadPolicy()
         for module in model.modules():
             if type(module).__name__ in units:
-                fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh, reshard_after_forward=True)
+                fully_shard(module, **options)
+        fully_shard(model, reshard_after_forward=True, **options)
         return model
 
     def shards(self, model, master_dtype):
@@ -73,8 +89,9 @@ class FSDPBackend(DDPBackend):
         so that autograd through the head (PseuZO) outlives the root's resharding."""
         head = causal_lm(model).get_output_embeddings()
         gather = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
-        return torch.nn.functional.linear(hidden, gather(head.weight),
-                                          None if head.bias is None else gather(head.bias))
+        weight = gather(head.weight).to(hidden.dtype)
+        bias = None if head.bias is None else gather(head.bias).to(hidden.dtype)
+        return torch.nn.functional.linear(hidden, weight, bias)
 
     def full_state(self, model) -> dict[str, torch.Tensor]:
         """Every trainable parameter, whole, on every rank (a collective: all ranks call it)."""

@@ -25,6 +25,14 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _device() -> torch.device:
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -65,6 +73,7 @@ class LocalBackend:
 
 class DDPBackend(LocalBackend):
     name = "ddp"
+    needs_process_group = False  # sharded backends need one even for a single process
 
     def setup(self, timeout_s: float) -> tuple[Comm, torch.device]:
         world = launched_world_size()
@@ -73,6 +82,9 @@ class DDPBackend(LocalBackend):
             if missing:
                 raise ConfigError(f"backend ddp: WORLD_SIZE={world} but {', '.join(missing)} not set; "
                                   f"launch with torchrun or the deepspeed launcher")
+        if world == 1 and "RANK" not in os.environ and self.needs_process_group:  # no launcher: a world of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
         device = _device()
         if not dist.is_initialized() and (world > 1 or "RANK" in os.environ):  # no launcher: one process
             backend = "nccl" if device.type == "cuda" else "gloo"
