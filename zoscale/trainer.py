@@ -25,7 +25,7 @@ from zoscale.comm import print0
 from zoscale.config import ConfigError, TrainConfig, to_dict
 from zoscale.evaluate import evaluate, headline
 from zoscale.losses import Batch, pseuzo_closure, sequence_length
-from zoscale.models import build_model, build_tokenizer
+from zoscale.models import build_tokenizer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,8 +56,7 @@ class Trainer:
         encode = lambda examples: [data.encode(e, self.tokenizer, cfg.data.max_length) for e in examples]  # noqa: E731
         self.train, self.dev, self.test = (encode(splits[k]) for k in ("train", "dev", "test"))
 
-        self.model = self.backend.prepare(build_model(cfg.model, vocab_size=len(self.tokenizer)).to(self.device),
-                                          self.device)
+        self.model = self.backend.build(cfg.model, len(self.tokenizer), self.device)
         options = {"seed": cfg.seed, **cfg.optim.options}
         if options.get("schedule", "constant") != "constant":
             options.setdefault("total_steps", cfg.steps)

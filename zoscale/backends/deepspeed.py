@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 
 from zoscale.backends.local import DDPBackend
-from zoscale.comm import Comm
+from zoscale.comm import Comm, print0
 from zoscale.config import ConfigError
 from zoscale.losses import causal_lm
+from zoscale.models import select_trainable
 from zoscale.shards import Shard, decays
 
 
@@ -50,11 +51,28 @@ class DeepSpeedBackend(DDPBackend):
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 45 s JIT build on CPU
         return super().setup(timeout_s)  # the process group DeepSpeed then uses
 
+    def build(self, cfg, vocab_size: int, device):
+        """Pretrained weights load straight into partitions: with an HfDeepSpeedConfig alive,
+        transformers' from_pretrained builds under zero.Init, so no rank holds the whole model."""
+        if cfg.name_or_path is None or cfg.lora is not None:
+            return super().build(cfg, vocab_size, device)
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        dtype = getattr(torch, cfg.dtype)
+        self._hf_config = HfDeepSpeedConfig(self._config(dtype))  # must stay alive while loading
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype)
+        model.eval().requires_grad_(False)
+        select_trainable(model, cfg.trainable)
+        print0(f"loaded {cfg.name_or_path} into ZeRO-3 partitions (no rank holds the whole model)")
+        return self.prepare(model, device)
+
+    def _config(self, dtype: torch.dtype):
+        return self.config_path or zero3_config(dtype)  # a path is validated by zoscale.config
+
     def prepare(self, model, device):
-        deepspeed = _deepspeed()
         dtype = next(model.parameters()).dtype
-        config = self.config_path or zero3_config(dtype)  # a path is validated by zoscale.config
-        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine, *_ = _deepspeed().initialize(model=model, config=self._config(dtype))
         return engine.module
 
     def shards(self, model, master_dtype):

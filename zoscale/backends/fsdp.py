@@ -13,6 +13,8 @@ gathered (`full_tensor`), outside FSDP's unshard/reshard cycle.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -20,10 +22,37 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from zoscale.backends.local import DDPBackend
-from zoscale.comm import Comm
+from zoscale.comm import Comm, print0
 from zoscale.config import ConfigError
 from zoscale.losses import causal_lm
+from zoscale.models import select_trainable
 from zoscale.shards import Shard, decays
+
+
+def _load_rows(model, files: list[Path]) -> None:
+    """Copy each parameter's local rows from safetensors files (lazily sliced: only these rows are
+    read). Checkpoint keys may lack the base-model prefix (OPT's are 'decoder.layers...')."""
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())
+    prefix = getattr(model, "base_model_prefix", "model") + "."
+    loaded = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                name = key if key in params else prefix + key
+                if name not in params:
+                    continue
+                p = params[name]
+                local = p.to_local() if isinstance(p, DTensor) else p
+                _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                rows = handle.get_slice(key)[offset[0] : offset[0] + local.shape[0]]
+                with torch.no_grad():
+                    local.copy_(rows.to(local.dtype))
+                loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"the checkpoint has no weights for {missing[:3]}{'...' if len(missing) > 3 else ''}")
 
 
 class FSDPBackend(DDPBackend):
@@ -39,6 +68,27 @@ class FSDPBackend(DDPBackend):
         if self.cpu_offload and not torch.cuda.is_available():
             raise ConfigError("fsdp_cpu_offload: needs CUDA devices (the shards are on the host already)")
         return super().setup(timeout_s)
+
+    def build(self, cfg, vocab_size: int, device):
+        """A local pretrained directory is built on the meta device, sharded, and each rank reads
+        only its rows from the safetensors files: no rank ever holds the whole model. Anything
+        else is built whole and then sharded."""
+        path = Path(cfg.name_or_path) if cfg.name_or_path else None
+        if path is None or not path.is_dir() or not list(path.glob("*.safetensors")) or cfg.lora is not None:
+            return super().build(cfg, vocab_size, device)
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, cfg.dtype))
+        if list(model.buffers()):
+            return super().build(cfg, vocab_size, device)  # buffers need the model's own initialisation
+        model.eval().requires_grad_(False)
+        select_trainable(model, cfg.trainable)
+        model = self.prepare(model, device)
+        model.to_empty(device=device)
+        _load_rows(model, sorted(path.glob("*.safetensors")))
+        print0(f"loaded each rank's rows of {path} (sharded loading: no rank holds the whole model)")
+        return model
 
     def prepare(self, model, device):
         mesh = init_device_mesh(device.type, (self.comm.world_size,))

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from zoscale.checkpoint import apply_params, trainable_state
 from zoscale.comm import Comm
 from zoscale.config import ConfigError
+from zoscale.models import build_model
 from zoscale.shards import local_shards
 
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -49,6 +50,10 @@ class LocalBackend:
             raise ConfigError("backend: 'local' runs one process, but the launcher started several; use backend=ddp")
         self.comm = Comm()
         return self.comm, _device()
+
+    def build(self, cfg, vocab_size: int, device):
+        """The model, built (or loaded) and distributed as this backend wants it."""
+        return self.prepare(build_model(cfg, vocab_size=vocab_size).to(device), device)
 
     def prepare(self, model, device):
         """Wrap or shard the model (after it is on its device)."""
