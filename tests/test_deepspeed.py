@@ -59,3 +59,40 @@ def test_a_fsdp_run_on_2_ranks_resumes_under_zero3_on_3(tmp_path):
     a, b = summary(local), summary(run)
     assert b["param_sq_sum"] == pytest.approx(a["param_sq_sum"], rel=1e-6)
     assert b["eval_after"] == a["eval_after"]
+
+
+def test_the_deepspeed_launch_script_and_export(tmp_path):
+    import os
+    import signal
+    import socket
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    local = tmp_path / "local"
+    assert subprocess.run([sys.executable, "-m", "zoscale", "train", "--out", str(local), *RUN],
+                          capture_output=True, timeout=300).returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "ds"
+    env = dict(os.environ, NPROC="2", MASTER_PORT=str(port), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    script = Path(__file__).resolve().parents[1] / "launch" / "deepspeed.sh"
+    proc = subprocess.Popen(["bash", str(script), "--out", str(run), *RUN], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, output[-3000:]
+    assert summary(run)["param_sq_sum"] == pytest.approx(summary(local)["param_sq_sum"], rel=1e-6)
+
+    out = tmp_path / "hf"
+    assert subprocess.run([sys.executable, "-m", "zoscale", "export", str(run), "--out", str(out)],
+                          capture_output=True, timeout=300).returncode == 0
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    reference = load_file(local / "checkpoints" / "step-00000008" / "params.safetensors")
+    for name, p in exported.named_parameters():
+        torch.testing.assert_close(p.detach(), reference[name], rtol=1e-4, atol=1e-5)
