@@ -12,11 +12,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def launch(nproc: int, *program: str, timeout: float = 180.0) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node nproc PROGRAM...`` (gloo on CPU). The whole process
-    group is killed on a timeout, so a hung collective cannot outlive the test."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *program]
+def run_group(cmd: list[str], env: dict | None = None, timeout: float = 180.0) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in a process group of its own (stdout and stderr together); the whole group is
+    killed on a timeout, so a hung collective or a launcher's children cannot outlive the test."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -24,8 +23,14 @@ def launch(nproc: int, *program: str, timeout: float = 180.0) -> subprocess.Comp
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        raise AssertionError(f"{' '.join(program)} on {nproc} ranks timed out after {timeout}s:\n{output[-4000:]}")
+        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout}s:\n{output[-4000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
+
+
+def launch(nproc: int, *program: str, timeout: float = 180.0) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node nproc PROGRAM...`` (gloo on CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *program]
+    return run_group(cmd, timeout=timeout)
 
 
 def torchrun(script: Path, nproc: int, out_dir: Path, *args: str, timeout: float = 180.0) -> list[dict]:

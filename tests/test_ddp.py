@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from distributed import launch
+from distributed import launch, run_group
 
 RUN = ["steps=12", "eval_every=6", "save_every=6", "data.num_train=96", "data.num_dev=24", "data.num_test=30",
        "batch_size=12", "eval_batch_size=8"]
@@ -58,20 +58,13 @@ def test_launcher_environment_problems_are_one_line_errors(tmp_path):
 
 def test_the_single_node_launch_script(tmp_path):
     import os
-    import signal
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "launch" / "torchrun.sh"
     run = tmp_path / "run"
-    env = dict(os.environ, NPROC="2", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    proc = subprocess.Popen(["bash", str(script), "--out", str(run), *RUN], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, output[-3000:]
+    env = {"NPROC": "2", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = run_group(["bash", str(script), "--out", str(run), *RUN], env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
     assert summary(run)["steps"] == 12
     assert "backend: ddp" in (run / "config.yaml").read_text()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed import launch
+from distributed import launch, run_group
 
 pytest.importorskip("deepspeed")
 
@@ -63,7 +63,6 @@ def test_a_fsdp_run_on_2_ranks_resumes_under_zero3_on_3(tmp_path):
 
 def test_the_deepspeed_launch_script_and_export(tmp_path):
     import os
-    import signal
     import socket
 
     import torch
@@ -77,16 +76,10 @@ def test_the_deepspeed_launch_script_and_export(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     run = tmp_path / "ds"
-    env = dict(os.environ, NPROC="2", MASTER_PORT=str(port), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = {"NPROC": "2", "MASTER_PORT": str(port), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     script = Path(__file__).resolve().parents[1] / "launch" / "deepspeed.sh"
-    proc = subprocess.Popen(["bash", str(script), "--out", str(run), *RUN], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, output[-3000:]
+    done = run_group(["bash", str(script), "--out", str(run), *RUN], env=env, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:]
     assert summary(run)["param_sq_sum"] == pytest.approx(summary(local)["param_sq_sum"], rel=1e-6)
 
     out = tmp_path / "hf"

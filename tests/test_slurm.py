@@ -7,12 +7,13 @@ scripts run unchanged; only variables differ: a tiny config, CPU ranks."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from distributed import run_group
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "scripts" / "slurm_cluster.sh"
@@ -53,19 +54,11 @@ def local_summary(tmp_path_factory):
                                           ("slurm_deepspeed.sbatch", [])])
 def test_sbatch_script_completes_and_matches_a_local_run(script, extra, local_summary, tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, ZOSCALE_PYTHON=sys.executable, NPROC_PER_NODE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO))
     cmd = ["unshare", "--mount", "--propagation", "private", str(CLUSTER), str(tmp_path / "cluster"),
            str(REPO / "launch" / script), "--out", str(run), *RUN, *extra]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the cluster script's trap stops the daemons when killed
-        raise
-    assert proc.returncode == 0, output[-3000:]
-    assert "JobState=COMPLETED" in output, output[-3000:]
+    done = run_group(cmd, env={"ZOSCALE_PYTHON": sys.executable, "NPROC_PER_NODE": "1"}, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "JobState=COMPLETED" in done.stdout, done.stdout[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6
     assert summary["param_sq_sum"] == pytest.approx(local_summary["param_sq_sum"], rel=1e-6)
