@@ -203,3 +203,27 @@ def test_bad_config_is_a_clear_error(kwargs, message):
 def test_unknown_optimizer_names_the_choices():
     with pytest.raises(ValueError, match=r"unknown optimizer 'adam'; choose one of \[.*'mezo'"):
         zoscale.build_optimizer("adam", Quadratic())
+
+
+def test_master_copies_travel_with_the_state(tmp_path):
+    """bf16 parameters with fp32 masters: a resumed run continues from the masters, not from their
+    bf16 roundings."""
+    def make():
+        model = torch.nn.Module()
+        model.weight = torch.nn.Parameter(torch.linspace(-1, 1, 64).view(8, 8).to(torch.bfloat16))
+        return model, zoscale.build_optimizer("mezo", model, lr=1e-3, eps=1e-3, seed=1, master_dtype=torch.float32)
+
+    loss = lambda m: lambda: m.weight.float().pow(2).sum().item()  # noqa: E731
+    model, opt = make()
+    for _ in range(5):
+        opt.step(loss(model))
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "s.pt")
+    straight = [opt.step(loss(model)).projected_grad for _ in range(5)]
+    master = opt.shards[0].master.clone()
+
+    saved = torch.load(tmp_path / "s.pt")
+    again_model, again = make()
+    again_model.load_state_dict(saved["model"])
+    again.load_state_dict(saved["opt"])
+    assert [again.step(loss(again_model)).projected_grad for _ in range(5)] == straight
+    assert torch.equal(again.shards[0].master, master)

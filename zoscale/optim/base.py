@@ -129,9 +129,13 @@ class ZOOptimizer:
         self.engine.flush()
 
     def state_dict(self) -> dict:
-        """Flushes first, so the parameters saved beside this state are the ones it describes."""
+        """Flushes first, so the parameters saved beside this state are the ones it describes.
+        fp32 master copies travel here: the saved half-precision parameters are their roundings."""
         self.flush()
-        return {"optimizer": self.name, "step": self.step_count, "config": dataclasses.asdict(self.config)}
+        state = {"optimizer": self.name, "step": self.step_count, "config": dataclasses.asdict(self.config)}
+        if self.engine.has_master:
+            state["master"] = self.buffer_state(ShardBuffer([s.master for s in self.shards]))
+        return state
 
     def buffer_state(self, buffer: ShardBuffer) -> dict[str, torch.Tensor]:
         """A per-shard buffer keyed by shard (name@offset), for state_dict."""
@@ -159,6 +163,12 @@ class ZOOptimizer:
             raise ValueError(f"state was saved with seed {state['config']['seed']}, this run has {self.config.seed}")
         self.flush()
         self.step_count = int(state["step"])
+        if self.engine.has_master:
+            if "master" not in state:
+                raise ValueError("state has no master copies, but this optimizer keeps them (master_weights)")
+            self.load_buffer_state(ShardBuffer([s.master for s in self.shards]), state["master"], "master copy")
+            for s in self.shards:
+                s.tensor.copy_(s.master)
 
 
 def _sum_count(value) -> tuple[float, float]:
