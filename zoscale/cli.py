@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     plan.add_argument("--optimizer", choices=("mezo", "conmezo", "mezo_svrg", "pseuzo"), default="mezo")
 
+    prof = sub.add_parser("profile", help="peak memory and step time per optimizer, each in a fresh process")
+    prof.add_argument("--config", type=Path, help="experiment YAML (default: the quickstart)")
+    prof.add_argument("--optimizers", default="mezo,conmezo,mezo_svrg,pseuzo,adamw,sgd")
+    prof.add_argument("--steps", type=_positive_int, default=5)
+    prof.add_argument("--out", type=Path, required=True, help="report directory")
+    prof.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
+
     bench = sub.add_parser("bench", help="benchmarks that write reports").add_subparsers(dest="bench", required=True)
     quad = bench.add_parser("quadratic", help="MeZO vs ConMeZO on ConMeZO's ill-conditioned quadratic")
     quad.add_argument("--dim", type=_positive_int, default=1000)
@@ -66,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may stand anywhere among the options (argparse cannot interleave them)
-    overrides = [a for a in extra if "=" in a and not a.startswith("-")] if args.command == "train" else []
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")] if args.command in ("train", "profile") \
+        else []
     unknown = [a for a in extra if a not in overrides]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -79,6 +87,20 @@ def main(argv: list[str] | None = None) -> int:
             return getattr(commands, args.command)(args)
         except ConfigError as e:
             return _fail(str(e))
+    if args.command == "profile":
+        from zoscale.profile import FIRST_ORDER, ZO_METHODS, profile
+
+        methods = [m for m in args.optimizers.split(",") if m]
+        unknown = sorted(set(methods) - set(ZO_METHODS + FIRST_ORDER))
+        if unknown or not methods:
+            return _fail(f"--optimizers: unknown {unknown}; choose from {list(ZO_METHODS + FIRST_ORDER)}")
+        if args.config is not None and not args.config.is_file():
+            return _fail(f"--config: no such file {args.config}")
+        if (args.out / "report.json").exists() and not args.force:
+            return _fail(f"{args.out / 'report.json'} exists; pass --force to overwrite it")
+        profile(args.config, args.overrides, methods, args.steps, args.out)
+        print(f"report in {args.out}/report.md")
+        return 0
     if args.command == "plan":
         from zoscale.plan import plan, table
 

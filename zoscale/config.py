@@ -85,6 +85,8 @@ class TrainConfig:
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
     collective_timeout_s: float = 600.0  # a rank stuck longer in a collective fails the run
     check_sync: bool = False  # debug: assert every step that all ranks applied the same scalars
+    memory_profile: bool = False  # memory/* metrics (NVML, allocator, host RSS) in metrics.jsonl
+    memory_interval_s: float = 0.05
     deepspeed_config: str | None = None  # backend deepspeed: a ZeRO-3 JSON (default: generated, configs/deepspeed/)
     fsdp_compute_dtype: str | None = None  # backend fsdp: compute in this dtype, keep shards in model.dtype
     fsdp_cpu_offload: bool = False  # backend fsdp: shards in host memory (CUDA only)

@@ -15,6 +15,7 @@ the next step's first pass) and memory-free n-SPSA.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -155,9 +156,14 @@ class PerturbationEngine:
         # When a list, every update is appended as (seed terms, decay), or None when it used a
         # buffer: the trainer's seed log, from which `zoscale replay` rebuilds the parameters.
         self.journal: list | None = None
+        self.phase = lambda name: contextlib.nullcontext()  # a MemorySampler's phase(), when profiling
 
     # -- the three operations -------------------------------------------------------------------
     def perturb(self, terms: Terms) -> None:
+        with self.phase("perturbation"):
+            self._perturb(terms)
+
+    def _perturb(self, terms: Terms) -> None:
         for wd, group in self._groups.items():
             state = self._state[wd]
             if self.has_master:  # the master keeps theta; only the forward's copy is perturbed
@@ -178,6 +184,10 @@ class PerturbationEngine:
             self._state[wd] = _Affine(state.alpha * d, decayed.plus(terms))
 
     def flush(self) -> None:
+        with self.phase("update"):
+            self._flush()
+
+    def _flush(self) -> None:
         for wd, group in self._groups.items():
             if self.has_master:
                 if self._fold_into_master(wd) or self._perturbed:

@@ -10,6 +10,7 @@ Run directory:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import replace
@@ -25,6 +26,7 @@ from zoscale.comm import print0
 from zoscale.config import ConfigError, TrainConfig, to_dict
 from zoscale.evaluate import evaluate, headline
 from zoscale.losses import Batch, pseuzo_closure, sequence_length
+from zoscale.memory import MemorySampler
 from zoscale.models import build_tokenizer
 
 
@@ -75,6 +77,15 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.writer = self._tensorboard() if cfg.tensorboard else None
+        self.memory = None
+        if cfg.memory_profile:
+            self.memory = MemorySampler(cfg.memory_interval_s).start()
+            self.optimizer.engine.phase = self.memory.phase
+            if self.memory.nvml_missing:
+                print0(f"memory: no NVML ({self.memory.nvml_missing}); recording host and allocator memory only")
+
+    def phase(self, name: str):
+        return self.memory.phase(name) if self.memory is not None else contextlib.nullcontext()
 
     # -- the step -------------------------------------------------------------------------------
     def batch(self, step: int) -> Batch:
@@ -101,11 +112,21 @@ class Trainer:
 
     def train_step(self, batch: Batch):
         opt, model = self.optimizer, self.model
+
+        def loss():
+            with self.phase("forward"):
+                return batch.loss(model)
+
         if opt.name == "pseuzo":
-            return opt.step(pseuzo_closure(model, batch, opt.config.output))
+            closure = pseuzo_closure(model, batch, opt.config.output)
+            return opt.step(lambda: self._in_phase("forward", closure))
         if opt.name == "mezo_svrg":
-            return opt.step(lambda: batch.loss(model), full_closure=self.full_batch_loss)
-        return opt.step(lambda: batch.loss(model))
+            return opt.step(loss, full_closure=lambda: self._in_phase("forward", self.full_batch_loss))
+        return opt.step(loss)
+
+    def _in_phase(self, name: str, fn):
+        with self.phase(name):
+            return fn()
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -143,6 +164,9 @@ class Trainer:
     def _finish(self, seconds: float) -> dict:
         summary = {"steps": self.step, "optimizer": self.cfg.optim.name, "task": self.task.name,
                    "seconds": seconds, "nonfinite_steps": self.total_nonfinite, **parameter_stats(self.optimizer)}
+        if self.memory is not None:
+            self.memory.stop()
+            summary["memory"] = self.memory.summary()
         summary["eval_final"] = self.evaluate("test")
         summary["eval_after"] = summary["eval_final"]
         if self.best is not None:
@@ -164,6 +188,10 @@ class Trainer:
         self.optimizer.flush()
         examples = {"dev": self.dev, "test": self.test}[split]
         mine = data.rank_share(examples, self.comm.rank, self.comm.world_size)
+        with self.phase("evaluation"):
+            return self._evaluate(mine)
+
+    def _evaluate(self, mine) -> dict[str, float]:
         return evaluate(self.model, self.tokenizer, mine, self.task.evaluation, self.cfg.eval_batch_size,
                         self.tokenizer.pad_token_id, self.device, self.comm, self.cfg.data.max_new_tokens,
                         body=self.backend.body, head=self.backend.head)
@@ -183,9 +211,13 @@ class Trainer:
     # -- logging and checkpoints --------------------------------------------------------------------
     def _log_step(self, result, elapsed: float, batch: Batch) -> None:
         tokens = int(batch.attention_mask.sum()) * 2  # two forwards per step
+        memory = {}
+        if self.memory is not None:
+            latest = self.memory.sample()
+            memory = {f"memory/{k}_gib": v / 2**30 for k, v in latest.items() if k not in ("t", "phase")}
         self._write_metrics({"step": result.step, "loss": result.loss, "projected_grad": result.projected_grad,
                              "lr": result.lr, "step_time": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
-                             "skipped": result.skipped})
+                             "skipped": result.skipped, **memory})
         journal = self.optimizer.engine.journal
         if self.comm.is_main:
             with open(self.run_dir / "seeds.jsonl", "a") as f:

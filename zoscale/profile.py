@@ -1,0 +1,179 @@
+"""`zoscale profile`: peak memory and step time of ZO optimizers against first-order baselines.
+
+Each method runs in a fresh process (so peaks do not leak between methods) on the same model and
+batches: the ZO optimizers through the trainer's own step, AdamW and SGD with a backward pass
+through the same loss. An out-of-memory is a result, not a crash. Writes DIR/report.json,
+DIR/report.md and DIR/memory_over_time.png, DIR/peaks.png. Single-process runs (backend local).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from zoscale.memory import GIB, MemorySampler
+
+ZO_METHODS = ("mezo", "conmezo", "mezo_svrg", "pseuzo")
+FIRST_ORDER = ("adamw", "sgd")
+
+
+def run_method(config: Path | None, overrides: list[str], method: str, steps: int, out: Path) -> dict:
+    """In this process: `steps` steps of `method` with memory sampling; the result as a dict."""
+    from zoscale.commands import QUICKSTART
+    from zoscale.config import load
+    from zoscale.trainer import Trainer
+
+    name = method if method in ZO_METHODS else "mezo"
+    cfg = load(config, [*overrides, f"optim.name={name}", f"steps={steps}", "eval_every=0", "save_every=0",
+                        "eval_before=false"], defaults=QUICKSTART)
+    trainer = Trainer(cfg, out / "run")
+    sampler = MemorySampler(0.01).start()
+    trainer.optimizer.engine.phase = sampler.phase
+    trainer.memory = sampler  # the trainer tags its forwards
+    step_times, result = [], {"method": method}
+    try:
+        first_order = _first_order(method, trainer.model) if method in FIRST_ORDER else None
+        for step in range(steps):
+            batch = trainer.batch(step)
+            t0 = time.time()
+            if first_order is None:
+                trainer.train_step(batch)
+            else:
+                with sampler.phase("forward_backward"):
+                    total, count = batch.head_loss(trainer.model, batch.body(trainer.model))
+                    (total / count).backward()
+                with sampler.phase("update"):
+                    first_order.step()
+                    first_order.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            step_times.append(time.time() - t0)
+    except torch.OutOfMemoryError as e:
+        result.update(oom=True, error=str(e).splitlines()[0])
+    finally:
+        sampler.stop()
+        trainer.backend.teardown()
+    result.update(oom=result.get("oom", False), steps=len(step_times),
+                  step_time_s=sorted(step_times)[len(step_times) // 2] if step_times else None,
+                  nvml_missing=sampler.nvml_missing, peaks=sampler.summary(),
+                  timeline=[{k: v for k, v in s.items()} for s in sampler.samples])
+    return result
+
+
+def _first_order(method: str, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return torch.optim.AdamW(params, lr=1e-5) if method == "adamw" else torch.optim.SGD(params, lr=1e-5)
+
+
+def profile(config: Path | None, overrides: list[str], methods: list[str], steps: int, out: Path) -> dict:
+    """Every method in a fresh process, then the report."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, method in enumerate(methods, 1):
+        print(f"[{i}/{len(methods)}] {method}: {steps} steps ...", flush=True)
+        target = out / method / "result.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "zoscale.profile", str(config or ""), method, str(steps), str(target.parent),
+               *overrides]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 or not target.exists():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            results.append({"method": method, "failed": True, "error": tail[0]})
+            print(f"[{i}/{len(methods)}] {method}: failed: {tail[0]}", flush=True)
+            continue
+        result = json.loads(target.read_text())
+        results.append(result)
+        print(f"[{i}/{len(methods)}] {method}: {_headline(result)}", flush=True)
+    report = {"date": datetime.date.today().isoformat(), "hardware": _hardware(), "steps": steps,
+              "config": str(config) if config else "quickstart", "overrides": overrides, "results": results}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown(report))
+    plot(report, out)
+    return report
+
+
+def _peak(result: dict) -> tuple[str, float] | None:
+    """The headline peak: NVML device memory when measured, else host RSS."""
+    peaks = result.get("peaks", {})
+    for key, label in (("memory/nvml_process_used_peak_gib", "GPU (NVML)"), ("memory/host_rss_peak_gib", "host RSS")):
+        if key in peaks:
+            return label, peaks[key]
+    return None
+
+
+def _headline(result: dict) -> str:
+    if result.get("oom"):
+        return "out of memory"
+    peak = _peak(result)
+    step = result.get("step_time_s")
+    return f"peak {peak[1]:.3f} GiB ({peak[0]}), {step * 1e3:.1f} ms/step" if peak and step else "no data"
+
+
+def _hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    from zoscale.bench.quadratic import cpu_description
+
+    return cpu_description()
+
+
+def markdown(report: dict) -> str:
+    rows = ["| method | peak GPU, NVML (GiB) | peak allocated (GiB) | peak host RSS (GiB) | step (ms) | note |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for r in report["results"]:
+        p = r.get("peaks", {})
+        cell = lambda key: f"{p[key]:.3f}" if key in p else "-"  # noqa: E731
+        note = "out of memory" if r.get("oom") else ("failed: " + r["error"] if r.get("failed") else "")
+        step = f"{r['step_time_s'] * 1e3:.1f}" if r.get("step_time_s") else "-"
+        rows.append(f"| {r['method']} | {cell('memory/nvml_process_used_peak_gib')} | "
+                    f"{cell('memory/allocated_peak_gib')} | {cell('memory/host_rss_peak_gib')} | {step} | {note} |")
+    nvml = next((r.get("nvml_missing") for r in report["results"] if r.get("nvml_missing")), None)
+    lines = [f"# Memory profile, {report['date']}, {report['hardware']}", "",
+             f"{report['steps']} steps per method, each in a fresh process; config {report['config']} "
+             f"{' '.join(report['overrides'])}.", "", *rows, ""]
+    if nvml:
+        lines += [f"NVML unavailable here ({nvml}): host and allocator memory only.", ""]
+    lines += ["![memory over time](memory_over_time.png) ![peaks](peaks.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in report["results"]:
+        timeline = r.get("timeline") or []
+        key = "process_used" if any("process_used" in s for s in timeline) else "host_rss"
+        ax.plot([s["t"] for s in timeline if key in s], [s[key] / GIB for s in timeline if key in s], label=r["method"])
+    ax.set(xlabel="seconds", ylabel="GiB", title="memory over time")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "memory_over_time.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [r["method"] for r in report["results"]]
+    values = [(_peak(r) or ("", 0.0))[1] for r in report["results"]]
+    ax.bar(names, values)
+    ax.set(ylabel="peak GiB", title="peak memory per method")
+    fig.tight_layout()
+    fig.savefig(out / "peaks.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # the per-method worker: CONFIG METHOD STEPS OUT_DIR [overrides]
+    config_arg, method_arg, steps_arg, out_arg, *rest = sys.argv[1:]
+    result = run_method(Path(config_arg) if config_arg else None, rest, method_arg, int(steps_arg), Path(out_arg))
+    (Path(out_arg) / "result.json").write_text(json.dumps(result))
+
