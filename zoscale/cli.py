@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="processes running trials in parallel")
     quad.add_argument("--out", type=Path, required=True, help="report directory (DIR/quadratic.{json,md,png})")
     quad.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
+    step = bench.add_parser("step", help="ZO step vs two forwards; perturbation pass vs the bandwidth floor")
+    step.add_argument("--model", type=Path, required=True, help="a config.json (configs/models/)")
+    step.add_argument("--batch", type=_positive_int, default=16)
+    step.add_argument("--seq", type=_positive_int, default=128)
+    step.add_argument("--optimizer", choices=("mezo", "conmezo"), default="mezo")
+    step.add_argument("--backend", choices=("local", "ddp", "fsdp", "deepspeed"), default="local")
+    step.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    step.add_argument("--repeats", type=_positive_int, default=10)
+    step.add_argument("--out", type=Path, required=True, help="report directory")
     return parser
 
 
@@ -110,6 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:
             return _fail(f"--model {args.model}: {str(e).splitlines()[0]}")
         print(table(plans))
+        return 0
+    if args.command == "bench" and args.bench == "step":
+        if not args.model.is_file():
+            return _fail(f"--model: no such file {args.model}")
+        from zoscale.bench import step
+
+        r = step.run(args.model, args.batch, args.seq, args.optimizer, args.backend, args.dtype, args.repeats, args.out)
+        print(step.markdown(r))
         return 0
     if args.command == "bench" and args.bench == "quadratic":
         if (args.out / "quadratic.json").exists() and not args.force:

@@ -1,0 +1,33 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from distributed import launch
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "models" / "opt-tiny.json"
+ARGS = ["bench", "step", "--model", str(TINY), "--batch", "2", "--seq", "16", "--dtype", "float32", "--repeats", "2"]
+
+
+def check(report: dict, reference: bool) -> None:
+    for key in ("forward_ms", "zo_step_ms", "perturbation_pass_ms", "in_place_pass_ms"):
+        assert report[key] > 0, key
+    assert report["zo_step_over_two_forwards"] == report["zo_step_ms"] / (2 * report["forward_ms"])
+    assert report["parameters"] > 100_000  # opt-tiny: 2 layers of width 64 and a 512-token vocabulary
+    assert ("reference_mezo_step_ms" in report) == reference
+
+
+def test_step_benchmark_on_cpu_writes_json_and_markdown(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "zoscale", *ARGS, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    check(json.loads((tmp_path / "step-opt-tiny-local-mezo.json").read_text()), reference=True)
+    assert "reference MeZO step" in (tmp_path / "step-opt-tiny-local-mezo.md").read_text()
+
+
+def test_step_benchmark_under_fsdp_on_2_ranks(tmp_path):
+    done = launch(2, "-m", "zoscale", *ARGS, "--backend", "fsdp", "--out", str(tmp_path), timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    report = json.loads((tmp_path / "step-opt-tiny-fsdp-mezo.json").read_text())
+    assert report["world_size"] == 2
+    check(report, reference=False)

@@ -1,0 +1,141 @@
+"""`zoscale bench step`: what a ZO step costs against two forwards, and a perturbation pass against
+the bandwidth floor (an in-place `x.add_(c)` over the same shards), with the reference MeZO step
+(per-parameter `torch.manual_seed` + `torch.normal`, four passes: algorithms.md 1.2) measured in the
+same run. Runs on CPU too (CPU numbers); the targets in issue 7 are for one H100.
+
+The model is built from a config (random weights) on the backend's device; the batch is random
+token ids; the loss is the LM loss over all tokens. Times are medians over `repeats` after one
+warm-up, with CUDA synchronised.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import zoscale
+from zoscale.memory import GIB
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up (kernel compilation, allocator)
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def reference_mezo_step(model, loss, eps: float, lr: float, seed: int) -> None:
+    """The MeZO reference code's step: z regenerated per parameter from a reset global generator."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def perturb(scale: float) -> None:
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(0, 1, size=p.shape, device=p.device, dtype=p.dtype)
+            p.data.add_(scale * eps * z)
+
+    perturb(1.0)
+    plus = loss()
+    perturb(-2.0)
+    minus = loss()
+    perturb(1.0)
+    pg = (plus - minus) / (2 * eps)
+    torch.manual_seed(seed)
+    for p in params:
+        z = torch.normal(0, 1, size=p.shape, device=p.device, dtype=p.dtype)
+        p.data.add_(-lr * pg * z)
+
+
+def run(model_config: Path, batch: int, seq: int, optimizer: str, backend_name: str, dtype: str,
+        repeats: int, out: Path) -> dict:
+    from zoscale import backends
+    from zoscale.config import ModelConfig
+
+    backend = backends.get(backend_name)
+    comm, device = backend.setup(600.0)
+    fields = json.loads(Path(model_config).read_text())  # a config.json, e.g. configs/models/opt-13b.json
+    cfg = ModelConfig(config=fields, tokenizer="unused", dtype=dtype)
+    model = backend.build(cfg, fields["vocab_size"], device)
+    shards, shard_comm = backend.shards(model, None)
+    opt = zoscale.build_optimizer(optimizer, shards, comm=comm, shard_comm=shard_comm, lr=1e-7, eps=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, fields["vocab_size"], (batch, seq), generator=generator).to(device)
+
+    @torch.no_grad()
+    def loss() -> float:
+        return model(input_ids=ids, labels=ids).loss.item()
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    forward = _timed(loss, repeats)
+    zo_step = _timed(lambda: opt.step(loss), repeats)
+    opt.flush()
+    seeds = iter(range(10**6, 2 * 10**6))  # a fresh seed each time: one generated stream per pass
+    tensors = [s.tensor for s in shards]
+    perturb_pass = _timed(lambda: opt.engine.apply(shards, tensors, tensors, 1.0, {next(seeds): 1e-3}), repeats)
+    in_place = _timed(lambda: [s.tensor.add_(1e-3) for s in shards], repeats)
+    local_bytes = sum(s.tensor.numel() * s.tensor.element_size() for s in shards)
+    result = {
+        "date": datetime.date.today().isoformat(), "device": _device_name(device), "world_size": comm.world_size,
+        "model": Path(model_config).stem, "backend": backend_name, "dtype": dtype, "batch": batch, "seq": seq,
+        "optimizer": optimizer, "parameters": sum(s.global_numel for s in shards),
+        "forward_ms": forward * 1e3, "zo_step_ms": zo_step * 1e3, "zo_step_over_two_forwards": zo_step / (2 * forward),
+        "perturbation_pass_ms": perturb_pass * 1e3, "in_place_pass_ms": in_place * 1e3,
+        "perturbation_over_in_place": perturb_pass / in_place,
+        "in_place_bandwidth_gb_s": 2 * local_bytes / in_place / 1e9,
+        "perturbation_bandwidth_gb_s": 2 * local_bytes / perturb_pass / 1e9,
+    }
+    if backend_name in ("local", "ddp"):  # the reference code knows no shards
+        reference = _timed(lambda: reference_mezo_step(model, loss, 1e-3, 1e-7, 7), repeats)
+        result.update(reference_mezo_step_ms=reference * 1e3, reference_over_two_forwards=reference / (2 * forward))
+    if torch.cuda.is_available():
+        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+    else:
+        import psutil
+
+        result["peak_host_rss_gib"] = psutil.Process().memory_info().rss / GIB
+    if comm.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        name = f"step-{result['model']}-{backend_name}-{optimizer}"
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{name}.md").write_text(markdown(result))
+    backend.teardown()
+    return result
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from zoscale.bench.quadratic import cpu_description
+
+    return cpu_description()
+
+
+def markdown(r: dict) -> str:
+    rows = [("forward", f"{r['forward_ms']:.2f} ms"),
+            (f"{r['optimizer']} step",
+             f"{r['zo_step_ms']:.2f} ms = {r['zo_step_over_two_forwards']:.2f} x two forwards"),
+            ("perturbation pass", f"{r['perturbation_pass_ms']:.2f} ms = {r['perturbation_over_in_place']:.2f} x "
+                                  f"in-place ({r['perturbation_bandwidth_gb_s']:.1f} GB/s)"),
+            ("in-place pass `x.add_(c)`", f"{r['in_place_pass_ms']:.2f} ms ({r['in_place_bandwidth_gb_s']:.1f} GB/s)")]
+    if "reference_mezo_step_ms" in r:
+        rows.append(("reference MeZO step (4 RNG passes)",
+                     f"{r['reference_mezo_step_ms']:.2f} ms = {r['reference_over_two_forwards']:.2f} x two forwards"))
+    for key in ("peak_allocated_gib", "peak_host_rss_gib"):
+        if key in r:
+            rows.append((key.replace("_", " "), f"{r[key]:.2f} GiB"))
+    table = "\n".join(f"| {a} | {b} |" for a, b in rows)
+    return (f"# Step benchmark: {r['model']}, {r['backend']}, {r['dtype']}, batch {r['batch']} x {r['seq']}\n\n"
+            f"{r['date']}, {r['device']}, world size {r['world_size']}.\n\n| what | time |\n| --- | --- |\n{table}\n")
