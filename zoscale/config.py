@@ -25,6 +25,7 @@ class ModelConfig:
     name_or_path: str | None = None  # hub id or local directory (from_pretrained)
     config: dict | None = None  # or build from a config dict, e.g. {model_type: opt, hidden_size: 64, ...}
     tokenizer: str | None = None  # hub id or local directory; defaults to name_or_path
+    kind: str = "causal"  # causal (OPT, Llama, GPT-2, ...) | masked (RoBERTa, BERT: the answer fills a mask)
     dtype: str = "float32"
     trainable: str = "all"  # "all", or a regex: parameters whose names match train
     master_weights: bool = False  # fp32 master copies of half-precision weights (docs/numerics.md)
@@ -38,6 +39,7 @@ class ModelConfig:
         _require(self.name_or_path is not None or self.tokenizer is not None, "model.tokenizer",
                  "is required when the model is built from a config")
         _choice(self.dtype, DTYPES, "model.dtype")
+        _choice(self.kind, ("causal", "masked"), "model.kind")
         if self.trainable != "all":
             try:
                 re.compile(self.trainable)
@@ -96,6 +98,8 @@ class TrainConfig:
         for key in ("steps", "batch_size", "eval_batch_size", "log_every"):
             _require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
         _require(self.collective_timeout_s > 0, "collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
+        _require(self.model.kind == "causal" or self.optim.name != "pseuzo", "optim.name",
+                 "pseuzo needs a causal LM (its body/head split), but model.kind is masked")
         for key in ("eval_every", "save_every", "max_nonfinite"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _choice(self.backend, BACKENDS, "backend")

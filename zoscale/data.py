@@ -85,9 +85,19 @@ def sample(cfg: DataConfig, task: Task) -> dict[str, list[Example]]:
     return {"train": train, "dev": dev, "test": build(test_pool, test_order, cfg.num_test)}
 
 
-def encode(example: Example, tokenizer, max_length: int) -> Encoded:
-    prompt = tokenizer(example.prompt)["input_ids"]
+def encode(example: Example, tokenizer, max_length: int, masked: bool = False) -> Encoded:
     piece = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    if masked:  # the answer fills a mask at the end of the prompt: one token per candidate
+        if tokenizer.mask_token is None:
+            raise ConfigError("model.kind: masked, but the tokenizer has no mask token")
+        candidates = [piece(c) for c in example.candidates]
+        for text, ids in zip(example.candidates, candidates):
+            if len(ids) != 1:
+                raise ConfigError(f"model.kind: masked LMs score one token at the mask; candidate {text!r} is "
+                                  f"{len(ids)} tokens for this tokenizer")
+        prompt = tokenizer(example.prompt + tokenizer.mask_token)["input_ids"]
+        return Encoded(prompt[-max_length:], candidates, example.label, [], list(example.answers))
+    prompt = tokenizer(example.prompt)["input_ids"]
     candidates = [piece(c) for c in example.candidates]
     target = piece(example.answers[0]) if example.answers else (candidates[example.label] if candidates else [])
     longest = max([len(c) for c in candidates] + [len(target)])

@@ -5,10 +5,13 @@ body(model) -> the last hidden state; head: the output embedding applied only at
 that are scored (so no (batch, length, vocab) tensor is formed for the whole sequence). PseuZO
 uses the split directly: its closure returns the body output and a head loss on it.
 
-Objectives, both returned as (loss_sum, count) so that the global mean is exact across ranks:
+Objectives, all returned as (loss_sum, count) so that the global mean is exact across ranks:
 - classification: each candidate's mean token log-likelihood after the prompt is its score;
   cross-entropy over the candidates, summed over examples (count = examples);
-- lm: negative log-likelihood of the gold answer's tokens (count = tokens).
+- lm: negative log-likelihood of the gold answer's tokens (count = tokens);
+- masked (masked LMs): each candidate's logit at the prompt's mask token, cross-entropy over
+  candidates (LM-BFF); the full forward gives the logits, as the MLM head is more than the
+  output embedding.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from zoscale.data import Encoded
 
 def sequence_length(example: Encoded, objective: str) -> int:
     """The longest sequence ``example`` contributes to a Batch."""
+    if objective == "masked":
+        return len(example.prompt)
     tails = [len(c) for c in example.candidates] if objective == "classification" else [len(example.target)]
     return len(example.prompt) + max(tails)
 
@@ -34,14 +39,19 @@ class Batch:
     """Encoded examples packed as right-padded sequences for one objective."""
 
     def __init__(self, examples: list[Encoded], objective: str, pad_id: int, device, body=None, head=None,
-                 pad_to: int = 0):
+                 pad_to: int = 0, mask_id: int | None = None):
         """A sharded backend replaces ``body(model, input_ids, attention_mask)`` (the direct call of
         the base model) and ``head(model, hidden)`` (the output embedding). ``pad_to``: pad to at
         least this length (a rank's share of a global batch pads like the whole batch)."""
         self.objective, self.body_fn, self.head_fn = objective, body, head
         sequences, spans, self.groups, labels = [], [], [], []
+        self.candidate_ids = [ex.candidates for ex in examples]
         for ex in examples:
-            if objective == "classification":
+            if objective == "masked":
+                spans.append((ex.prompt.index(mask_id) + 1, 1))  # marks the mask position itself
+                sequences.append(ex.prompt)
+                labels.append(ex.label)
+            elif objective == "classification":
                 first = len(sequences)
                 for cand in ex.candidates:
                     spans.append((len(ex.prompt), len(cand)))
@@ -104,18 +114,30 @@ class Batch:
         per_example = torch.stack([-F.log_softmax(scores[g], 0)[y] for g, y in zip(self.groups, self.labels)])
         return per_example.sum(), self.examples
 
+    def mask_scores(self, model) -> list[torch.Tensor]:
+        """Masked LMs: each example's candidate logits at its mask token (full forward)."""
+        logits = causal_lm(model)(input_ids=self.input_ids, attention_mask=self.attention_mask).logits
+        at_mask = logits[self.scored].float()  # one row per example, in order
+        return [row[[c[0] for c in cands]] for row, cands in zip(at_mask, self.candidate_ids)]
+
     def head_loss(self, model, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(loss_sum, count) from the body output: differentiable with respect to ``hidden``."""
         return self.loss_from_token_logprobs(self.token_logprobs(model, hidden))
 
     def loss(self, model) -> tuple[float, int]:
         with torch.no_grad():
+            if self.objective == "masked":
+                scores = self.mask_scores(model)
+                total = sum(-F.log_softmax(s, 0)[y] for s, y in zip(scores, self.labels))
+                return float(total), self.examples
             total, count = self.head_loss(model, self.body(model))
         return total.item(), count
 
     def predictions(self, model) -> torch.Tensor:
         """The highest-scoring candidate of each example (classification batches)."""
         with torch.no_grad():
+            if self.objective == "masked":
+                return torch.stack([s.argmax() for s in self.mask_scores(model)]).cpu()
             scores = self.candidate_scores(self.token_logprobs(model, self.body(model)))
         return torch.stack([scores[g].argmax() for g in self.groups]).cpu()
 

@@ -22,18 +22,19 @@ def build_tokenizer(cfg: ModelConfig):
 def build_model(cfg: ModelConfig, vocab_size: int | None = None):
     """A causal LM from the hub or a local directory, or built from a config dict with random
     weights (seeded by ``init_seed``). Dropout is off: ZO forwards must see one function."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
+    auto = AutoModelForMaskedLM if cfg.kind == "masked" else AutoModelForCausalLM
     dtype = getattr(torch, cfg.dtype)
     if cfg.name_or_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype)
+        model = auto.from_pretrained(cfg.name_or_path, dtype=dtype)
     else:
         fields = dict(cfg.config)
         model_type = fields.pop("model_type")
         if vocab_size is not None:
             fields.setdefault("vocab_size", vocab_size)
         torch.manual_seed(cfg.init_seed)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields)).to(dtype)
+        model = auto.from_config(AutoConfig.for_model(model_type, **fields)).to(dtype)
     model.eval()
     model.requires_grad_(False)
     if cfg.lora is not None:

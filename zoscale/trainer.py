@@ -51,11 +51,18 @@ class Trainer:
             self.task = tasks.get(cfg.data.task)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        masked = cfg.model.kind == "masked"
+        if masked and (self.task.train_objective != "classification" or self.task.evaluation != "candidates"):
+            raise ConfigError(f"model.kind: masked LMs score candidates at a mask; task {self.task.name} is not a "
+                              f"classification task")
+        self.objective = "masked" if masked else self.task.train_objective
         self.tokenizer = build_tokenizer(cfg.model)
+        self.mask_id = self.tokenizer.mask_token_id if masked else None
         splits = data.sample(cfg.data, self.task)
         if not splits["train"]:
             raise ConfigError("data: the training sample is empty")
-        encode = lambda examples: [data.encode(e, self.tokenizer, cfg.data.max_length) for e in examples]  # noqa: E731
+        encode = lambda examples: [data.encode(e, self.tokenizer, cfg.data.max_length, masked)  # noqa: E731
+                                   for e in examples]
         self.train, self.dev, self.test = (encode(splits[k]) for k in ("train", "dev", "test"))
 
         self.model = self.backend.build(cfg.model, len(self.tokenizer), self.device)
@@ -93,12 +100,12 @@ class Trainer:
         mine = data.rank_share(index, self.comm.rank, self.comm.world_size)
         # every rank pads like the whole batch: the same shapes as in one process (PseuZO pairs
         # positions of older outputs by them)
-        longest = max(sequence_length(self.train[i], self.task.train_objective) for i in index)
+        longest = max(sequence_length(self.train[i], self.objective) for i in index)
         return self._batch([self.train[i] for i in mine], pad_to=longest)
 
     def _batch(self, examples, pad_to: int = 0) -> Batch:
-        return Batch(examples, self.task.train_objective, self.tokenizer.pad_token_id, self.device,
-                     body=self.backend.body, head=self.backend.head, pad_to=pad_to)
+        return Batch(examples, self.objective, self.tokenizer.pad_token_id, self.device,
+                     body=self.backend.body, head=self.backend.head, pad_to=pad_to, mask_id=self.mask_id)
 
     def full_batch_loss(self) -> tuple[float, int]:
         """MeZO-SVRG's anchor loss: this rank's share of the whole training sample."""
@@ -194,7 +201,7 @@ class Trainer:
     def _evaluate(self, mine) -> dict[str, float]:
         return evaluate(self.model, self.tokenizer, mine, self.task.evaluation, self.cfg.eval_batch_size,
                         self.tokenizer.pad_token_id, self.device, self.comm, self.cfg.data.max_new_tokens,
-                        body=self.backend.body, head=self.backend.head)
+                        body=self.backend.body, head=self.backend.head, masked_id=self.mask_id)
 
     def _dev_eval(self) -> None:
         if not self.dev:
