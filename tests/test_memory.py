@@ -77,3 +77,19 @@ def test_profile_refuses_bad_input(args, message, tmp_path):
     done = subprocess.run([sys.executable, "-m", "zoscale", "profile", "--out", str(tmp_path / "p"), *args],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr
+
+
+def test_profile_on_two_ranks_reports_every_rank(tmp_path):
+    out = tmp_path / "profile"
+    cmd = [sys.executable, "-m", "zoscale", "profile", "--nproc", "2", "--optimizers", "mezo,adamw", "--steps", "2",
+           "--out", str(out), "backend=fsdp", "data.num_dev=0", "data.num_test=0", "data.num_train=64"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                                 "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    for result in report["results"]:
+        assert not result.get("failed"), result
+        assert [r["rank"] for r in result["ranks"]] == [0, 1]
+        assert result["peaks"]["memory/host_rss_peak_gib"] == max(r["peaks"]["memory/host_rss_peak_gib"]
+                                                                  for r in result["ranks"])
+    assert "| mezo, rank 1 |" in (out / "report.md").read_text()

@@ -3,7 +3,9 @@
 Each method runs in a fresh process (so peaks do not leak between methods) on the same model and
 batches: the ZO optimizers through the trainer's own step, AdamW and SGD with a backward pass
 through the same loss. An out-of-memory is a result, not a crash. Writes DIR/report.json,
-DIR/report.md and DIR/memory_over_time.png, DIR/peaks.png. Single-process runs (backend local).
+DIR/report.md and DIR/memory_over_time.png, DIR/peaks.png. With `--nproc N` each method runs on N
+ranks under torchrun (with the config's backend); every rank measures itself and the report lists
+every rank, headed by the maximum over ranks.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ def run_method(config: Path | None, overrides: list[str], method: str, steps: in
     from zoscale.trainer import Trainer
 
     name = method if method in ZO_METHODS else "mezo"
+    if method in FIRST_ORDER and "backend=deepspeed" in overrides:
+        raise SystemExit("first-order baselines run on the local, ddp and fsdp backends (ZeRO-3 needs its engine)")
     cfg = load(config, [*overrides, f"optim.name={name}", f"steps={steps}", "eval_every=0", "save_every=0",
                         "eval_before=false"], defaults=QUICKSTART)
     trainer = Trainer(cfg, out / "run")
+    rank = trainer.comm.rank
     sampler = MemorySampler(0.01).start()
     trainer.optimizer.engine.phase = sampler.phase
     trainer.memory = sampler  # the trainer tags its forwards
@@ -46,7 +51,9 @@ def run_method(config: Path | None, overrides: list[str], method: str, steps: in
                 trainer.train_step(batch)
             else:
                 with sampler.phase("forward_backward"):
-                    total, count = batch.head_loss(trainer.model, batch.body(trainer.model))
+                    # the model's own forward (FSDP's autograd hooks), the same loss on its logits
+                    logits = trainer.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                    total, count = batch.loss_from_token_logprobs(batch.logprobs_from_logits(logits[batch.scored]))
                     (total / count).backward()
                 with sampler.phase("update"):
                     first_order.step()
@@ -59,7 +66,7 @@ def run_method(config: Path | None, overrides: list[str], method: str, steps: in
     finally:
         sampler.stop()
         trainer.backend.teardown()
-    result.update(oom=result.get("oom", False), steps=len(step_times),
+    result.update(rank=rank, oom=result.get("oom", False), steps=len(step_times),
                   step_time_s=sorted(step_times)[len(step_times) // 2] if step_times else None,
                   nvml_missing=sampler.nvml_missing, peaks=sampler.summary(),
                   timeline=[{k: v for k, v in s.items()} for s in sampler.samples])
@@ -74,23 +81,26 @@ def _first_order(method: str, model):
     return torch.optim.AdamW(params, lr=1e-5) if method == "adamw" else torch.optim.SGD(params, lr=1e-5)
 
 
-def profile(config: Path | None, overrides: list[str], methods: list[str], steps: int, out: Path) -> dict:
-    """Every method in a fresh process, then the report."""
+def profile(config: Path | None, overrides: list[str], methods: list[str], steps: int, out: Path,
+            nproc: int = 1) -> dict:
+    """Every method in a fresh process (or torchrun job), then the report."""
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for i, method in enumerate(methods, 1):
-        print(f"[{i}/{len(methods)}] {method}: {steps} steps ...", flush=True)
-        target = out / method / "result.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "zoscale.profile", str(config or ""), method, str(steps), str(target.parent),
-               *overrides]
+        print(f"[{i}/{len(methods)}] {method}: {steps} steps on {nproc} rank(s) ...", flush=True)
+        where = out / method
+        where.mkdir(parents=True, exist_ok=True)
+        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                         f"--nproc_per_node={nproc}"]
+        cmd = [*launcher, "-m", "zoscale.profile", str(config or ""), method, str(steps), str(where), *overrides]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not target.exists():
+        ranks = [json.loads(f.read_text()) for f in sorted(where.glob("result-rank*.json"))]
+        if done.returncode != 0 or len(ranks) != nproc:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             results.append({"method": method, "failed": True, "error": tail[0]})
             print(f"[{i}/{len(methods)}] {method}: failed: {tail[0]}", flush=True)
             continue
-        result = json.loads(target.read_text())
+        result = merge_ranks(ranks)
         results.append(result)
         print(f"[{i}/{len(methods)}] {method}: {_headline(result)}", flush=True)
     report = {"date": datetime.date.today().isoformat(), "hardware": _hardware(), "steps": steps,
@@ -99,6 +109,21 @@ def profile(config: Path | None, overrides: list[str], methods: list[str], steps
     (out / "report.md").write_text(markdown(report))
     plot(report, out)
     return report
+
+
+def merge_ranks(ranks: list[dict]) -> dict:
+    """One method's per-rank results: the headline is the maximum over ranks (the rank that limits
+    the run); every rank is kept under `ranks`."""
+    ranks = sorted(ranks, key=lambda r: r["rank"])
+    merged = dict(ranks[0])
+    keys = {k for r in ranks for k in r.get("peaks", {})}
+    merged["peaks"] = {k: max(r["peaks"].get(k, 0.0) for r in ranks) for k in keys}
+    times = [r["step_time_s"] for r in ranks if r.get("step_time_s")]
+    merged["step_time_s"] = max(times) if times else None
+    merged["oom"] = any(r.get("oom") for r in ranks)
+    if len(ranks) > 1:
+        merged["ranks"] = [{k: v for k, v in r.items() if k != "timeline"} for r in ranks]
+    return merged
 
 
 def _peak(result: dict) -> tuple[str, float] | None:
@@ -136,6 +161,12 @@ def markdown(report: dict) -> str:
         step = f"{r['step_time_s'] * 1e3:.1f}" if r.get("step_time_s") else "-"
         rows.append(f"| {r['method']} | {cell('memory/nvml_process_used_peak_gib')} | "
                     f"{cell('memory/allocated_peak_gib')} | {cell('memory/host_rss_peak_gib')} | {step} | {note} |")
+        for rank in r.get("ranks", []):
+            q = rank.get("peaks", {})
+            value = lambda key: f"{q[key]:.3f}" if key in q else "-"  # noqa: E731
+            rows.append(f"| {r['method']}, rank {rank['rank']} | {value('memory/nvml_process_used_peak_gib')} | "
+                        f"{value('memory/allocated_peak_gib')} | {value('memory/host_rss_peak_gib')} | "
+                        f"{rank['step_time_s'] * 1e3:.1f} | |")
     nvml = next((r.get("nvml_missing") for r in report["results"] if r.get("nvml_missing")), None)
     lines = [f"# Memory profile, {report['date']}, {report['hardware']}", "",
              f"{report['steps']} steps per method, each in a fresh process; config {report['config']} "
@@ -172,8 +203,8 @@ def plot(report: dict, out: Path) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":  # the per-method worker: CONFIG METHOD STEPS OUT_DIR [overrides]
+if __name__ == "__main__":  # the per-method worker (one per rank): CONFIG METHOD STEPS OUT_DIR [overrides]
     config_arg, method_arg, steps_arg, out_arg, *rest = sys.argv[1:]
     result = run_method(Path(config_arg) if config_arg else None, rest, method_arg, int(steps_arg), Path(out_arg))
-    (Path(out_arg) / "result.json").write_text(json.dumps(result))
+    (Path(out_arg) / f"result-rank{result['rank']}.json").write_text(json.dumps(result))
 
