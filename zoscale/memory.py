@@ -84,6 +84,7 @@ class MemorySampler:
         try:
             yield
         finally:
+            self.sample()  # every phase holds at least one sample, however short it was
             if torch.cuda.is_available():
                 peak = torch.cuda.max_memory_allocated()
                 self.allocator_peaks[name] = max(self.allocator_peaks.get(name, 0), peak)
