@@ -55,7 +55,7 @@ def test_training_records_memory_metrics(tmp_path):
 
 def test_profile_command_writes_the_report(tmp_path):
     out = tmp_path / "profile"
-    cmd = [sys.executable, "-m", "zoscale", "profile", "--optimizers", "conmezo,adamw", "--steps", "2",
+    cmd = [sys.executable, "-m", "zoscale", "profile", "--optimizers", "conmezo,adamw", "--steps", "2", "--seq", "40",
            "--out", str(out), "data.num_dev=0", "data.num_test=0", "data.num_train=64"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -65,6 +65,7 @@ def test_profile_command_writes_the_report(tmp_path):
     for r in report["results"]:
         assert not r.get("failed") and r["steps"] == 2 and r["peaks"]["memory/host_rss_peak_gib"] > 0
     assert "| conmezo |" in (out / "report.md").read_text()
+    assert "random batches of 40 tokens" in (out / "report.md").read_text() and report["seq"] == 40
     for png in ("memory_over_time.png", "peaks.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

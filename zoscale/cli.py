@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--steps", type=_positive_int, default=5)
     prof.add_argument("--out", type=Path, required=True, help="report directory")
     prof.add_argument("--nproc", type=_positive_int, default=1, help="ranks per method (torchrun; set backend=...)")
+    prof.add_argument("--seq", type=_positive_int, help="random batches of this many tokens instead of the task's")
     prof.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
 
     bench = sub.add_parser("bench", help="benchmarks that write reports").add_subparsers(dest="bench", required=True)
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"--config: no such file {args.config}")
         if (args.out / "report.json").exists() and not args.force:
             return _fail(f"{args.out / 'report.json'} exists; pass --force to overwrite it")
-        profile(args.config, args.overrides, methods, args.steps, args.out, args.nproc)
+        profile(args.config, args.overrides, methods, args.steps, args.out, args.nproc, args.seq)
         print(f"report in {args.out}/report.md")
         return 0
     if args.command == "plan":

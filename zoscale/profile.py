@@ -25,7 +25,26 @@ ZO_METHODS = ("mezo", "conmezo", "mezo_svrg", "pseuzo")
 FIRST_ORDER = ("adamw", "sgd")
 
 
-def run_method(config: Path | None, overrides: list[str], method: str, steps: int, out: Path) -> dict:
+def synthetic_batches(trainer, seq: int):
+    """Batches of random prompts of ``seq`` tokens (two one-token candidates each), shaped like the
+    run's batches: for memory at a fixed sequence length whatever the task data's lengths."""
+    from zoscale.data import Encoded
+
+    vocab = trainer.model.config.vocab_size if hasattr(trainer.model, "config") else len(trainer.tokenizer)
+    generator = torch.Generator().manual_seed(0)
+
+    def batch(step: int):
+        examples = []
+        for _ in range(trainer.cfg.batch_size // trainer.comm.world_size or 1):
+            ids = torch.randint(3, vocab, (seq,), generator=generator).tolist()
+            examples.append(Encoded(ids[:-1], [[ids[-1]], [(ids[-1] + 1) % vocab]], 0, [ids[-1]], []))
+        return trainer._batch(examples, pad_to=seq)
+
+    return batch
+
+
+def run_method(config: Path | None, overrides: list[str], method: str, steps: int, out: Path,
+               seq: int | None = None) -> dict:
     """In this process: `steps` steps of `method` with memory sampling; the result as a dict."""
     from zoscale.commands import QUICKSTART
     from zoscale.config import load
@@ -38,6 +57,7 @@ def run_method(config: Path | None, overrides: list[str], method: str, steps: in
                         "eval_before=false"], defaults=QUICKSTART)
     trainer = Trainer(cfg, out / "run")
     rank = trainer.comm.rank
+    make_batch = synthetic_batches(trainer, seq) if seq else trainer.batch
     sampler = MemorySampler(0.01).start()
     trainer.optimizer.engine.phase = sampler.phase
     trainer.memory = sampler  # the trainer tags its forwards
@@ -45,7 +65,7 @@ def run_method(config: Path | None, overrides: list[str], method: str, steps: in
     try:
         first_order = _first_order(method, trainer.model) if method in FIRST_ORDER else None
         for step in range(steps):
-            batch = trainer.batch(step)
+            batch = make_batch(step)
             t0 = time.time()
             if first_order is None:
                 trainer.train_step(batch)
@@ -82,7 +102,7 @@ def _first_order(method: str, model):
 
 
 def profile(config: Path | None, overrides: list[str], methods: list[str], steps: int, out: Path,
-            nproc: int = 1) -> dict:
+            nproc: int = 1, seq: int | None = None) -> dict:
     """Every method in a fresh process (or torchrun job), then the report."""
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -92,7 +112,8 @@ def profile(config: Path | None, overrides: list[str], methods: list[str], steps
         where.mkdir(parents=True, exist_ok=True)
         launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                          f"--nproc_per_node={nproc}"]
-        cmd = [*launcher, "-m", "zoscale.profile", str(config or ""), method, str(steps), str(where), *overrides]
+        cmd = [*launcher, "-m", "zoscale.profile", str(config or ""), method, str(steps), str(where), str(seq or 0),
+               *overrides]
         done = subprocess.run(cmd, capture_output=True, text=True)
         ranks = [json.loads(f.read_text()) for f in sorted(where.glob("result-rank*.json"))]
         if done.returncode != 0 or len(ranks) != nproc:
@@ -103,7 +124,7 @@ def profile(config: Path | None, overrides: list[str], methods: list[str], steps
         result = merge_ranks(ranks)
         results.append(result)
         print(f"[{i}/{len(methods)}] {method}: {_headline(result)}", flush=True)
-    report = {"date": datetime.date.today().isoformat(), "hardware": _hardware(), "steps": steps,
+    report = {"date": datetime.date.today().isoformat(), "hardware": _hardware(), "steps": steps, "seq": seq,
               "config": str(config) if config else "quickstart", "overrides": overrides, "results": results}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(markdown(report))
@@ -168,8 +189,9 @@ def markdown(report: dict) -> str:
                         f"{value('memory/allocated_peak_gib')} | {value('memory/host_rss_peak_gib')} | "
                         f"{rank['step_time_s'] * 1e3:.1f} | |")
     nvml = next((r.get("nvml_missing") for r in report["results"] if r.get("nvml_missing")), None)
+    batches = f", random batches of {report['seq']} tokens" if report.get("seq") else ""
     lines = [f"# Memory profile, {report['date']}, {report['hardware']}", "",
-             f"{report['steps']} steps per method, each in a fresh process; config {report['config']} "
+             f"{report['steps']} steps per method, each in a fresh process{batches}; config {report['config']} "
              f"{' '.join(report['overrides'])}.", "", *rows, ""]
     if nvml:
         lines += [f"NVML unavailable here ({nvml}): host and allocator memory only.", ""]
@@ -203,8 +225,9 @@ def plot(report: dict, out: Path) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":  # the per-method worker (one per rank): CONFIG METHOD STEPS OUT_DIR [overrides]
-    config_arg, method_arg, steps_arg, out_arg, *rest = sys.argv[1:]
-    result = run_method(Path(config_arg) if config_arg else None, rest, method_arg, int(steps_arg), Path(out_arg))
+if __name__ == "__main__":  # the per-method worker (one per rank): CONFIG METHOD STEPS OUT_DIR SEQ [overrides]
+    config_arg, method_arg, steps_arg, out_arg, seq_arg, *rest = sys.argv[1:]
+    result = run_method(Path(config_arg) if config_arg else None, rest, method_arg, int(steps_arg), Path(out_arg),
+                        int(seq_arg) or None)
     (Path(out_arg) / f"result-rank{result['rank']}.json").write_text(json.dumps(result))
 
