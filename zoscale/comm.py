@@ -32,14 +32,6 @@ class Comm:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
         return packed.tolist()
 
-    def broadcast_object(self, obj, src: int = 0):
-        """Rank ``src``'s picklable object on every rank."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=src, group=self.group, device=self.device)
-        return box[0]
-
     def assert_same(self, value, what: str) -> None:
         """Debug check: every rank holds the same picklable value."""
         if not self.distributed:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from zoscale.bench import device_description
 from zoscale.memory import GIB, MemorySampler
 
 ZO_METHODS = ("mezo", "conmezo", "mezo_svrg", "pseuzo")
@@ -124,7 +125,7 @@ def profile(config: Path | None, overrides: list[str], methods: list[str], steps
         result = merge_ranks(ranks)
         results.append(result)
         print(f"[{i}/{len(methods)}] {method}: {_headline(result)}", flush=True)
-    report = {"date": datetime.date.today().isoformat(), "hardware": _hardware(), "steps": steps, "seq": seq,
+    report = {"date": datetime.date.today().isoformat(), "hardware": device_description(), "steps": steps, "seq": seq,
               "config": str(config) if config else "quickstart", "overrides": overrides, "results": results}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(markdown(report))
@@ -162,14 +163,6 @@ def _headline(result: dict) -> str:
     peak = _peak(result)
     step = result.get("step_time_s")
     return f"peak {peak[1]:.3f} GiB ({peak[0]}), {step * 1e3:.1f} ms/step" if peak and step else "no data"
-
-
-def _hardware() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    from zoscale.bench.quadratic import cpu_description
-
-    return cpu_description()
 
 
 def markdown(report: dict) -> str:

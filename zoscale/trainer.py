@@ -120,10 +120,7 @@ class Trainer:
     def train_step(self, batch: Batch):
         opt, model = self.optimizer, self.model
 
-        def loss():
-            with self.phase("forward"):
-                return batch.loss(model)
-
+        loss = lambda: self._in_phase("forward", lambda: batch.loss(model))  # noqa: E731
         if opt.name == "pseuzo":
             closure = pseuzo_closure(model, batch, opt.config.output)
             return opt.step(lambda: self._in_phase("forward", closure))
@@ -171,9 +168,6 @@ class Trainer:
     def _finish(self, seconds: float) -> dict:
         summary = {"steps": self.step, "optimizer": self.cfg.optim.name, "task": self.task.name,
                    "seconds": seconds, "nonfinite_steps": self.total_nonfinite, **parameter_stats(self.optimizer)}
-        if self.memory is not None:
-            self.memory.stop()
-            summary["memory"] = self.memory.summary()
         summary["eval_final"] = self.evaluate("test")
         summary["eval_after"] = summary["eval_final"]
         if self.best is not None:
@@ -183,6 +177,9 @@ class Trainer:
             summary["eval_after"] = self.evaluate("test")  # MeZO reports the best dev checkpoint on test
             self.backend.load_state(self.model, final_params)
         summary.update({k: v for k, v in self.history.items() if k == "eval_before"})
+        if self.memory is not None:  # after the last evaluations, so their peaks count too
+            self.memory.stop()
+            summary["memory"] = self.memory.summary()
         if self.comm.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         before = self._fmt(summary["eval_before"]) if "eval_before" in summary else "-"
@@ -288,8 +285,8 @@ class Trainer:
 def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < step
-            or (json.loads(line).get("split") and json.loads(line)["step"] <= step)]
+    records = [(line, json.loads(line)) for line in path.read_text().splitlines()]
+    keep = [line for line, r in records if r["step"] < step or (r.get("split") and r["step"] <= step)]
     path.write_text("".join(line + "\n" for line in keep))
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
-import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -22,6 +20,7 @@ from pathlib import Path
 import torch
 
 import zoscale
+from zoscale.bench import cpu_description
 
 METHODS = {
     "mezo": {},
@@ -68,16 +67,6 @@ def run_trial(cfg: QuadraticConfig, method: str, trial: int, progress: bool = Tr
             print(f"  {method} trial {trial + 1}/{cfg.trials}: {t}/{cfg.iters} iterations, f = {values[-1]:.3e}, "
                   f"{time.time() - start:.0f} s", flush=True)
     return values
-
-
-def cpu_description() -> str:
-    model = platform.processor()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model or platform.machine()}, {os.cpu_count()} cores"
 
 
 def first_reach(curve: list[float], target: float) -> int | None:

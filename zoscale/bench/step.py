@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import zoscale
+from zoscale.bench import device_description
 from zoscale.memory import GIB
 
 
@@ -88,7 +89,7 @@ def run(model_config: Path, batch: int, seq: int, optimizer: str, backend_name: 
     in_place = _timed(lambda: [s.tensor.add_(1e-3) for s in shards], repeats)
     local_bytes = sum(s.tensor.numel() * s.tensor.element_size() for s in shards)
     result = {
-        "date": datetime.date.today().isoformat(), "device": _device_name(device), "world_size": comm.world_size,
+        "date": datetime.date.today().isoformat(), "device": device_description(device), "world_size": comm.world_size,
         "model": Path(model_config).stem, "backend": backend_name, "dtype": dtype, "batch": batch, "seq": seq,
         "optimizer": optimizer, "parameters": sum(s.global_numel for s in shards),
         "forward_ms": forward * 1e3, "zo_step_ms": zo_step * 1e3, "zo_step_over_two_forwards": zo_step / (2 * forward),
@@ -113,14 +114,6 @@ def run(model_config: Path, batch: int, seq: int, optimizer: str, backend_name: 
         (out / f"{name}.md").write_text(markdown(result))
     backend.teardown()
     return result
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    from zoscale.bench.quadratic import cpu_description
-
-    return cpu_description()
 
 
 def markdown(r: dict) -> str:
