@@ -50,15 +50,15 @@ def generate(model, tokenizer, examples: list[Encoded], max_new_tokens: int, dev
 
 
 def evaluate(model, tokenizer, examples: list[Encoded], evaluation: str, batch_size: int, pad_id: int, device,
-             comm: Comm, max_new_tokens: int = 50, body=None, head=None, masked_id: int | None = None
+             comm: Comm, max_new_tokens: int = 50, body=None, head=None, mask_id: int | None = None
              ) -> dict[str, float]:
     """This rank's examples; the sums go through one all-reduce, so every rank gets global metrics."""
     totals = [0.0, 0.0, 0.0]  # accuracy: correct, -, count | generation: f1, em, count
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         if evaluation == "candidates":
-            objective = "classification" if masked_id is None else "masked"
-            batch = Batch(chunk, objective, pad_id, device, body=body, head=head, mask_id=masked_id)
+            objective = "classification" if mask_id is None else "masked"
+            batch = Batch(chunk, objective, pad_id, device, body=body, head=head, mask_id=mask_id)
             predicted = batch.predictions(model)
             totals[0] += sum(int(p == e.label) for p, e in zip(predicted.tolist(), chunk))
         else:

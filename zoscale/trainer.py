@@ -198,7 +198,7 @@ class Trainer:
     def _evaluate(self, mine) -> dict[str, float]:
         return evaluate(self.model, self.tokenizer, mine, self.task.evaluation, self.cfg.eval_batch_size,
                         self.tokenizer.pad_token_id, self.device, self.comm, self.cfg.data.max_new_tokens,
-                        body=self.backend.body, head=self.backend.head, masked_id=self.mask_id)
+                        body=self.backend.body, head=self.backend.head, mask_id=self.mask_id)
 
     def _dev_eval(self) -> None:
         if not self.dev:
