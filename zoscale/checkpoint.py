@@ -1,29 +1,42 @@
-"""Resumable checkpoints, written atomically.
+"""Sharded, resumable checkpoints, written atomically.
 
-RUN/checkpoints/step-00001000/{params.safetensors, optimizer.pt, trainer.json} is written under a
-temporary name, flushed to disk and renamed; RUN/checkpoints/latest (a one-line file) is then
-replaced atomically. A kill at any moment leaves the previous checkpoint and pointer usable.
-Only trainable parameters are saved: the rest is rebuilt from the config (a pretrained id or a
-seeded config), which the run directory also holds.
+    RUN/checkpoints/step-00001000/
+        shards-rank{r}.safetensors   rank r's pieces: param/NAME@OFFSET, and the optimizer's shard
+                                     buffers (master/..., momentum/..., anchor/...) laid out the same
+        optimizer-rank{r}.pt         rank r's optimizer scalars (step, norms, seeds)
+        trainer.json                 the loop's state and the world size
+    RUN/checkpoints/latest           a one-line pointer, replaced last
+    RUN/best/step-.../ and best/latest   the best dev parameters, the same way
+
+Each piece is a flat run of a parameter's elements at its global offset (the shard's own
+coordinates, invariant 1), so no rank ever gathers a whole parameter and a checkpoint resumes on
+any backend and world size: every rank reads just the elements of the saved pieces that overlap its
+shards. Ranks holding whole replicas (local, ddp) write one copy, from rank 0. A directory is written
+under a temporary name, flushed and renamed, and only then is the pointer replaced, so a kill at any
+moment leaves the previous checkpoint usable. Only trainable parameters are saved: the rest is
+rebuilt from the config, which the run directory also holds.
+
+Why not torch.distributed.checkpoint: DTensor cannot describe ZeRO-3's flat partitions, and the
+form DCP has for arbitrary chunks (ShardedTensor) is deprecated; safetensors pieces keyed by offset
+keep one format for every backend and are read lazily, element range by element range.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from zoscale.comm import Comm
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A copy (never a view: callers restore from it) of the trainable parameters, on the CPU.
-    named_parameters() lists a tied weight once, so no two entries share storage."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+from zoscale.shards import Shard, ShardBuffer
 
 
 def _fsync_dir(path: Path) -> None:
@@ -44,84 +57,137 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def save(run_dir: Path, step: int, params: dict[str, torch.Tensor], optimizer_state: dict, trainer_state: dict,
-         comm: Comm) -> Path:
-    """Every rank calls this: each writes its own optimizer state (sharded buffers stay per rank),
-    rank 0 the parameters (whole) and the trainer state, then renames the directory."""
-    root = run_dir / "checkpoints"
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
-    if comm.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save
-        tmp.mkdir()
-    comm.barrier()
-    _save_synced(lambda f: torch.save(optimizer_state, f), tmp / f"optimizer-rank{comm.rank}.pt")
-    comm.barrier()
-    if comm.is_main:
-        _save_synced(lambda f: save_file(params, f), tmp / "params.safetensors")
-        state = {"step": step, "world_size": comm.world_size, **trainer_state}
-        _save_synced(lambda f: f.write_text(json.dumps(state)), tmp / "trainer.json")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / "latest", final.name + "\n")
-    comm.barrier()
-    return final
-
-
-def _save_synced(write, path: Path) -> None:
+def _save_synced(write: Callable[[Path], object], path: Path) -> None:
     write(path)
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
 
 
-def save_best(run_dir: Path, params: dict[str, torch.Tensor]) -> None:
-    """RUN/best/params.safetensors, replaced atomically."""
-    best = run_dir / "best"
-    best.mkdir(parents=True, exist_ok=True)
-    tmp = best / ".params.safetensors.tmp"
-    save_file(params, tmp)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, best / "params.safetensors")
-    _fsync_dir(best)
+def _commit(root: Path, name: str, comm: Comm, write_rank: Callable[[Path], None],
+            write_main: Callable[[Path], None], keep_old: bool = True) -> Path:
+    """Every rank calls this: root/.tmp-NAME is made, each rank writes its files into it, rank 0
+    its own, renames it to root/NAME and points root/latest at it."""
+    final, tmp = root / name, root / f".tmp-{name}"
+    if comm.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save
+        tmp.mkdir()
+    comm.barrier()
+    write_rank(tmp)
+    comm.barrier()
+    if comm.is_main:
+        write_main(tmp)
+        old = latest(root)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(root / "latest", final.name + "\n")
+        if not keep_old and old is not None and old != final:
+            shutil.rmtree(old)
+    comm.barrier()
+    return final
 
 
-def latest(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
+def write_shards(directory: Path, rank: int, shards: Sequence[Shard], buffers: dict[str, ShardBuffer]) -> None:
+    """directory/shards-rank{rank}.safetensors: the shards' elements and the buffers', on the CPU."""
+    pieces = {}
+    for kind, tensors in [("param", [s.tensor for s in shards]), *((k, b.tensors) for k, b in buffers.items())]:
+        for shard, tensor in zip(shards, tensors):
+            if shard.numel:
+                pieces[f"{kind}/{shard.name}@{shard.offset}"] = tensor.detach().reshape(-1).to("cpu", copy=True)
+    _save_synced(lambda f: save_file(pieces, f), directory / f"shards-rank{rank}.safetensors")
+
+
+def read_shards(directory: Path, shards: Sequence[Shard], buffers: dict[str, ShardBuffer] | None = None) -> None:
+    """Fill the shards (and buffers) in place from pieces saved on any layout: of each saved piece,
+    only the elements that overlap a shard are read."""
+    files = sorted(directory.glob("shards-rank*.safetensors"))
+    if not files:
+        raise ValueError(f"{directory} holds no shards-rank*.safetensors")
+    with contextlib.ExitStack() as stack:
+        pieces = defaultdict(list)  # (kind, name) -> [(offset, numel, handle, key)]
+        for file in files:
+            handle = stack.enter_context(safe_open(str(file), framework="pt"))
+            for key in handle.keys():
+                kind_name, offset = key.rsplit("@", 1)
+                kind, name = kind_name.split("/", 1)
+                pieces[kind, name].append((int(offset), handle.get_slice(key).get_shape()[0], handle, key))
+        targets = [("param", [s.tensor for s in shards]), *((k, b.tensors) for k, b in (buffers or {}).items())]
+        for kind, tensors in targets:
+            for shard, tensor in zip(shards, tensors):
+                flat, filled = tensor.view(-1), 0
+                for offset, numel, handle, key in pieces[kind, shard.name]:
+                    lo, hi = max(offset, shard.offset), min(offset + numel, shard.offset + shard.numel)
+                    if lo < hi:
+                        part = handle.get_slice(key)[lo - offset : hi - offset]
+                        flat[lo - shard.offset : hi - shard.offset].copy_(part)
+                        filled += hi - lo
+                if filled != shard.numel:
+                    raise ValueError(f"checkpoint {directory} has no complete {kind} {shard.name}")
+
+
+def whole_params(directory: Path) -> dict[str, torch.Tensor]:
+    """Every saved parameter, whole and flattened, in this process (for inspection of small models)."""
+    sizes: dict[str, tuple[int, torch.dtype]] = {}
+    for file in directory.glob("shards-rank*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key.startswith("param/"):
+                    name, offset = key.removeprefix("param/").rsplit("@", 1)
+                    piece = handle.get_slice(key)
+                    end = int(offset) + piece.get_shape()[0]
+                    sizes[name] = (max(sizes.get(name, (0,))[0], end), piece[0:0].dtype)
+    whole = {name: torch.empty(size, dtype=dtype) for name, (size, dtype) in sizes.items()}
+    read_shards(directory, [Shard(name, t, offset=0, global_numel=t.numel()) for name, t in whole.items()])
+    return whole
+
+
+def save(run_dir: Path, step: int, shards: Sequence[Shard], buffers: dict[str, ShardBuffer], optimizer_state: dict,
+         trainer_state: dict, comm: Comm, owns_shards: bool) -> Path:
+    """Every rank calls this. ``owns_shards``: this rank writes its pieces (False on the ranks of
+    a replicated layout other than rank 0)."""
+    def write_rank(tmp: Path) -> None:
+        if owns_shards:
+            write_shards(tmp, comm.rank, shards, buffers)
+        _save_synced(lambda f: torch.save(optimizer_state, f), tmp / f"optimizer-rank{comm.rank}.pt")
+
+    def write_main(tmp: Path) -> None:
+        state = {"step": step, "world_size": comm.world_size, **trainer_state}
+        _save_synced(lambda f: f.write_text(json.dumps(state)), tmp / "trainer.json")
+
+    return _commit(run_dir / "checkpoints", f"step-{step:08d}", comm, write_rank, write_main)
+
+
+def save_best(run_dir: Path, step: int, shards: Sequence[Shard], comm: Comm, owns_shards: bool) -> Path:
+    """RUN/best/step-N: the parameters only; the previous best is removed once replaced."""
+    def write_rank(tmp: Path) -> None:
+        if owns_shards:
+            write_shards(tmp, comm.rank, shards, {})
+
+    def write_main(tmp: Path) -> None:
+        _save_synced(lambda f: f.write_text(json.dumps({"step": step})), tmp / "trainer.json")
+
+    return _commit(run_dir / "best", f"step-{step:08d}", comm, write_rank, write_main, keep_old=False)
+
+
+def latest(root: Path) -> Path | None:
+    """The directory root/latest points at (root: RUN/checkpoints or RUN/best), if complete."""
+    pointer = root / "latest"
     if not pointer.exists():
         return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    path = root / pointer.read_text().strip()
     return path if (path / "trainer.json").exists() else None
 
 
-def load_params(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return load_file(checkpoint / "params.safetensors")
-
-
-def apply_params(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    """Copy saved whole parameters into an unsharded model's trainable parameters."""
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            if name not in saved:
-                raise ValueError(f"checkpoint has no parameter {name}")
-            p.data.copy_(saved[name].to(p.dtype))
-
-
 def load(checkpoint: Path, comm: Comm) -> tuple[dict, dict]:
-    """(optimizer state for this rank, trainer state). Saved on another number of ranks, the
-    per-shard buffers of every rank are merged (the optimizer re-slices them for its own shards)."""
+    """(optimizer scalars for this rank, trainer state); the shards are read by ``read_shards``.
+    Saved on another number of ranks, rank 0's scalars serve (they agree on every rank), without
+    PseuZO's window of per-rank micro-batch outputs, which is meaningless on another split."""
     trainer_state = json.loads((checkpoint / "trainer.json").read_text())
-    files = sorted(checkpoint.glob("optimizer-rank*.pt"), key=lambda f: int(f.stem.removeprefix("optimizer-rank")))
     if trainer_state["world_size"] == comm.world_size:
         return torch.load(checkpoint / f"optimizer-rank{comm.rank}.pt", weights_only=False), trainer_state
-    states = [torch.load(f, weights_only=False) for f in files]
-    merged = dict(states[0])
-    for key in ("buffer", "anchor"):
-        if key in merged:
-            merged[key] = {k: v for state in states for k, v in state[key].items()}
-    if merged.get("window"):
-        merged["window"] = []  # per-rank micro-batch outputs: meaningless on another split
-    return merged, trainer_state
+    state = torch.load(checkpoint / "optimizer-rank0.pt", weights_only=False)
+    if state.get("window"):
+        state["window"] = []
+    return state, trainer_state

@@ -87,13 +87,14 @@ def _save_pretrained(model, tokenizer, out: Path) -> None:
 
 def export(args) -> int:
     from zoscale import checkpoint
+    from zoscale.shards import local_shards
 
     _fresh_directory(args.out, "--out")
     _, model, tokenizer = _initial_model(args.run)
-    source = checkpoint.latest(args.run) if args.checkpoint == "latest" else args.run / "best"
-    if source is None or not (source / "params.safetensors").exists():
+    source = checkpoint.latest(args.run / ("checkpoints" if args.checkpoint == "latest" else "best"))
+    if source is None:
         raise ConfigError(f"{args.run} has no {args.checkpoint} checkpoint")
-    checkpoint.apply_params(model, checkpoint.load_params(source))
+    checkpoint.read_shards(source, local_shards(model))  # the pieces of every rank, into whole parameters
     _save_pretrained(model, tokenizer, args.out)
     return 0
 

@@ -73,6 +73,7 @@ class Trainer:
         self.optimizer = zoscale.build_optimizer(cfg.optim.name, shards, comm=self.comm, shard_comm=shard_comm,
                                                  **options)
         self.optimizer.engine.journal = []
+        self.owns_shards = shard_comm.distributed or self.comm.is_main  # replicas: rank 0 writes checkpoints
 
         self.step = 0
         self.consecutive_nonfinite = self.total_nonfinite = 0
@@ -172,10 +173,11 @@ class Trainer:
         summary["eval_after"] = summary["eval_final"]
         if self.best is not None:
             summary["best_dev"] = self.best
-            final_params = self.backend.full_state(self.model)
-            self.backend.load_state(self.model, checkpoint.load_params(self.run_dir / "best"))
+            final_params = [s.tensor.clone() for s in self.optimizer.shards]
+            checkpoint.read_shards(checkpoint.latest(self.run_dir / "best"), self.optimizer.shards)
             summary["eval_after"] = self.evaluate("test")  # MeZO reports the best dev checkpoint on test
-            self.backend.load_state(self.model, final_params)
+            for shard, final in zip(self.optimizer.shards, final_params):
+                shard.tensor.copy_(final)
         summary.update({k: v for k, v in self.history.items() if k == "eval_before"})
         if self.memory is not None:  # after the last evaluations, so their peaks count too
             self.memory.stop()
@@ -207,10 +209,7 @@ class Trainer:
         self._write_metrics({"step": self.step, "split": "dev", **metrics})
         if self.best is None or headline(metrics) > self.best["score"]:
             self.best = {"step": self.step, "score": headline(metrics), **metrics}
-            params = self.backend.full_state(self.model)  # a collective under sharding: every rank
-            if self.comm.is_main:
-                checkpoint.save_best(self.run_dir, params)
-            self.comm.barrier()
+            checkpoint.save_best(self.run_dir, self.step, self.optimizer.shards, self.comm, self.owns_shards)
 
     # -- logging and checkpoints --------------------------------------------------------------------
     def _log_step(self, result, elapsed: float, batch: Batch) -> None:
@@ -250,18 +249,18 @@ class Trainer:
                                      f"stopped (the last checkpoint is intact)")
 
     def save(self) -> None:
-        state = self.optimizer.state_dict()
-        params = self.backend.full_state(self.model)
+        state = self.optimizer.state_dict(buffers=False)  # flushes; the buffers go with the shards
         trainer_state = {"consecutive_nonfinite": self.consecutive_nonfinite,
                          "total_nonfinite": self.total_nonfinite, "best": self.best, "history": self.history}
-        checkpoint.save(self.run_dir, self.step, params, state, trainer_state, self.comm)
+        checkpoint.save(self.run_dir, self.step, self.optimizer.shards, self.optimizer.shard_buffers(), state,
+                        trainer_state, self.comm, self.owns_shards)
 
     def _resume(self) -> None:
-        path = checkpoint.latest(self.run_dir)
+        path = checkpoint.latest(self.run_dir / "checkpoints")
         if path is None:
             raise ConfigError(f"--resume: {self.run_dir} has no checkpoint")
         optimizer_state, trainer_state = checkpoint.load(path, self.comm)
-        self.backend.load_state(self.model, checkpoint.load_params(path))
+        checkpoint.read_shards(path, self.optimizer.shards, self.optimizer.shard_buffers())
         self.optimizer.load_state_dict(optimizer_state)
         self.step = trainer_state["step"]
         self.consecutive_nonfinite = trainer_state["consecutive_nonfinite"]

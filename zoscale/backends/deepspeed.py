@@ -4,7 +4,7 @@
 parameter holds its flattened elements [r * P, (r + 1) * P) with P = ceil(numel / world); the last
 rank's partition is padded, and the padding is cut off the shard. The persistence threshold is 0:
 parameters below it stay gathered after the first forward, and edits to their partitions would
-then stop reaching the forward (environment.md). The head and checkpoints gather parameters with
+then stop reaching the forward (environment.md). The head gathers its parameters with
 `GatheredParameters`, on every rank.
 """
 
@@ -99,18 +99,3 @@ class DeepSpeedBackend(DDPBackend):
             weight = head.weight.detach().clone()
             bias = None if head.bias is None else head.bias.detach().clone()
         return torch.nn.functional.linear(hidden, weight, bias)
-
-    def full_state(self, model) -> dict[str, torch.Tensor]:
-        state = {}
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                with _deepspeed().zero.GatheredParameters([p]):
-                    state[name] = p.detach().to("cpu", copy=True)
-        return state
-
-    def load_state(self, model, saved: dict[str, torch.Tensor]) -> None:
-        for shard in self._shards:
-            if shard.name not in saved:
-                raise ValueError(f"checkpoint has no parameter {shard.name}")
-            flat = saved[shard.name].reshape(-1)
-            shard.tensor.copy_(flat[shard.offset : shard.offset + shard.numel])

@@ -142,16 +142,3 @@ class FSDPBackend(DDPBackend):
         weight = gather(head.weight).to(hidden.dtype)
         bias = None if head.bias is None else gather(head.bias).to(hidden.dtype)
         return torch.nn.functional.linear(hidden, weight, bias)
-
-    def full_state(self, model) -> dict[str, torch.Tensor]:
-        """Every trainable parameter, whole, on every rank (a collective: all ranks call it)."""
-        return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().to("cpu", copy=True)
-                for name, p in model.named_parameters() if p.requires_grad}
-
-    def load_state(self, model, saved: dict[str, torch.Tensor]) -> None:
-        """This rank's rows of each saved whole parameter (any world size may have saved them)."""
-        for shard in self._shards:
-            if shard.name not in saved:
-                raise ValueError(f"checkpoint has no parameter {shard.name}")
-            flat = saved[shard.name].reshape(-1)
-            shard.tensor.copy_(flat[shard.offset : shard.offset + shard.numel].view_as(shard.tensor))

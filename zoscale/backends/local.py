@@ -13,7 +13,6 @@ import os
 import torch
 import torch.distributed as dist
 
-from zoscale.checkpoint import apply_params, trainable_state
 from zoscale.comm import Comm
 from zoscale.config import ConfigError
 from zoscale.models import build_model
@@ -64,13 +63,6 @@ class LocalBackend:
 
     body = None  # losses call the base model directly (no full-vocabulary logits) ...
     head = None  # ... and the output embedding on the scored positions only
-
-    def full_state(self, model) -> dict[str, torch.Tensor]:
-        """The whole trainable parameters, on every rank (a collective for sharded backends)."""
-        return trainable_state(model)
-
-    def load_state(self, model, saved: dict[str, torch.Tensor]) -> None:
-        apply_params(model, saved)
 
     def teardown(self) -> None:
         pass

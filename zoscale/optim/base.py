@@ -128,45 +128,37 @@ class ZOOptimizer:
         """Apply any deferred update: call before evaluation, checkpointing and export."""
         self.engine.flush()
 
-    def state_dict(self) -> dict:
+    def shard_buffers(self) -> dict[str, ShardBuffer]:
+        """State laid out like the shards (fp32 master copies; momentum, anchor): checkpoints save
+        it piece by piece beside the parameters and re-slice it for another layout."""
+        return {"master": ShardBuffer([s.master for s in self.shards])} if self.engine.has_master else {}
+
+    def state_dict(self, buffers: bool = True) -> dict:
         """Flushes first, so the parameters saved beside this state are the ones it describes.
-        fp32 master copies travel here: the saved half-precision parameters are their roundings."""
+        ``buffers=False`` leaves out the shard buffers (a checkpoint saves them sharded)."""
         self.flush()
         state = {"optimizer": self.name, "step": self.step_count, "config": dataclasses.asdict(self.config)}
-        if self.engine.has_master:
-            state["master"] = self.buffer_state(ShardBuffer([s.master for s in self.shards]))
+        if buffers:
+            state["buffers"] = {kind: [t.detach().clone() for t in b.tensors]
+                                for kind, b in self.shard_buffers().items()}
         return state
 
-    def buffer_state(self, buffer: ShardBuffer) -> dict[str, torch.Tensor]:
-        """A per-shard buffer keyed by shard (name@offset), for state_dict."""
-        return {f"{s.name}@{s.offset}": t.detach().clone() for s, t in zip(self.shards, buffer.tensors)}
-
-    def load_buffer_state(self, buffer: ShardBuffer, saved: dict[str, torch.Tensor], what: str) -> None:
-        """Copy each shard's piece; pieces saved on another layout (world size) are put together
-        by global offset and re-sliced."""
-        for s, t in zip(self.shards, buffer.tensors):
-            key = f"{s.name}@{s.offset}"
-            if key in saved and saved[key].numel() == t.numel():
-                t.copy_(saved[key].view_as(t))
-                continue
-            pieces = sorted((int(k.rsplit("@", 1)[1]), v.reshape(-1)) for k, v in saved.items()
-                            if k.rsplit("@", 1)[0] == s.name)
-            whole = torch.cat([v for _, v in pieces]) if pieces else torch.empty(0)
-            if not pieces or pieces[0][0] != 0 or whole.numel() != s.global_numel:
-                raise ValueError(f"{self.name} state has no complete {what} for {s.name}")
-            t.copy_(whole[s.offset : s.offset + s.numel].view_as(t))
-
     def load_state_dict(self, state: dict) -> None:
+        """Without "buffers" in ``state``, the shard buffers must have been loaded in place already
+        (``checkpoint.read_shards``)."""
         if state.get("optimizer") != self.name:
             raise ValueError(f"state is for optimizer {state.get('optimizer')!r}, not {self.name!r}")
         if state["config"]["seed"] != self.config.seed:
             raise ValueError(f"state was saved with seed {state['config']['seed']}, this run has {self.config.seed}")
         self.flush()
         self.step_count = int(state["step"])
+        for kind, buffer in self.shard_buffers().items() if "buffers" in state else ():
+            saved = state["buffers"].get(kind)
+            if saved is None or [t.shape for t in saved] != [t.shape for t in buffer.tensors]:
+                raise ValueError(f"state has no {kind} buffer laid out like this optimizer's shards")
+            for t, v in zip(buffer.tensors, saved):
+                t.copy_(v)
         if self.engine.has_master:
-            if "master" not in state:
-                raise ValueError("state has no master copies, but this optimizer keeps them (master_weights)")
-            self.load_buffer_state(ShardBuffer([s.master for s in self.shards]), state["master"], "master copy")
             for s in self.shards:
                 s.tensor.copy_(s.master)
 

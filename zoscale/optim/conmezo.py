@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from zoscale.optim.base import StepResult, ZOConfig, ZOOptimizer, _check, all_finite, register
+from zoscale.shards import ShardBuffer
 
 _DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -156,15 +157,14 @@ class ConMeZO(ZOOptimizer):
         return StepResult(step=step, loss=loss_plus, projected_grad=pg, projected_grads=(pg,), lr=lr, skipped=skipped)
 
     # -- state --------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state.update(momentum_norm=self.momentum_norm, initialized=self.initialized,
-                     buffer=self.buffer_state(self.buffer))
-        return state
+    def shard_buffers(self) -> dict[str, ShardBuffer]:
+        return {**super().shard_buffers(), "momentum": self.buffer}
+
+    def state_dict(self, buffers: bool = True) -> dict:
+        return {**super().state_dict(buffers), "momentum_norm": self.momentum_norm, "initialized": self.initialized}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.load_buffer_state(self.buffer, state["buffer"], "momentum")
         self.momentum_norm = float(state["momentum_norm"])
         self.initialized = bool(state["initialized"])
         self.prepared = None

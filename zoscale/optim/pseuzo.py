@@ -140,8 +140,8 @@ class PseuZO(ZOOptimizer):
         self.step_count += 1
         return StepResult(step=step, loss=plus, projected_grad=pg, projected_grads=(pg,), lr=lr, skipped=skipped)
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
+    def state_dict(self, buffers: bool = True) -> dict:
+        state = super().state_dict(buffers)
         state["window"] = [(s, d.detach().cpu().clone()) for s, d in self.window]
         return state
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zoscale.optim.base import StepResult, ZOConfig, ZOOptimizer, _check, all_finite, register
+from zoscale.shards import ShardBuffer
 
 
 @dataclass
@@ -100,13 +101,12 @@ class MeZOSVRG(ZOOptimizer):
         return StepResult(step=step, loss=losses[0], projected_grad=pgs[0], projected_grads=pgs,
                           lr=anchor_lr if len(pgs) == 1 else lr, skipped=skipped)
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state.update(anchor_seed=self.anchor_seed, anchor_pg=self.anchor_pg,
-                     anchor=self.buffer_state(self.anchor))
-        return state
+    def shard_buffers(self) -> dict[str, ShardBuffer]:
+        return {**super().shard_buffers(), "anchor": self.anchor}
+
+    def state_dict(self, buffers: bool = True) -> dict:
+        return {**super().state_dict(buffers), "anchor_seed": self.anchor_seed, "anchor_pg": self.anchor_pg}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.load_buffer_state(self.anchor, state["anchor"], "anchor")
         self.anchor_seed, self.anchor_pg = state["anchor_seed"], float(state["anchor_pg"])
