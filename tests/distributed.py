@@ -27,10 +27,10 @@ def run_group(cmd: list[str], env: dict | None = None, timeout: float = 180.0) -
     return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
 
 
-def launch(nproc: int, *program: str, timeout: float = 180.0) -> subprocess.CompletedProcess:
+def launch(nproc: int, *program: str, timeout: float = 180.0, env: dict | None = None) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node nproc PROGRAM...`` (gloo on CPU)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *program]
-    return run_group(cmd, timeout=timeout)
+    return run_group(cmd, env=env, timeout=timeout)
 
 
 def torchrun(script: Path, nproc: int, out_dir: Path, *args: str, timeout: float = 180.0) -> list[dict]:

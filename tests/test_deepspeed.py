@@ -19,15 +19,25 @@ def summary(run):
     return json.loads((run / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("world,optimizer", [(2, "mezo"), (3, "conmezo")])
-def test_zero3_ranks_follow_the_local_trajectory(world, optimizer, tmp_path):
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+
+
+@pytest.mark.parametrize("world,optimizer,offload", [(2, "mezo", False), (3, "conmezo", False), (2, "conmezo", True)])
+def test_zero3_ranks_follow_the_local_trajectory(world, optimizer, offload, tmp_path):
     local = tmp_path / "local"
     done = subprocess.run([sys.executable, "-m", "zoscale", "train", "--out", str(local), *RUN,
                            f"optim.name={optimizer}"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    extra = []
+    if offload:  # the shipped offload_param: cpu config, with only the dtype changed (fp32 on CPU)
+        config = json.loads((CONFIGS / "zero3_offload.json").read_text())
+        assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
+        config["bf16"]["enabled"] = False
+        (tmp_path / "offload.json").write_text(json.dumps(config))
+        extra = [f"deepspeed_config={tmp_path / 'offload.json'}"]
     run = tmp_path / "zero3"
     done = launch(world, "-m", "zoscale", "train", "--out", str(run), "backend=deepspeed", *RUN,
-                  f"optim.name={optimizer}", timeout=400)
+                  f"optim.name={optimizer}", *extra, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:]
     a, b = summary(local), summary(run)
     assert b["param_sq_sum"] == pytest.approx(a["param_sq_sum"], rel=1e-6)
@@ -40,7 +50,7 @@ def test_the_shipped_zero3_config_is_the_generated_one():
 
     from zoscale.backends.deepspeed import zero3_config
 
-    shipped = json.loads((Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero3.json").read_text())
+    shipped = json.loads((CONFIGS / "zero3.json").read_text())
     assert shipped == zero3_config(torch.float32)
 
 
@@ -66,8 +76,9 @@ def test_the_deepspeed_launch_script_and_export(tmp_path):
     import socket
 
     import torch
-    from zoscale import checkpoint
     from transformers import AutoModelForCausalLM
+
+    from zoscale import checkpoint
 
     local = tmp_path / "local"
     assert subprocess.run([sys.executable, "-m", "zoscale", "train", "--out", str(local), *RUN],
@@ -89,3 +100,14 @@ def test_the_deepspeed_launch_script_and_export(tmp_path):
     reference = checkpoint.whole_params(local / "checkpoints" / "step-00000008")
     for name, p in exported.named_parameters():
         torch.testing.assert_close(p.detach().flatten(), reference[name], rtol=1e-4, atol=1e-5)
+
+
+def test_nvme_offload_is_refused_before_any_work(tmp_path):
+    config = json.loads((CONFIGS / "zero3_offload.json").read_text())
+    config["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": str(tmp_path)}
+    (tmp_path / "nvme.json").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", "zoscale", "train", "--out", str(tmp_path / "run"),
+                           "backend=deepspeed", f"deepspeed_config={tmp_path / 'nvme.json'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "offload_param to nvme is not supported" in done.stderr and not (tmp_path / "run").exists()

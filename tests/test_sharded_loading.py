@@ -5,6 +5,7 @@ and training continues exactly as from a whole model."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,22 +15,31 @@ RUN = ["steps=6", "eval_every=0", "save_every=0", "data.num_train=48", "data.num
        "batch_size=12"]
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A save_pretrained directory (model and tokenizer) of a tiny OPT."""
+@pytest.fixture(scope="module", params=["opt", "llama"])
+def pretrained(request, tmp_path_factory):
+    """A save_pretrained directory (model and tokenizer) of a tiny OPT, or of a tiny Llama, whose
+    rotary tables are buffers that meta-device loading must recompute."""
     import torch
-    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
     from zoscale.commands import QUICKSTART
 
-    out = tmp_path_factory.mktemp("pretrained") / "opt-tiny"
+    out = tmp_path_factory.mktemp("pretrained") / f"{request.param}-tiny"
     tokenizer = AutoTokenizer.from_pretrained(QUICKSTART.parent / "tokenizer")
     torch.manual_seed(3)
-    OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                             num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=0,
-                             bos_token_id=1, eos_token_id=1, dropout=0.0)).save_pretrained(out)
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    if request.param == "opt":
+        model = OPTForCausalLM(OPTConfig(**common, ffn_dim=64, word_embed_proj_dim=32, dropout=0.0))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, intermediate_size=64, num_key_value_heads=2))
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return ["model.config=null", f"model.name_or_path={out}", f"model.tokenizer={out}"]
+
+
+def first_losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()[:3]]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +48,7 @@ def local(pretrained, tmp_path_factory):
     done = subprocess.run([sys.executable, "-m", "zoscale", "train", "--out", str(run), *RUN, *pretrained],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    return json.loads((run / "summary.json").read_text())
+    return run
 
 
 @pytest.mark.parametrize("backend,world,message", [("fsdp", 3, "sharded loading"),
@@ -51,6 +61,26 @@ def test_sharded_loading_continues_like_a_whole_model(backend, world, message, p
                   timeout=400)
     assert done.returncode == 0, done.stdout[-3000:]
     assert message in done.stdout
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["eval_before"] == local["eval_before"]  # the weights arrived intact
-    assert summary["param_sq_sum"] == pytest.approx(local["param_sq_sum"], rel=1e-6)
+    summary, expected = (json.loads((r / "summary.json").read_text()) for r in (run, local))
+    assert summary["eval_before"] == expected["eval_before"]
+    assert first_losses(run) == pytest.approx(first_losses(local), abs=1e-5)  # weights and buffers arrived intact
+    assert summary["param_sq_sum"] == pytest.approx(expected["param_sq_sum"], rel=1e-6)
+
+
+def test_a_hub_id_loads_sharded_from_its_snapshot(pretrained, local, tmp_path):
+    """A hub id resolves to its snapshot in the Hugging Face cache (here made by hand, offline: the
+    layout huggingface_hub writes), and FSDP2 reads each rank's rows from it."""
+    import shutil
+
+    source = Path(pretrained[1].split("=", 1)[1])
+    repo = tmp_path / "hub" / "models--zoscale-test--tiny"
+    shutil.copytree(source, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    run = tmp_path / "run"
+    done = launch(2, "-m", "zoscale", "train", "--out", str(run), "backend=fsdp", *RUN, "model.config=null",
+                  "model.name_or_path=zoscale-test/tiny", timeout=400,
+                  env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "sharded loading" in done.stdout and "0123abcd" in done.stdout
+    assert first_losses(run) == pytest.approx(first_losses(local), abs=1e-5)

@@ -13,6 +13,7 @@ gathered (`full_tensor`), outside FSDP's unshard/reshard cycle.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -70,25 +71,43 @@ class FSDPBackend(DDPBackend):
         return super().setup(timeout_s)
 
     def build(self, cfg, vocab_size: int, device):
-        """A local pretrained directory is built on the meta device, sharded, and each rank reads
-        only its rows from the safetensors files: no rank ever holds the whole model. Anything
-        else is built whole and then sharded."""
-        path = Path(cfg.name_or_path) if cfg.name_or_path else None
-        if path is None or not path.is_dir() or not list(path.glob("*.safetensors")) or cfg.lora is not None:
+        """Pretrained weights (a local directory, or a hub id's snapshot) are built on the meta
+        device, sharded, and each rank reads only its rows from the safetensors files: no rank ever
+        holds the whole model. Anything else is built whole and then sharded."""
+        path = self._snapshot(cfg.name_or_path) if cfg.name_or_path and cfg.lora is None else None
+        if path is None or not list(path.glob("*.safetensors")):
             return super().build(cfg, vocab_size, device)
+        from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        with torch.device("meta"):
+        with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, cfg.dtype))
-        if list(model.buffers()):
-            return super().build(cfg, vocab_size, device)  # buffers need the model's own initialisation
+        model.tie_weights()  # init_empty_weights re-creates each parameter it moves to meta, which unties them
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
         model.eval().requires_grad_(False)
         select_trainable(model, cfg.trainable)
         model = self.prepare(model, device)
         model.to_empty(device=device)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])  # to_empty() left them uninitialised
         _load_rows(model, sorted(path.glob("*.safetensors")))
         print0(f"loaded each rank's rows of {path} (sharded loading: no rank holds the whole model)")
         return model
+
+    def _snapshot(self, name: str) -> Path:
+        """A local directory as it is; a hub id's config and safetensors files, downloaded into the
+        Hugging Face cache by the first rank of each node while the others wait (files, never a
+        model in memory)."""
+        if Path(name).is_dir():
+            return Path(name)
+        from huggingface_hub import snapshot_download
+
+        files = ["*.json", "*.safetensors"]
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            snapshot_download(name, allow_patterns=files)
+        self.comm.barrier()
+        return Path(snapshot_download(name, allow_patterns=files, local_files_only=True))
 
     def prepare(self, model, device):
         mesh = init_device_mesh(device.type, (self.comm.world_size,))
