@@ -10,7 +10,7 @@ ARGS = ["bench", "step", "--model", str(TINY), "--batch", "2", "--seq", "16", "-
 
 
 def check(report: dict, reference: bool) -> None:
-    for key in ("forward_ms", "zo_step_ms", "perturbation_pass_ms", "in_place_pass_ms"):
+    for key in ("forward_ms", "zo_step_ms", "perturbation_pass_ms", "rademacher_pass_ms", "in_place_pass_ms"):
         assert report[key] > 0, key
     assert report["zo_step_over_two_forwards"] == report["zo_step_ms"] / (2 * report["forward_ms"])
     assert report["parameters"] > 100_000  # opt-tiny: 2 layers of width 64 and a 512-token vocabulary
@@ -22,7 +22,8 @@ def test_step_benchmark_on_cpu_writes_json_and_markdown(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     check(json.loads((tmp_path / "step-opt-tiny-local-mezo.json").read_text()), reference=True)
-    assert "reference MeZO step" in (tmp_path / "step-opt-tiny-local-mezo.md").read_text()
+    markdown = (tmp_path / "step-opt-tiny-local-mezo.md").read_text()
+    assert "reference MeZO step" in markdown and "Rademacher perturbation pass" in markdown
 
 
 def test_step_benchmark_under_fsdp_on_2_ranks(tmp_path):
@@ -31,3 +32,22 @@ def test_step_benchmark_under_fsdp_on_2_ranks(tmp_path):
     report = json.loads((tmp_path / "step-opt-tiny-fsdp-mezo.json").read_text())
     assert report["world_size"] == 2
     check(report, reference=False)
+
+
+def test_a_model_directory_works_and_bad_input_fails_before_any_work(tmp_path):
+    from transformers import AutoConfig
+
+    fields = json.loads(TINY.read_text())
+    AutoConfig.for_model(fields.pop("model_type"), **fields).save_pretrained(tmp_path / "opt-dir")  # config only
+    args = [a if a != str(TINY) else str(tmp_path / "opt-dir") for a in ARGS]
+    done = subprocess.run([sys.executable, "-m", "zoscale", *args, "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "r" / "step-opt-dir-local-mezo.json").read_text())["parameters"] > 100_000
+    again = subprocess.run([sys.executable, "-m", "zoscale", *args, "--out", str(tmp_path / "r")],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "exists; pass --force" in again.stderr
+    missing = subprocess.run([sys.executable, "-m", "zoscale", *[a if a != str(TINY) else str(tmp_path / "none.json")
+                                                                  for a in ARGS], "--out", str(tmp_path / "m")],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1 and "--model" in missing.stderr

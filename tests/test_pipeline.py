@@ -75,6 +75,17 @@ def test_export_loads_in_plain_transformers(finished_run, tmp_path):
     assert again.returncode == 2 and "not empty" in again.stderr  # never overwritten
 
 
+def test_weights_drawn_on_the_device_are_not_rebuilt_on_the_cpu(tmp_path):
+    run = tmp_path / "run"
+    done = zoscale("train", "--out", run, "steps=2", "eval_every=0", "data.num_dev=4", "data.num_test=8",
+                   "model.init_device=device")
+    assert done.returncode == 0, done.stderr
+    for command in ("export", "replay"):
+        refused = zoscale(command, run, "--out", tmp_path / command)
+        assert refused.returncode == 2 and "model.init_device" in refused.stderr
+        assert not (tmp_path / command).exists()
+
+
 def test_replay_rebuilds_the_parameters_from_the_seed_log(finished_run, tmp_path):
     from transformers import AutoModelForCausalLM
 

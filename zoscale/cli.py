@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     quad.add_argument("--out", type=Path, required=True, help="report directory (DIR/quadratic.{json,md,png})")
     quad.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
     step = bench.add_parser("step", help="ZO step vs two forwards; perturbation pass vs the bandwidth floor")
-    step.add_argument("--model", type=Path, required=True, help="a config.json (configs/models/)")
+    step.add_argument("--model", required=True, help="a config.json (configs/models/), a model directory or hub id "
+                      "(its config only: random weights)")
     step.add_argument("--batch", type=_positive_int, default=16)
     step.add_argument("--seq", type=_positive_int, default=128)
     step.add_argument("--optimizer", choices=("mezo", "conmezo"), default="mezo")
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     step.add_argument("--repeats", type=_positive_int, default=10)
     step.add_argument("--out", type=Path, required=True, help="report directory")
+    step.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
     return parser
 
 
@@ -123,9 +125,16 @@ def main(argv: list[str] | None = None) -> int:
         print(table(plans))
         return 0
     if args.command == "bench" and args.bench == "step":
-        if not args.model.is_file():
-            return _fail(f"--model: no such file {args.model}")
         from zoscale.bench import step
+        from zoscale.plan import load_model_config
+
+        try:
+            load_model_config(args.model)
+        except (OSError, ValueError) as e:
+            return _fail(f"--model {args.model}: {str(e).splitlines()[0]}")
+        report = args.out / f"{step.report_name(args.model, args.backend, args.optimizer)}.json"
+        if report.exists() and not args.force:
+            return _fail(f"{report} exists; pass --force to overwrite it")
 
         r = step.run(args.model, args.batch, args.seq, args.optimizer, args.backend, args.dtype, args.repeats, args.out)
         print(step.markdown(r))

@@ -73,6 +73,9 @@ def _initial_model(run: Path):
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"{run} is not a run directory (no config.yaml)")
     cfg = load(run / "config.yaml")
+    if cfg.model.config is not None and cfg.model.init_device != "cpu":
+        raise ConfigError(f"{run} drew its random weights on its device (model.init_device); they cannot be "
+                          f"rebuilt here")
     tokenizer = build_tokenizer(cfg.model)
     return cfg, build_model(cfg.model, vocab_size=len(tokenizer)), tokenizer
 

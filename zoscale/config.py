@@ -5,6 +5,7 @@ model is built, and every problem is a one-line ``ConfigError`` that names the k
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name_or_path: str | None = None  # hub id or local directory (from_pretrained)
-    config: dict | None = None  # or build from a config dict, e.g. {model_type: opt, hidden_size: 64, ...}
+    config: dict | None = None  # or a config dict {model_type: opt, ...}, or a config.json path (configs/models/)
     tokenizer: str | None = None  # hub id or local directory; defaults to name_or_path
     kind: str = "causal"  # causal (OPT, Llama, GPT-2, ...) | masked (RoBERTa, BERT: the answer fills a mask)
     dtype: str = "float32"
@@ -31,6 +32,7 @@ class ModelConfig:
     master_weights: bool = False  # fp32 master copies of half-precision weights (docs/numerics.md)
     lora: dict | None = None  # peft LoraConfig fields, e.g. {r: 8, lora_alpha: 16} (pip install peft)
     init_seed: int = 0  # for models built from a config
+    init_device: str = "cpu"  # where a config's random weights are drawn: cpu (the same everywhere) | device (fast)
 
     def __post_init__(self):
         _require((self.name_or_path is None) != (self.config is None), "model",
@@ -40,6 +42,7 @@ class ModelConfig:
                  "is required when the model is built from a config")
         _choice(self.dtype, DTYPES, "model.dtype")
         _choice(self.kind, ("causal", "masked"), "model.kind")
+        _choice(self.init_device, ("cpu", "device"), "model.init_device")
         if self.trainable != "all":
             try:
                 re.compile(self.trainable)
@@ -115,8 +118,6 @@ class TrainConfig:
 
 
 def _check_deepspeed_json(path: str) -> None:
-    import json
-
     _require(Path(path).is_file(), "deepspeed_config", f"no such file {path}")
     try:
         zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
@@ -249,12 +250,19 @@ def load(path: Path | None, overrides: list[str] = (), defaults: Path | None = N
         _resolve_paths(raw, Path(source).resolve().parent)
     for assignment in overrides:
         apply_override(raw, assignment)
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("config"), str):  # a config.json, e.g. configs/models/
+        _require(Path(model["config"]).is_file(), "model.config", f"no such file {model['config']}")
+        try:
+            model["config"] = json.loads(Path(model["config"]).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"model.config: {model['config']} is not valid JSON ({e})") from None
     return from_dict(raw)
 
 
 # Keys that may hold a local path: a relative one is read against the config file's directory
 # when something exists there (hub ids such as facebook/opt-13b are left alone).
-PATH_KEYS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "path"), ("data", "task"),
+PATH_KEYS = (("model", "name_or_path"), ("model", "config"), ("model", "tokenizer"), ("data", "path"), ("data", "task"),
              (None, "deepspeed_config"))
 
 

@@ -19,9 +19,11 @@ def build_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def build_model(cfg: ModelConfig, vocab_size: int | None = None):
+def build_model(cfg: ModelConfig, vocab_size: int | None = None, init_device: torch.device | str = "cpu"):
     """A causal LM from the hub or a local directory, or built from a config dict with random
-    weights (seeded by ``init_seed``). Dropout is off: ZO forwards must see one function."""
+    weights (seeded by ``init_seed``) drawn on ``init_device``: the CPU by default, so a config's
+    weights are the same on every machine (export and replay rebuild them); benchmarks draw them on
+    the GPU, in seconds. Dropout is off: ZO forwards must see one function."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     auto = AutoModelForMaskedLM if cfg.kind == "masked" else AutoModelForCausalLM
@@ -34,7 +36,8 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None):
         if vocab_size is not None:
             fields.setdefault("vocab_size", vocab_size)
         torch.manual_seed(cfg.init_seed)
-        model = auto.from_config(AutoConfig.for_model(model_type, **fields)).to(dtype)
+        with torch.device(init_device):  # drawn in the model's dtype: OPT-30B never exists in fp32
+            model = auto.from_config(AutoConfig.for_model(model_type, **fields), dtype=dtype)
     model.eval()
     model.requires_grad_(False)
     if cfg.lora is not None:

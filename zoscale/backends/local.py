@@ -52,7 +52,8 @@ class LocalBackend:
 
     def build(self, cfg, vocab_size: int, device):
         """The model, built (or loaded) and distributed as this backend wants it."""
-        return self.prepare(build_model(cfg, vocab_size=vocab_size).to(device), device)
+        init_device = device if cfg.init_device == "device" else "cpu"
+        return self.prepare(build_model(cfg, vocab_size=vocab_size, init_device=init_device).to(device), device)
 
     def prepare(self, model, device):
         """Wrap or shard the model (after it is on its device)."""

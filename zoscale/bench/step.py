@@ -1,9 +1,10 @@
-"""`zoscale bench step`: what a ZO step costs against two forwards, and a perturbation pass against
-the bandwidth floor (an in-place `x.add_(c)` over the same shards), with the reference MeZO step
-(per-parameter `torch.manual_seed` + `torch.normal`, four passes: algorithms.md 1.2) measured in the
-same run. Runs on CPU too (CPU numbers); the targets in issue 7 are for one H100.
+"""`zoscale bench step`: what a ZO step costs against two forwards, and a perturbation pass
+(Gaussian and Rademacher) against the bandwidth floor (an in-place `x.add_(c)` over the same
+shards), with the reference MeZO step (per-parameter `torch.manual_seed` + `torch.normal`, four
+passes: algorithms.md 1.2) measured in the same run. Runs on CPU too (CPU numbers); the targets in
+issue 7 are for one H100.
 
-The model is built from a config (random weights) on the backend's device; the batch is random
+The model is built from its config (random weights, drawn on the device); the batch is random
 token ids; the loss is the LM loss over all tokens. Times are medians over `repeats` after one
 warm-up, with CUDA synchronised.
 """
@@ -21,6 +22,7 @@ import torch
 import zoscale
 from zoscale.bench import device_description
 from zoscale.memory import GIB
+from zoscale.shards import PerturbationEngine
 
 
 def _timed(fn, repeats: int) -> float:
@@ -59,16 +61,18 @@ def reference_mezo_step(model, loss, eps: float, lr: float, seed: int) -> None:
         p.data.add_(-lr * pg * z)
 
 
-def run(model_config: Path, batch: int, seq: int, optimizer: str, backend_name: str, dtype: str,
+def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: str, dtype: str,
         repeats: int, out: Path) -> dict:
     from zoscale import backends
     from zoscale.config import ModelConfig
+    from zoscale.models import build_model
+    from zoscale.plan import load_model_config
 
     backend = backends.get(backend_name)
     comm, device = backend.setup(600.0)
-    fields = json.loads(Path(model_config).read_text())  # a config.json, e.g. configs/models/opt-13b.json
+    fields = load_model_config(model_config).to_dict()  # configs/models/opt-13b.json, a directory or a hub id
     cfg = ModelConfig(config=fields, tokenizer="unused", dtype=dtype)
-    model = backend.build(cfg, fields["vocab_size"], device)
+    model = backend.prepare(build_model(cfg, fields["vocab_size"], init_device=device), device)
     shards, shard_comm = backend.shards(model, None)
     opt = zoscale.build_optimizer(optimizer, shards, comm=comm, shard_comm=shard_comm, lr=1e-7, eps=1e-3)
     generator = torch.Generator().manual_seed(0)
@@ -86,6 +90,8 @@ def run(model_config: Path, batch: int, seq: int, optimizer: str, backend_name: 
     seeds = iter(range(10**6, 2 * 10**6))  # a fresh seed each time: one generated stream per pass
     tensors = [s.tensor for s in shards]
     perturb_pass = _timed(lambda: opt.engine.apply(shards, tensors, tensors, 1.0, {next(seeds): 1e-3}), repeats)
+    signs = PerturbationEngine(shards, "rademacher")
+    rademacher_pass = _timed(lambda: signs.apply(shards, tensors, tensors, 1.0, {next(seeds): 1e-3}), repeats)
     in_place = _timed(lambda: [s.tensor.add_(1e-3) for s in shards], repeats)
     local_bytes = sum(s.tensor.numel() * s.tensor.element_size() for s in shards)
     result = {
@@ -95,6 +101,7 @@ def run(model_config: Path, batch: int, seq: int, optimizer: str, backend_name: 
         "forward_ms": forward * 1e3, "zo_step_ms": zo_step * 1e3, "zo_step_over_two_forwards": zo_step / (2 * forward),
         "perturbation_pass_ms": perturb_pass * 1e3, "in_place_pass_ms": in_place * 1e3,
         "perturbation_over_in_place": perturb_pass / in_place,
+        "rademacher_pass_ms": rademacher_pass * 1e3, "rademacher_over_in_place": rademacher_pass / in_place,
         "in_place_bandwidth_gb_s": 2 * local_bytes / in_place / 1e9,
         "perturbation_bandwidth_gb_s": 2 * local_bytes / perturb_pass / 1e9,
     }
@@ -109,11 +116,15 @@ def run(model_config: Path, batch: int, seq: int, optimizer: str, backend_name: 
         result["peak_host_rss_gib"] = psutil.Process().memory_info().rss / GIB
     if comm.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        name = f"step-{result['model']}-{backend_name}-{optimizer}"
+        name = report_name(model_config, backend_name, optimizer)
         (out / f"{name}.json").write_text(json.dumps(result, indent=1))
         (out / f"{name}.md").write_text(markdown(result))
     backend.teardown()
     return result
+
+
+def report_name(model: str, backend: str, optimizer: str) -> str:
+    return f"step-{Path(model).stem}-{backend}-{optimizer}"
 
 
 def markdown(r: dict) -> str:
@@ -122,6 +133,8 @@ def markdown(r: dict) -> str:
              f"{r['zo_step_ms']:.2f} ms = {r['zo_step_over_two_forwards']:.2f} x two forwards"),
             ("perturbation pass", f"{r['perturbation_pass_ms']:.2f} ms = {r['perturbation_over_in_place']:.2f} x "
                                   f"in-place ({r['perturbation_bandwidth_gb_s']:.1f} GB/s)"),
+            ("Rademacher perturbation pass", f"{r['rademacher_pass_ms']:.2f} ms = "
+                                             f"{r['rademacher_over_in_place']:.2f} x in-place"),
             ("in-place pass `x.add_(c)`", f"{r['in_place_pass_ms']:.2f} ms ({r['in_place_bandwidth_gb_s']:.1f} GB/s)")]
     if "reference_mezo_step_ms" in r:
         rows.append(("reference MeZO step (4 RNG passes)",

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 6 (memory) and 7 (speed), in two calls of the device tool, each
+# under its 10-minute limit. Prepare the wheels the GPU machine lacks, once, on the dev machine:
+#     bash ../shared/tools/device-wheels.sh                                  # deepspeed, datasets -> .whl/
+#     python3 -m pip download -q --no-deps -d .whl dacite==1.9.2 pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0
+# then, with the device tool (carry: [".whl"]):
+#     bash profiling/gpu_session.sh speed      # kernel tests, step benchmarks (1.3B, 13B, 30B; FSDP2/ZeRO-3 at world size 1)
+#     bash profiling/gpu_session.sh memory     # zoscale profile: OPT-1.3B and OPT-13B at 16x128 and 16x512
+# Every report goes into one archive, $OUT/STAGE.tgz (the tool brings back at most 8 files), with
+# the log beside it; unpack it under profiling/reports/ and commit what you keep.
+# Knobs: MODEL_SMALL, MODEL_LARGE, MODEL_XL (config.json paths), REPEATS.
+set -uo pipefail
+stage=${1:?usage: gpu_session.sh speed|memory}
+out=${OUT:-/tmp/gpu-session}
+small=${MODEL_SMALL:-configs/models/opt-1.3b.json}
+large=${MODEL_LARGE:-configs/models/opt-13b.json}
+xl=${MODEL_XL:-configs/models/opt-30b.json}
+repeats=${REPEATS:-10}
+reports=/tmp/reports-$stage
+mkdir -p "$out" "$reports"
+exec > >(tee "$out/$stage.log") 2>&1
+
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+
+step() {  # one step benchmark; a failure is logged and the session goes on
+    echo "== bench step $*"
+    python3 -m zoscale bench step --out "$reports" --force --repeats "$repeats" "$@" || echo "FAILED: bench step $*"
+}
+step_ranks1() {  # the same under torchrun with one rank (FSDP2 and ZeRO-3 need a process group)
+    echo "== torchrun bench step $*"
+    torchrun --standalone --nproc_per_node 1 -m zoscale bench step --out "$reports" --force --repeats "$repeats" "$@" \
+        || echo "FAILED: torchrun bench step $*"
+}
+profile() {
+    echo "== profile $*"
+    python3 -m zoscale profile --config configs/profile/opt-1.3b.yaml --force "$@" || echo "FAILED: profile $*"
+}
+
+case $stage in
+speed)
+    echo "== kernel tests on the GPU"
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_rng.py tests/test_engine.py 2>&1 | tail -5
+    step --model "$small" --optimizer mezo
+    step --model "$small" --optimizer conmezo
+    step --model "$large" --optimizer mezo
+    step --model "$large" --optimizer conmezo
+    step_ranks1 --model "$small" --backend fsdp --dtype bfloat16
+    step_ranks1 --model "$small" --backend deepspeed --dtype bfloat16
+    step --model "$xl" --optimizer mezo --repeats 3
+    ;;
+memory)
+    for seq in 128 512; do
+        profile --seq "$seq" --out "$reports/opt-1.3b-16x$seq" "model.config=$small"
+        profile --seq "$seq" --out "$reports/opt-13b-16x$seq" "model.config=$large" --optimizers mezo,conmezo,adamw
+    done
+    ;;
+*)
+    echo "unknown stage $stage (speed | memory)"; exit 2 ;;
+esac
+tar czf "$out/$stage.tgz" -C "$reports" .
+echo "wrote $out/$stage.tgz"
