@@ -51,3 +51,8 @@ def test_a_model_directory_works_and_bad_input_fails_before_any_work(tmp_path):
                                                                   for a in ARGS], "--out", str(tmp_path / "m")],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1 and "--model" in missing.stderr
+    local_offload = subprocess.run([sys.executable, "-m", "zoscale", *ARGS, "--out", str(tmp_path / "o"),
+                                    "--deepspeed-config", "configs/deepspeed/zero3_offload.json"],
+                                   capture_output=True, text=True, timeout=300)
+    assert local_offload.returncode == 2 and "only with --backend deepspeed" in local_offload.stderr
+    assert not (tmp_path / "o").exists()

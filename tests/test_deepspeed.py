@@ -111,3 +111,18 @@ def test_nvme_offload_is_refused_before_any_work(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "offload_param to nvme is not supported" in done.stderr and not (tmp_path / "run").exists()
+
+
+def test_random_weights_drawn_partitioned_are_the_same_on_any_number_of_ranks(tmp_path):
+    """model.init_device=device under ZeRO-3: a config's weights are drawn inside zero.Init (no rank
+    holds the whole model). They are not the CPU's, but they do not depend on the world size."""
+    runs = {}
+    for world in (2, 3):
+        runs[world] = tmp_path / f"w{world}"
+        done = launch(world, "-m", "zoscale", "train", "--out", str(runs[world]), "backend=deepspeed", *RUN,
+                      "model.init_device=device", timeout=400)
+        assert done.returncode == 0, done.stdout[-3000:]
+        assert "built random weights in ZeRO-3 partitions" in done.stdout
+    a, b = summary(runs[2]), summary(runs[3])
+    assert b["param_sq_sum"] == pytest.approx(a["param_sq_sum"], rel=1e-6)
+    assert b["eval_before"] == a["eval_before"] and b["eval_after"] == a["eval_after"]

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     step.add_argument("--repeats", type=_positive_int, default=10)
     step.add_argument("--out", type=Path, required=True, help="report directory")
+    step.add_argument("--deepspeed-config", help="a ZeRO-3 JSON for --backend deepspeed (e.g. configs/deepspeed/"
+                      "zero3_offload.json)")
     step.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
     return parser
 
@@ -135,8 +137,17 @@ def main(argv: list[str] | None = None) -> int:
         report = args.out / f"{step.report_name(args.model, args.backend, args.optimizer)}.json"
         if report.exists() and not args.force:
             return _fail(f"{report} exists; pass --force to overwrite it")
+        if args.deepspeed_config is not None:
+            from zoscale.config import ConfigError, check_deepspeed_json
 
-        r = step.run(args.model, args.batch, args.seq, args.optimizer, args.backend, args.dtype, args.repeats, args.out)
+            if args.backend != "deepspeed":
+                return _fail("--deepspeed-config: only with --backend deepspeed")
+            try:
+                check_deepspeed_json(args.deepspeed_config)
+            except ConfigError as e:
+                return _fail(str(e))
+        r = step.run(args.model, args.batch, args.seq, args.optimizer, args.backend, args.dtype, args.repeats, args.out,
+                     args.deepspeed_config)
         print(step.markdown(r))
         return 0
     if args.command == "bench" and args.bench == "quadratic":

@@ -109,7 +109,7 @@ class TrainConfig:
         if self.fsdp_compute_dtype is not None:
             _choice(self.fsdp_compute_dtype, DTYPES, "fsdp_compute_dtype")
         if self.deepspeed_config is not None:
-            _check_deepspeed_json(self.deepspeed_config)
+            check_deepspeed_json(self.deepspeed_config)
         if self.tensorboard:
             import importlib.util
 
@@ -117,7 +117,7 @@ class TrainConfig:
                      "needs the tensorboard package (pip install 'zoscale[tensorboard]')")
 
 
-def _check_deepspeed_json(path: str) -> None:
+def check_deepspeed_json(path: str) -> None:
     _require(Path(path).is_file(), "deepspeed_config", f"no such file {path}")
     try:
         zero = json.loads(Path(path).read_text()).get("zero_optimization", {})

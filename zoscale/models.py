@@ -24,20 +24,13 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None, init_device: to
     weights (seeded by ``init_seed``) drawn on ``init_device``: the CPU by default, so a config's
     weights are the same on every machine (export and replay rebuild them); benchmarks draw them on
     the GPU, in seconds. Dropout is off: ZO forwards must see one function."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
-
-    auto = AutoModelForMaskedLM if cfg.kind == "masked" else AutoModelForCausalLM
-    dtype = getattr(torch, cfg.dtype)
+    auto, dtype = auto_class(cfg), getattr(torch, cfg.dtype)
     if cfg.name_or_path is not None:
         model = auto.from_pretrained(cfg.name_or_path, dtype=dtype)
     else:
-        fields = dict(cfg.config)
-        model_type = fields.pop("model_type")
-        if vocab_size is not None:
-            fields.setdefault("vocab_size", vocab_size)
         torch.manual_seed(cfg.init_seed)
         with torch.device(init_device):  # drawn in the model's dtype: OPT-30B never exists in fp32
-            model = auto.from_config(AutoConfig.for_model(model_type, **fields), dtype=dtype)
+            model = auto.from_config(transformers_config(cfg, vocab_size), dtype=dtype)
     model.eval()
     model.requires_grad_(False)
     if cfg.lora is not None:
@@ -45,6 +38,24 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None, init_device: to
     else:
         select_trainable(model, cfg.trainable)
     return model
+
+
+def auto_class(cfg: ModelConfig):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    return AutoModelForMaskedLM if cfg.kind == "masked" else AutoModelForCausalLM
+
+
+def transformers_config(cfg: ModelConfig, vocab_size: int | None = None):
+    """The transformers config of a model built from ``cfg.config`` (the tokenizer's vocabulary
+    size unless the config sets one)."""
+    from transformers import AutoConfig
+
+    fields = dict(cfg.config)
+    model_type = fields.pop("model_type")
+    if vocab_size is not None:
+        fields.setdefault("vocab_size", vocab_size)
+    return AutoConfig.for_model(model_type, **fields)
 
 
 def select_trainable(model: torch.nn.Module, pattern: str) -> None:

@@ -16,7 +16,7 @@ from zoscale.backends.local import DDPBackend
 from zoscale.comm import Comm, print0
 from zoscale.config import ConfigError
 from zoscale.losses import causal_lm
-from zoscale.models import select_trainable
+from zoscale.models import auto_class, select_trainable, transformers_config
 from zoscale.shards import Shard, decays
 
 
@@ -53,18 +53,24 @@ class DeepSpeedBackend(DDPBackend):
 
     def build(self, cfg, vocab_size: int, device):
         """Pretrained weights load straight into partitions: with an HfDeepSpeedConfig alive,
-        transformers' from_pretrained builds under zero.Init, so no rank holds the whole model."""
-        if cfg.name_or_path is None or cfg.lora is not None:
+        transformers builds under zero.Init, so no rank holds the whole model. The same goes for a
+        config's random weights with `model.init_device: device` (drawn partitioned: the same
+        values on any number of ranks, but not the CPU's). Otherwise the model is built whole and
+        then partitioned."""
+        if cfg.lora is not None or (cfg.name_or_path is None and cfg.init_device != "device"):
             return super().build(cfg, vocab_size, device)
-        from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
         dtype = getattr(torch, cfg.dtype)
-        self._hf_config = HfDeepSpeedConfig(self._config(dtype))  # must stay alive while loading
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype)
+        self._hf_config = HfDeepSpeedConfig(self._config(dtype))  # must stay alive while building
+        if cfg.name_or_path is not None:
+            model = auto_class(cfg).from_pretrained(cfg.name_or_path, dtype=dtype)
+        else:
+            torch.manual_seed(cfg.init_seed)
+            model = auto_class(cfg).from_config(transformers_config(cfg, vocab_size), dtype=dtype)
         model.eval().requires_grad_(False)
         select_trainable(model, cfg.trainable)
-        print0(f"loaded {cfg.name_or_path} into ZeRO-3 partitions (no rank holds the whole model)")
+        print0(f"built {cfg.name_or_path or 'random weights'} in ZeRO-3 partitions (no rank holds the whole model)")
         return self.prepare(model, device)
 
     def _config(self, dtype: torch.dtype):

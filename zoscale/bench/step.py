@@ -4,9 +4,9 @@ shards), with the reference MeZO step (per-parameter `torch.manual_seed` + `torc
 passes: algorithms.md 1.2) measured in the same run. Runs on CPU too (CPU numbers); the targets in
 issue 7 are for one H100.
 
-The model is built from its config (random weights, drawn on the device); the batch is random
-token ids; the loss is the LM loss over all tokens. Times are medians over `repeats` after one
-warm-up, with CUDA synchronised.
+The model is built from its config with random weights drawn on the device (ZeRO-3 draws them
+partitioned, so models beyond one GPU build too); the batch is random token ids; the loss is the LM
+loss over all tokens. Times are medians over `repeats` after one warm-up, with CUDA synchronised.
 """
 
 from __future__ import annotations
@@ -62,17 +62,16 @@ def reference_mezo_step(model, loss, eps: float, lr: float, seed: int) -> None:
 
 
 def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: str, dtype: str,
-        repeats: int, out: Path) -> dict:
+        repeats: int, out: Path, deepspeed_config: str | None = None) -> dict:
     from zoscale import backends
     from zoscale.config import ModelConfig
-    from zoscale.models import build_model
     from zoscale.plan import load_model_config
 
-    backend = backends.get(backend_name)
+    backend = backends.get(backend_name, deepspeed_config)
     comm, device = backend.setup(600.0)
     fields = load_model_config(model_config).to_dict()  # configs/models/opt-13b.json, a directory or a hub id
-    cfg = ModelConfig(config=fields, tokenizer="unused", dtype=dtype)
-    model = backend.prepare(build_model(cfg, fields["vocab_size"], init_device=device), device)
+    cfg = ModelConfig(config=fields, tokenizer="unused", dtype=dtype, init_device="device")
+    model = backend.build(cfg, fields["vocab_size"], device)
     shards, shard_comm = backend.shards(model, None)
     opt = zoscale.build_optimizer(optimizer, shards, comm=comm, shard_comm=shard_comm, lr=1e-7, eps=1e-3)
     generator = torch.Generator().manual_seed(0)
@@ -96,7 +95,8 @@ def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: s
     local_bytes = sum(s.tensor.numel() * s.tensor.element_size() for s in shards)
     result = {
         "date": datetime.date.today().isoformat(), "device": device_description(device), "world_size": comm.world_size,
-        "model": Path(model_config).stem, "backend": backend_name, "dtype": dtype, "batch": batch, "seq": seq,
+        "model": Path(model_config).stem, "backend": backend_name, "deepspeed_config": deepspeed_config,
+        "dtype": dtype, "batch": batch, "seq": seq,
         "optimizer": optimizer, "parameters": sum(s.global_numel for s in shards),
         "forward_ms": forward * 1e3, "zo_step_ms": zo_step * 1e3, "zo_step_over_two_forwards": zo_step / (2 * forward),
         "perturbation_pass_ms": perturb_pass * 1e3, "in_place_pass_ms": in_place * 1e3,
