@@ -111,3 +111,10 @@ def test_the_best_parameters_replace_the_previous_best(tmp_path):
     assert checkpoint.latest(t.run_dir / "best") == second and not first.exists()
     for shard in t.optimizer.shards:
         assert torch.equal(checkpoint.whole_params(second)[shard.name], shard.tensor.reshape(-1))
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    trainer(tmp_path / "run", "steps=8", "save_every=2", "keep_checkpoints=2").run()
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000006", "step-00000008"]
+    assert checkpoint.latest(root).name == "step-00000008"

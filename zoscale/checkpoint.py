@@ -64,9 +64,10 @@ def _save_synced(write: Callable[[Path], object], path: Path) -> None:
 
 
 def _commit(root: Path, name: str, comm: Comm, write_rank: Callable[[Path], None],
-            write_main: Callable[[Path], None], keep_old: bool = True) -> Path:
+            write_main: Callable[[Path], None], keep: int = 0) -> Path:
     """Every rank calls this: root/.tmp-NAME is made, each rank writes its files into it, rank 0
-    its own, renames it to root/NAME and points root/latest at it."""
+    its own, renames it to root/NAME, points root/latest at it, and then deletes all but the
+    newest ``keep`` directories (0: none deleted)."""
     final, tmp = root / name, root / f".tmp-{name}"
     if comm.is_main:
         root.mkdir(parents=True, exist_ok=True)
@@ -77,14 +78,15 @@ def _commit(root: Path, name: str, comm: Comm, write_rank: Callable[[Path], None
     comm.barrier()
     if comm.is_main:
         write_main(tmp)
-        old = latest(root)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         _write_atomic(root / "latest", final.name + "\n")
-        if not keep_old and old is not None and old != final:
-            shutil.rmtree(old)
+        if keep:
+            for stale in sorted(root.glob("step-*"))[:-keep]:
+                if stale != final:
+                    shutil.rmtree(stale)
     comm.barrier()
     return final
 
@@ -144,9 +146,9 @@ def whole_params(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def save(run_dir: Path, step: int, shards: Sequence[Shard], buffers: dict[str, ShardBuffer], optimizer_state: dict,
-         trainer_state: dict, comm: Comm, owns_shards: bool) -> Path:
+         trainer_state: dict, comm: Comm, owns_shards: bool, keep: int = 0) -> Path:
     """Every rank calls this. ``owns_shards``: this rank writes its pieces (False on the ranks of
-    a replicated layout other than rank 0)."""
+    a replicated layout other than rank 0); ``keep``: how many checkpoints stay (0: all)."""
     def write_rank(tmp: Path) -> None:
         if owns_shards:
             write_shards(tmp, comm.rank, shards, buffers)
@@ -156,7 +158,7 @@ def save(run_dir: Path, step: int, shards: Sequence[Shard], buffers: dict[str, S
         state = {"step": step, "world_size": comm.world_size, **trainer_state}
         _save_synced(lambda f: f.write_text(json.dumps(state)), tmp / "trainer.json")
 
-    return _commit(run_dir / "checkpoints", f"step-{step:08d}", comm, write_rank, write_main)
+    return _commit(run_dir / "checkpoints", f"step-{step:08d}", comm, write_rank, write_main, keep)
 
 
 def save_best(run_dir: Path, step: int, shards: Sequence[Shard], comm: Comm, owns_shards: bool) -> Path:
@@ -168,7 +170,7 @@ def save_best(run_dir: Path, step: int, shards: Sequence[Shard], comm: Comm, own
     def write_main(tmp: Path) -> None:
         _save_synced(lambda f: f.write_text(json.dumps({"step": step})), tmp / "trainer.json")
 
-    return _commit(run_dir / "best", f"step-{step:08d}", comm, write_rank, write_main, keep_old=False)
+    return _commit(run_dir / "best", f"step-{step:08d}", comm, write_rank, write_main, keep=1)
 
 
 def latest(root: Path) -> Path | None:

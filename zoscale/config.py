@@ -83,6 +83,7 @@ class TrainConfig:
     eval_every: int = 4000  # 0: only before and after training
     eval_batch_size: int = 16
     save_every: int = 4000  # 0: only at the end
+    keep_checkpoints: int = 0  # the newest N checkpoints stay, older ones are deleted; 0: keep all
     log_every: int = 10
     seed: int = 0  # the run seed; step seeds and data order derive from it
     backend: str = "local"
@@ -103,7 +104,7 @@ class TrainConfig:
         _require(self.collective_timeout_s > 0, "collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
         _require(self.model.kind == "causal" or self.optim.name != "pseuzo", "optim.name",
                  "pseuzo needs a causal LM (its body/head split), but model.kind is masked")
-        for key in ("eval_every", "save_every", "max_nonfinite"):
+        for key in ("eval_every", "save_every", "keep_checkpoints", "max_nonfinite"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _choice(self.backend, BACKENDS, "backend")
         if self.fsdp_compute_dtype is not None:

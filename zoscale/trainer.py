@@ -253,7 +253,7 @@ class Trainer:
         trainer_state = {"consecutive_nonfinite": self.consecutive_nonfinite,
                          "total_nonfinite": self.total_nonfinite, "best": self.best, "history": self.history}
         checkpoint.save(self.run_dir, self.step, self.optimizer.shards, self.optimizer.shard_buffers(), state,
-                        trainer_state, self.comm, self.owns_shards)
+                        trainer_state, self.comm, self.owns_shards, self.cfg.keep_checkpoints)
 
     def _resume(self) -> None:
         path = checkpoint.latest(self.run_dir / "checkpoints")
