@@ -173,7 +173,7 @@ class Trainer:
         summary["eval_after"] = summary["eval_final"]
         if self.best is not None:
             summary["best_dev"] = self.best
-            final_params = [s.tensor.clone() for s in self.optimizer.shards]
+            final_params = [s.tensor.to("cpu", copy=True) for s in self.optimizer.shards]  # host memory
             checkpoint.read_shards(checkpoint.latest(self.run_dir / "best"), self.optimizer.shards)
             summary["eval_after"] = self.evaluate("test")  # MeZO reports the best dev checkpoint on test
             for shard, final in zip(self.optimizer.shards, final_params):
