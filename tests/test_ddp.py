@@ -71,6 +71,25 @@ def test_the_single_node_launch_script(tmp_path):
     assert "backend: ddp" in (run / "config.yaml").read_text()
 
 
+@pytest.mark.parametrize("config,backend", [("fsdp2.yaml", "fsdp"), ("zero3.yaml", "deepspeed")])
+def test_accelerate_launch_with_the_shipped_configs(config, backend, local_run, tmp_path):
+    """accelerate only starts the ranks (zoscale shards the model itself), so its MULTI_GPU configs
+    run on CPU too; --num_processes 2 is the one change."""
+    from pathlib import Path
+
+    if backend == "deepspeed":
+        pytest.importorskip("deepspeed")
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / config
+    run = tmp_path / "run"
+    done = run_group([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(shipped),
+                      "--num_processes", "2", "-m", "zoscale", "train", "--out", str(run), *RUN,
+                      "optim.name=conmezo", f"backend={backend}"], timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:]
+    trainer_state = json.loads((run / "checkpoints" / "step-00000012" / "trainer.json").read_text())
+    assert trainer_state["world_size"] == 2
+    assert summary(run)["param_sq_sum"] == pytest.approx(summary(local_run)["param_sq_sum"], rel=1e-6)
+
+
 def test_a_dead_rank_ends_the_whole_job_promptly(tmp_path):
     """SIGKILL one rank mid-run: the job exits non-zero within a bounded time, no rank left hanging."""
     import os
