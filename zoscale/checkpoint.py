@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from zoscale.comm import Comm
-from zoscale.shards import Shard, ShardBuffer
+from zoscale.shards import Shard, ShardBuffer, resident
 
 
 def _fsync_dir(path: Path) -> None:
@@ -94,10 +94,13 @@ def _commit(root: Path, name: str, comm: Comm, write_rank: Callable[[Path], None
 def write_shards(directory: Path, rank: int, shards: Sequence[Shard], buffers: dict[str, ShardBuffer]) -> None:
     """directory/shards-rank{rank}.safetensors: the shards' elements and the buffers', on the CPU."""
     pieces = {}
-    for kind, tensors in [("param", [s.tensor for s in shards]), *((k, b.tensors) for k, b in buffers.items())]:
-        for shard, tensor in zip(shards, tensors):
-            if shard.numel:
-                pieces[f"{kind}/{shard.name}@{shard.offset}"] = tensor.detach().reshape(-1).to("cpu", copy=True)
+    for batch in resident(shards):
+        for shard in batch:
+            pieces[f"param/{shard.name}@{shard.offset}"] = shard.tensor.detach().reshape(-1).to("cpu", copy=True)
+    for kind, buffer in buffers.items():
+        for shard, tensor in zip(shards, buffer.tensors):
+            pieces[f"{kind}/{shard.name}@{shard.offset}"] = tensor.detach().reshape(-1).to("cpu", copy=True)
+    pieces = {key: piece for key, piece in pieces.items() if piece.numel()}
     _save_synced(lambda f: save_file(pieces, f), directory / f"shards-rank{rank}.safetensors")
 
 
@@ -115,18 +118,22 @@ def read_shards(directory: Path, shards: Sequence[Shard], buffers: dict[str, Sha
                 kind_name, offset = key.rsplit("@", 1)
                 kind, name = kind_name.split("/", 1)
                 pieces[kind, name].append((int(offset), handle.get_slice(key).get_shape()[0], handle, key))
-        targets = [("param", [s.tensor for s in shards]), *((k, b.tensors) for k, b in (buffers or {}).items())]
-        for kind, tensors in targets:
-            for shard, tensor in zip(shards, tensors):
-                flat, filled = tensor.view(-1), 0
-                for offset, numel, handle, key in pieces[kind, shard.name]:
-                    lo, hi = max(offset, shard.offset), min(offset + numel, shard.offset + shard.numel)
-                    if lo < hi:
-                        part = handle.get_slice(key)[lo - offset : hi - offset]
-                        flat[lo - shard.offset : hi - shard.offset].copy_(part)
-                        filled += hi - lo
-                if filled != shard.numel:
-                    raise ValueError(f"checkpoint {directory} has no complete {kind} {shard.name}")
+        def fill(kind: str, shard: Shard, tensor: torch.Tensor) -> None:
+            flat, filled = tensor.view(-1), 0
+            for offset, numel, handle, key in pieces[kind, shard.name]:
+                lo, hi = max(offset, shard.offset), min(offset + numel, shard.offset + shard.numel)
+                if lo < hi:
+                    flat[lo - shard.offset : hi - shard.offset].copy_(handle.get_slice(key)[lo - offset : hi - offset])
+                    filled += hi - lo
+            if filled != shard.numel:
+                raise ValueError(f"checkpoint {directory} has no complete {kind} {shard.name}")
+
+        for batch in resident(shards):
+            for shard in batch:
+                fill("param", shard, shard.tensor)
+        for kind, buffer in (buffers or {}).items():
+            for shard, tensor in zip(shards, buffer.tensors):
+                fill(kind, shard, tensor)
 
 
 def whole_params(directory: Path) -> dict[str, torch.Tensor]:

@@ -128,9 +128,6 @@ def check_deepspeed_json(path: str) -> None:
     _require(zero.get("stage3_param_persistence_threshold", 1) == 0, "deepspeed_config",
              f"{path}: zero_optimization.stage3_param_persistence_threshold must be 0 (persistent parameters "
              f"stay gathered and would silently stop seeing perturbations)")
-    _require(zero.get("offload_param", {}).get("device") != "nvme", "deepspeed_config",
-             f"{path}: offload_param to nvme is not supported: ZeRO-3 swaps partitions through shared buffers, "
-             f"and zoscale perturbs resident partitions in place (use offload_param cpu)")
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -46,6 +47,8 @@ class Shard:
     offset: global index of its first element in the flattened parameter
     master: optional higher-precision copy that holds the parameter's value when the forward reads
             a half-precision ``tensor``; perturbations are then written from it and never into it
+    storage: set when the elements live on NVMe between uses (ZeRO-3 offload): ``tensor`` is then
+             valid only inside ``resident()``, and a meta placeholder outside it
     """
 
     name: str
@@ -54,6 +57,7 @@ class Shard:
     global_numel: int | None = None
     weight_decay: bool = True
     master: torch.Tensor | None = None
+    storage: Storage | None = field(default=None, repr=False)
     stream: int = field(init=False)
 
     def __post_init__(self):
@@ -77,6 +81,37 @@ class Shard:
     def value(self) -> torch.Tensor:
         """The tensor that holds the parameter's value: the master if there is one."""
         return self.tensor if self.master is None else self.master
+
+
+class Storage(Protocol):
+    """Elements that are swapped in for use and written back after (ZeRO-3's NVMe offload)."""
+
+    capacity: int  # how many shards may be in memory at once
+
+    def load(self, shards: Sequence[Shard]) -> None:
+        """Read the shards' elements in; each ``shard.tensor`` becomes a view of them."""
+
+    def store(self, shards: Sequence[Shard]) -> None:
+        """Write the elements back and free their memory."""
+
+
+def resident(shards: Sequence[Shard]) -> Iterator[list[Shard]]:
+    """The shards in batches whose tensors are valid while the batch is in use: all at once when
+    every shard is in memory; shards on NVMe a few at a time (read in, then written back when the
+    caller moves on). Code that touches shard tensors goes through this."""
+    in_memory = [s for s in shards if s.storage is None]
+    swapped = [s for s in shards if s.storage is not None]
+    if in_memory:
+        yield in_memory
+    if swapped:
+        capacity = swapped[0].storage.capacity
+        for i in range(0, len(swapped), capacity):
+            batch = swapped[i : i + capacity]
+            batch[0].storage.load(batch)
+            try:
+                yield batch
+            finally:
+                batch[0].storage.store(batch)
 
 
 def local_shards(model: torch.nn.Module, master_dtype: torch.dtype | None = None) -> list[Shard]:
@@ -168,9 +203,12 @@ class PerturbationEngine:
             state = self._state[wd]
             if self.has_master:  # the master keeps theta; only the forward's copy is perturbed
                 self._fold_into_master(wd)
-                self.apply(group, [s.tensor for s in group], [s.master for s in group], 1.0, dict(terms))
+                for batch in resident(group):
+                    self.apply(batch, [s.tensor for s in batch], [s.master for s in batch], 1.0, dict(terms))
             else:
-                self.apply(group, [s.tensor for s in group], [s.tensor for s in group], state.alpha, state.plus(terms))
+                for batch in resident(group):
+                    self.apply(batch, [s.tensor for s in batch], [s.tensor for s in batch], state.alpha,
+                               state.plus(terms))
                 self._state[wd] = _Affine(1.0, {s: -c for s, c in terms.items() if c != 0.0})
         self._perturbed = self.has_master
 
@@ -191,11 +229,13 @@ class PerturbationEngine:
         for wd, group in self._groups.items():
             if self.has_master:
                 if self._fold_into_master(wd) or self._perturbed:
-                    for s in group:
-                        s.tensor.copy_(s.master)
+                    for batch in resident(group):
+                        for s in batch:
+                            s.tensor.copy_(s.master)
             elif not self._state[wd].identity:
                 state = self._state[wd]
-                self.apply(group, [s.tensor for s in group], [s.tensor for s in group], state.alpha, state.terms)
+                for batch in resident(group):
+                    self.apply(batch, [s.tensor for s in batch], [s.tensor for s in batch], state.alpha, state.terms)
                 self._state[wd] = _Affine()
         self._perturbed = False
 
@@ -249,20 +289,23 @@ class PerturbationEngine:
 
     def new_buffer(self, dtype: torch.dtype | None = None) -> ShardBuffer:
         """Zeros laid out like the shards (dtype defaults to that of the parameters' values)."""
-        return ShardBuffer([torch.zeros_like(s.value, dtype=dtype or s.value.dtype) for s in self.shards])
+        zeros = {id(s): torch.zeros_like(s.value, dtype=dtype or s.value.dtype)
+                 for batch in resident(self.shards) for s in batch}
+        return ShardBuffer([zeros[id(s)] for s in self.shards])
 
     def swap(self, buffer: ShardBuffer) -> None:
         """Exchange the parameters' values with ``buffer`` (same dtype), a chunk at a time."""
         self.flush()
-        for shard, other in zip(self.shards, buffer.tensors):
-            mine, other = shard.value.view(-1), other.view(-1)
-            for lo in range(0, mine.numel(), self.chunk_numel):
-                hi = min(mine.numel(), lo + self.chunk_numel)
-                held = mine[lo:hi].clone()
-                mine[lo:hi].copy_(other[lo:hi])
-                other[lo:hi].copy_(held)
-            if shard.master is not None:
-                shard.tensor.copy_(shard.master)
+        for batch in resident(self.shards):
+            for shard in batch:
+                mine, other = shard.value.view(-1), buffer.tensors[self._index[id(shard)]].view(-1)
+                for lo in range(0, mine.numel(), self.chunk_numel):
+                    hi = min(mine.numel(), lo + self.chunk_numel)
+                    held = mine[lo:hi].clone()
+                    mine[lo:hi].copy_(other[lo:hi])
+                    other[lo:hi].copy_(held)
+                if shard.master is not None:
+                    shard.tensor.copy_(shard.master)
 
     def norm2(self, tensors: Sequence[torch.Tensor]) -> float:
         """This rank's part of sum(v**2) over a shard-laid-out tensor list, accumulated in float64."""
@@ -271,28 +314,28 @@ class PerturbationEngine:
     def dot(self, seed: int, tensors: Sequence[torch.Tensor] | None = None) -> float:
         """This rank's part of <v, z(seed)> (v defaults to the parameters' values), in float64.
         Sum it over ranks with Comm.all_reduce_sum."""
-        tensors = [s.value for s in self.shards] if tensors is None else tensors
-        return self._reduce_noise(seed, tensors)
+        return self._reduce_noise(seed, tensors, square=False)
 
     def noise_norm2(self, seed: int) -> float:
         """This rank's part of ||z(seed)||^2, in float64."""
-        return self._reduce_noise(seed, None)
+        return self._reduce_noise(seed, None, square=True)
 
-    def _reduce_noise(self, seed: int, tensors) -> float:
+    def _reduce_noise(self, seed: int, tensors, square: bool) -> float:
         total = torch.zeros((), dtype=torch.float64)
-        cpu = []
-        for i, shard in enumerate(self.shards):
-            t = shard.value if tensors is None else tensors[i]
-            if t.is_cuda and kernels.available():
-                total += kernels.dot_noise(None if tensors is None else t.view(-1), distribution=self.distribution,
-                                           stream=shard.stream, start=shard.offset, seed=seed,
-                                           numel=shard.numel).cpu()
-            else:
-                cpu.append((shard, t.view(-1), t.view(-1), ()))
-        for chunk in self._chunks(cpu):
-            z = self._noise(chunk, {seed: 1.0}, dtype=torch.float64)
-            v = z if tensors is None else torch.cat([t[lo:hi] for _, t, _, _, lo, hi in chunk]).to(torch.float64)
-            total += torch.dot(v, z)
+        for batch in resident(self.shards):
+            cpu = []
+            for shard in batch:
+                t = shard.value if tensors is None else tensors[self._index[id(shard)]]
+                if t.is_cuda and kernels.available():
+                    total += kernels.dot_noise(None if square else t.view(-1), distribution=self.distribution,
+                                               stream=shard.stream, start=shard.offset, seed=seed,
+                                               numel=shard.numel).cpu()
+                else:
+                    cpu.append((shard, t.view(-1), t.view(-1), ()))
+            for chunk in self._chunks(cpu):
+                z = self._noise(chunk, {seed: 1.0}, dtype=torch.float64)
+                v = z if square else torch.cat([t[lo:hi] for _, t, _, _, lo, hi in chunk]).to(torch.float64)
+                total += torch.dot(v, z)
         return float(total)
 
     def noise_like(self, shard: Shard, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -28,6 +28,7 @@ from zoscale.evaluate import evaluate, headline
 from zoscale.losses import Batch, pseuzo_closure, sequence_length
 from zoscale.memory import MemorySampler
 from zoscale.models import build_tokenizer
+from zoscale.shards import resident
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,8 +37,10 @@ class NonFiniteLossError(RuntimeError):
 
 def parameter_stats(optimizer) -> dict[str, float]:
     """Global statistics of the trainable parameters (float64, over every rank's shards)."""
-    local = [sum(s.tensor.double().sum().item() for s in optimizer.shards),
-             sum(s.tensor.double().pow(2).sum().item() for s in optimizer.shards)]
+    local = [0.0, 0.0]
+    for batch in resident(optimizer.shards):
+        local[0] += sum(s.tensor.double().sum().item() for s in batch)
+        local[1] += sum(s.tensor.double().pow(2).sum().item() for s in batch)
     total, squares = optimizer.param_sums(local)
     return {"param_sum": total, "param_sq_sum": squares}
 
@@ -173,11 +176,13 @@ class Trainer:
         summary["eval_after"] = summary["eval_final"]
         if self.best is not None:
             summary["best_dev"] = self.best
-            final_params = [s.tensor.to("cpu", copy=True) for s in self.optimizer.shards]  # host memory
+            final_params = {id(s): s.tensor.to("cpu", copy=True)  # in host memory meanwhile
+                            for batch in resident(self.optimizer.shards) for s in batch}
             checkpoint.read_shards(checkpoint.latest(self.run_dir / "best"), self.optimizer.shards)
             summary["eval_after"] = self.evaluate("test")  # MeZO reports the best dev checkpoint on test
-            for shard, final in zip(self.optimizer.shards, final_params):
-                shard.tensor.copy_(final)
+            for batch in resident(self.optimizer.shards):
+                for shard in batch:
+                    shard.tensor.copy_(final_params[id(shard)])
         summary.update({k: v for k, v in self.history.items() if k == "eval_before"})
         if self.memory is not None:  # after the last evaluations, so their peaks count too
             self.memory.stop()

@@ -10,6 +10,8 @@ then stop reaching the forward (environment.md). The head gathers its parameters
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from zoscale.backends.local import DDPBackend
@@ -47,6 +49,12 @@ class DeepSpeedBackend(DDPBackend):
 
     def setup(self, timeout_s: float):
         deepspeed = _deepspeed()
+        if self._offload_device() == "nvme":
+            from deepspeed.ops.op_builder import AsyncIOBuilder
+
+            if not AsyncIOBuilder().is_compatible(verbose=False):
+                raise ConfigError("deepspeed_config: offload_param nvme needs DeepSpeed's async_io op, which needs "
+                                  "libaio (apt install libaio-dev)")
         if not torch.cuda.is_available():
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 45 s JIT build on CPU
         return super().setup(timeout_s)  # the process group DeepSpeed then uses
@@ -73,6 +81,12 @@ class DeepSpeedBackend(DDPBackend):
         print0(f"built {cfg.name_or_path or 'random weights'} in ZeRO-3 partitions (no rank holds the whole model)")
         return self.prepare(model, device)
 
+    def _offload_device(self) -> str | None:
+        if self.config_path is None:
+            return None
+        with open(self.config_path) as f:
+            return json.load(f).get("zero_optimization", {}).get("offload_param", {}).get("device")
+
     def _config(self, dtype: torch.dtype):
         return self.config_path or zero3_config(dtype)  # a path is validated by zoscale.config
 
@@ -84,16 +98,27 @@ class DeepSpeedBackend(DDPBackend):
     def shards(self, model, master_dtype):
         if master_dtype is not None:
             raise ConfigError("model.master_weights: not with backend deepspeed")
-        rank, shards = self.comm.rank, []
+        rank, shards, swapped = self.comm.rank, [], {}
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
             partition = p.ds_tensor.ds_numel
             offset = rank * partition
             valid = max(0, min(partition, p.ds_numel - offset))
-            shards.append(Shard(name, p.ds_tensor.data.narrow(0, 0, valid), offset=min(offset, p.ds_numel),
-                                global_numel=p.ds_numel, weight_decay=decays(name, p.ds_shape)))
-        self._shards = shards
+            on_nvme = getattr(p, "nvme_swapper", None) is not None and p.nvme_swapper.swappable_tensor(param=p)
+            if on_nvme:  # a placeholder until NVMeStorage reads the partition in
+                local = torch.empty(valid, dtype=p.dtype, device="meta")
+            else:
+                local = p.ds_tensor.data.narrow(0, 0, valid)
+            shard = Shard(name, local, offset=min(offset, p.ds_numel), global_numel=p.ds_numel,
+                          weight_decay=decays(name, p.ds_shape))
+            if on_nvme:
+                swapped[shard.name] = p
+            shards.append(shard)
+        if swapped:
+            storage = NVMeStorage(swapped)
+            for shard in shards:
+                shard.storage = storage if shard.name in swapped else None
         return shards, Comm()
 
     def head(self, model, hidden: torch.Tensor) -> torch.Tensor:
@@ -105,3 +130,31 @@ class DeepSpeedBackend(DDPBackend):
             weight = head.weight.detach().clone()
             bias = None if head.bias is None else head.bias.detach().clone()
         return torch.nn.functional.linear(hidden, weight, bias)
+
+
+class NVMeStorage:
+    """ZeRO-3 partitions offloaded to NVMe (`offload_param: nvme`). Between uses a partition is on
+    the drive and `ds_tensor` is an empty placeholder; DeepSpeed reads it into one of a few shared
+    buffers for each forward and drops it after, unchanged. The engine's passes read a few
+    partitions in with the same swapper, write them in place, and write them back before release."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]):
+        self.params = params  # shard name -> parameter
+        self.swapper = next(iter(params.values())).nvme_swapper
+        self.capacity = max(1, self.swapper.param_buffer_count)
+
+    def load(self, shards) -> None:
+        from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
+
+        params = [self.params[s.name] for s in shards]
+        if any(p.ds_tensor.status != PartitionedParamStatus.NOT_AVAILABLE for p in params):
+            raise RuntimeError("an NVMe-offloaded partition is in use by DeepSpeed outside a forward")
+        self.swapper.swap_in(params, async_op=False)
+        for shard, p in zip(shards, params):
+            shard.tensor = p.ds_tensor.data.narrow(0, 0, shard.numel)
+
+    def store(self, shards) -> None:
+        params = [self.params[s.name] for s in shards]
+        self.swapper.swap_out_and_release(params)
+        for shard in shards:
+            shard.tensor = torch.empty(shard.numel, dtype=shard.tensor.dtype, device="meta")

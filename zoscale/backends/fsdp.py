@@ -138,7 +138,6 @@ class FSDPBackend(DDPBackend):
             # detach(): the same storage, without autograd's view tracking (ZO writes it in place)
             shards.append(Shard(name, p.to_local().detach(), offset=global_offset[0] * row, global_numel=p.numel(),
                                 weight_decay=decays(name, p.shape)))
-        self._shards = shards  # the local blocks are views of FSDP's persistent sharded storage
         return shards, Comm()
 
     def body(self, model, input_ids, attention_mask) -> torch.Tensor:

@@ -147,8 +147,7 @@ class PseuZO(ZOOptimizer):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        device = self.shards[0].tensor.device
-        self.window = deque(((int(s), d.to(device)) for s, d in state["window"]), maxlen=self.config.window)
+        self.window = deque(((int(s), d) for s, d in state["window"]), maxlen=self.config.window)  # on the CPU
 
 
 def _aligned_dot(diff: torch.Tensor, grad: torch.Tensor) -> float:
@@ -160,5 +159,5 @@ def _aligned_dot(diff: torch.Tensor, grad: torch.Tensor) -> float:
                              f"shape {tuple(grad.shape)}: batches need the same size (use drop_last)")
         keep = min(diff.shape[1], grad.shape[1])
         diff, grad = diff[:, -keep:], grad[:, -keep:]
-    return torch.dot(diff.reshape(-1).double(), grad.reshape(-1).double()).item()
+    return torch.dot(diff.reshape(-1).to(grad.device, torch.float64), grad.reshape(-1).double()).item()
 
