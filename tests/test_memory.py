@@ -73,11 +73,13 @@ def test_profile_command_writes_the_report(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [(["--optimizers", "mezo,lion"], "unknown ['lion']"),
-                                          (["--config", "/nonexistent.yaml"], "no such file")])
+                                          (["--config", "/nonexistent.yaml"], "no such file"),
+                                          (["optim.eps=0"], "optim.eps: must be > 0"),
+                                          (["--seq", "512"], "at most 64 positions")])
 def test_profile_refuses_bad_input(args, message, tmp_path):
     done = subprocess.run([sys.executable, "-m", "zoscale", "profile", "--out", str(tmp_path / "p"), *args],
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and message in done.stderr
+    assert done.returncode == 2 and message in done.stderr and not (tmp_path / "p").exists()
 
 
 def test_profile_on_two_ranks_reports_every_rank(tmp_path):

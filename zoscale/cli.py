@@ -109,8 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(methods) - set(ZO_METHODS + FIRST_ORDER))
         if unknown or not methods:
             return _fail(f"--optimizers: unknown {unknown}; choose from {list(ZO_METHODS + FIRST_ORDER)}")
-        if args.config is not None and not args.config.is_file():
-            return _fail(f"--config: no such file {args.config}")
+        from zoscale.commands import QUICKSTART
+        from zoscale.config import ConfigError, load
+
+        try:  # the config and overrides, checked before any method starts
+            cfg = load(args.config, args.overrides, defaults=QUICKSTART)
+        except ConfigError as e:
+            return _fail(str(e))
+        positions = (cfg.model.config or {}).get("max_position_embeddings")
+        if args.seq and positions and args.seq > positions:
+            return _fail(f"--seq {args.seq}: the model reads at most {positions} positions (max_position_embeddings)")
         if (args.out / "report.json").exists() and not args.force:
             return _fail(f"{args.out / 'report.json'} exists; pass --force to overwrite it")
         profile(args.config, args.overrides, methods, args.steps, args.out, args.nproc, args.seq)
@@ -134,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             load_model_config(args.model)
         except (OSError, ValueError) as e:
             return _fail(f"--model {args.model}: {str(e).splitlines()[0]}")
-        report = args.out / f"{step.report_name(args.model, args.backend, args.optimizer)}.json"
+        report = args.out / f"{step.report_name(args.model, args.backend, args.optimizer, args.deepspeed_config)}.json"
         if report.exists() and not args.force:
             return _fail(f"{report} exists; pass --force to overwrite it")
         if args.deepspeed_config is not None:

@@ -116,15 +116,16 @@ def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: s
         result["peak_host_rss_gib"] = psutil.Process().memory_info().rss / GIB
     if comm.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        name = report_name(model_config, backend_name, optimizer)
+        name = report_name(model_config, backend_name, optimizer, deepspeed_config)
         (out / f"{name}.json").write_text(json.dumps(result, indent=1))
         (out / f"{name}.md").write_text(markdown(result))
     backend.teardown()
     return result
 
 
-def report_name(model: str, backend: str, optimizer: str) -> str:
-    return f"step-{Path(model).stem}-{backend}-{optimizer}"
+def report_name(model: str, backend: str, optimizer: str, deepspeed_config: str | None = None) -> str:
+    variant = f"-{Path(deepspeed_config).stem}" if deepspeed_config else ""
+    return f"step-{Path(model).stem}-{backend}{variant}-{optimizer}"
 
 
 def markdown(r: dict) -> str:
