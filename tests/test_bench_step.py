@@ -6,6 +6,7 @@ from pathlib import Path
 from distributed import launch
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "models" / "opt-tiny.json"
+DEEPSPEED = TINY.parents[1] / "deepspeed"
 ARGS = ["bench", "step", "--model", str(TINY), "--batch", "2", "--seq", "16", "--dtype", "float32", "--repeats", "2"]
 
 
@@ -52,7 +53,11 @@ def test_a_model_directory_works_and_bad_input_fails_before_any_work(tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1 and "--model" in missing.stderr
     local_offload = subprocess.run([sys.executable, "-m", "zoscale", *ARGS, "--out", str(tmp_path / "o"),
-                                    "--deepspeed-config", "configs/deepspeed/zero3_offload.json"],
+                                    "--deepspeed-config", str(DEEPSPEED / "zero3_offload.json")],
                                    capture_output=True, text=True, timeout=300)
     assert local_offload.returncode == 2 and "only with --backend deepspeed" in local_offload.stderr
     assert not (tmp_path / "o").exists()
+    nvme = subprocess.run([sys.executable, "-m", "zoscale", *ARGS, "--out", str(tmp_path / "n"), "--backend",
+                           "deepspeed", "--deepspeed-config", str(DEEPSPEED / "zero3_offload_nvme.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert nvme.returncode == 2 and "not on NVMe" in nvme.stderr and not (tmp_path / "n").exists()

@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                 check_deepspeed_json(args.deepspeed_config)
             except ConfigError as e:
                 return _fail(str(e))
-            if "nvme" in Path(args.deepspeed_config).read_text():
+            from zoscale.backends.deepspeed import offload_device
+
+            if offload_device(args.deepspeed_config) == "nvme":
                 return _fail("--deepspeed-config: the step benchmark times passes over partitions in memory, not "
                              "on NVMe")
         r = step.run(args.model, args.batch, args.seq, args.optimizer, args.backend, args.dtype, args.repeats, args.out,

@@ -30,6 +30,14 @@ def _deepspeed():
     return deepspeed
 
 
+def offload_device(config_path: str | None) -> str | None:
+    """Where a DeepSpeed JSON offloads parameters: None, "cpu" or "nvme"."""
+    if config_path is None:
+        return None
+    with open(config_path) as f:
+        return json.load(f).get("zero_optimization", {}).get("offload_param", {}).get("device")
+
+
 def zero3_config(dtype: torch.dtype) -> dict:
     """The DeepSpeed config zoscale generates (configs/deepspeed/zero3.json is the same, as a file)."""
     return {
@@ -49,7 +57,7 @@ class DeepSpeedBackend(DDPBackend):
 
     def setup(self, timeout_s: float):
         deepspeed = _deepspeed()
-        if self._offload_device() == "nvme":
+        if offload_device(self.config_path) == "nvme":
             from deepspeed.ops.op_builder import AsyncIOBuilder
 
             if not AsyncIOBuilder().is_compatible(verbose=False):
@@ -80,12 +88,6 @@ class DeepSpeedBackend(DDPBackend):
         select_trainable(model, cfg.trainable)
         print0(f"built {cfg.name_or_path or 'random weights'} in ZeRO-3 partitions (no rank holds the whole model)")
         return self.prepare(model, device)
-
-    def _offload_device(self) -> str | None:
-        if self.config_path is None:
-            return None
-        with open(self.config_path) as f:
-            return json.load(f).get("zero_optimization", {}).get("offload_param", {}).get("device")
 
     def _config(self, dtype: torch.dtype):
         return self.config_path or zero3_config(dtype)  # a path is validated by zoscale.config
