@@ -118,6 +118,7 @@ def read_shards(directory: Path, shards: Sequence[Shard], buffers: dict[str, Sha
                 kind_name, offset = key.rsplit("@", 1)
                 kind, name = kind_name.split("/", 1)
                 pieces[kind, name].append((int(offset), handle.get_slice(key).get_shape()[0], handle, key))
+
         def fill(kind: str, shard: Shard, tensor: torch.Tensor) -> None:
             flat, filled = tensor.view(-1), 0
             for offset, numel, handle, key in pieces[kind, shard.name]:
