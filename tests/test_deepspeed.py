@@ -158,6 +158,7 @@ def test_nvme_offload_follows_the_in_memory_trajectory_and_resumes(wide_model, t
                    timeout=600)
     assert first.returncode == 0, first.stdout[-3000:]
     assert len(list((tmp_path / "nvme").rglob("*.swp"))) >= 4  # partitions really lived on the drive
+    assert list((nvme / "checkpoints" / "step-00000003").glob("shards-rank1-part*.safetensors"))  # a batch a file
     second = launch(2, "-m", "zoscale", "train", "--resume", str(nvme), "--steps", "6", timeout=400)
     assert second.returncode == 0, second.stdout[-3000:]
     a, b = summary(memory), summary(nvme)

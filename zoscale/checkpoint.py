@@ -2,7 +2,8 @@
 
     RUN/checkpoints/step-00001000/
         shards-rank{r}.safetensors   rank r's pieces: param/NAME@OFFSET, and the optimizer's shard
-                                     buffers (master/..., momentum/..., anchor/...) laid out the same
+                                     buffers (master/..., momentum/..., anchor/...) laid out the same;
+                                     pieces on NVMe in shards-rank{r}-part{i}.safetensors, a batch each
         optimizer-rank{r}.pt         rank r's optimizer scalars (step, norms, seeds)
         trainer.json                 the loop's state and the world size
     RUN/checkpoints/latest           a one-line pointer, replaced last
@@ -92,16 +93,21 @@ def _commit(root: Path, name: str, comm: Comm, write_rank: Callable[[Path], None
 
 
 def write_shards(directory: Path, rank: int, shards: Sequence[Shard], buffers: dict[str, ShardBuffer]) -> None:
-    """directory/shards-rank{rank}.safetensors: the shards' elements and the buffers', on the CPU."""
-    pieces = {}
-    for batch in resident(shards):
-        for shard in batch:
-            pieces[f"param/{shard.name}@{shard.offset}"] = shard.tensor.detach().reshape(-1).to("cpu", copy=True)
-    for kind, buffer in buffers.items():
-        for shard, tensor in zip(shards, buffer.tensors):
-            pieces[f"{kind}/{shard.name}@{shard.offset}"] = tensor.detach().reshape(-1).to("cpu", copy=True)
-    pieces = {key: piece for key, piece in pieces.items() if piece.numel()}
-    _save_synced(lambda f: save_file(pieces, f), directory / f"shards-rank{rank}.safetensors")
+    """directory/shards-rank{rank}.safetensors: the shards' elements and the buffers'. Shards on
+    NVMe go to one more file per batch (-part{i}), so host memory holds a batch at a time."""
+    def write(pieces: dict[str, torch.Tensor], suffix: str) -> None:
+        pieces = {key: t.detach().reshape(-1).cpu() for key, t in pieces.items() if t.numel()}
+        _save_synced(lambda f: save_file(pieces, f), directory / f"shards-rank{rank}{suffix}.safetensors")
+
+    in_memory = {f"{kind}/{s.name}@{s.offset}": t for kind, buffer in buffers.items()
+                 for s, t in zip(shards, buffer.tensors)}
+    for i, batch in enumerate(resident(shards)):
+        params = {f"param/{s.name}@{s.offset}": s.tensor for s in batch}
+        if batch[0].storage is None:
+            in_memory.update(params)
+        else:
+            write(params, f"-part{i}")
+    write(in_memory, "")
 
 
 def read_shards(directory: Path, shards: Sequence[Shard], buffers: dict[str, ShardBuffer] | None = None) -> None:

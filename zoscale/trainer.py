@@ -176,13 +176,10 @@ class Trainer:
         summary["eval_after"] = summary["eval_final"]
         if self.best is not None:
             summary["best_dev"] = self.best
-            final_params = {id(s): s.tensor.to("cpu", copy=True)  # in host memory meanwhile
-                            for batch in resident(self.optimizer.shards) for s in batch}
             checkpoint.read_shards(checkpoint.latest(self.run_dir / "best"), self.optimizer.shards)
             summary["eval_after"] = self.evaluate("test")  # MeZO reports the best dev checkpoint on test
-            for batch in resident(self.optimizer.shards):
-                for shard in batch:
-                    shard.tensor.copy_(final_params[id(shard)])
+            # back to the final parameters, from the checkpoint just written
+            checkpoint.read_shards(checkpoint.latest(self.run_dir / "checkpoints"), self.optimizer.shards)
         summary.update({k: v for k, v in self.history.items() if k == "eval_before"})
         if self.memory is not None:  # after the last evaluations, so their peaks count too
             self.memory.stop()
