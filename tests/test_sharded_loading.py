@@ -84,3 +84,33 @@ def test_a_hub_id_loads_sharded_from_its_snapshot(pretrained, local, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:]
     assert "sharded loading" in done.stdout and "0123abcd" in done.stdout
     assert first_losses(run) == pytest.approx(first_losses(local), abs=1e-5)
+
+
+def test_export_streams_the_pretrained_files_with_the_trained_parameters(pretrained, tmp_path):
+    """`zoscale export` of a run from pretrained safetensors rewrites them file by file: the trained
+    parameters from the checkpoint, the others as they were."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from zoscale import checkpoint
+
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "zoscale", "train", "--out", str(run), *RUN, *pretrained,
+                           r"model.trainable=layers\.0\."], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "hf"
+    done = subprocess.run([sys.executable, "-m", "zoscale", "export", str(run), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "one file at a time" in done.stdout
+    source = Path(pretrained[1].split("=", 1)[1])
+    assert {f.name for f in out.glob("*.safetensors")} == {f.name for f in source.glob("*.safetensors")}
+    trained = checkpoint.whole_params(checkpoint.latest(run / "checkpoints"))
+    original = dict(AutoModelForCausalLM.from_pretrained(source).named_parameters())
+    exported = dict(AutoModelForCausalLM.from_pretrained(out).named_parameters())
+    assert trained and set(trained) < set(exported)
+    for name, p in exported.items():
+        if name in trained:
+            assert torch.equal(p.detach().flatten(), trained[name]) and not torch.equal(p, original[name]), name
+        else:
+            assert torch.equal(p, original[name]), name

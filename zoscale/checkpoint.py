@@ -110,53 +110,71 @@ def write_shards(directory: Path, rank: int, shards: Sequence[Shard], buffers: d
     write(in_memory, "")
 
 
-def read_shards(directory: Path, shards: Sequence[Shard], buffers: dict[str, ShardBuffer] | None = None) -> None:
-    """Fill the shards (and buffers) in place from pieces saved on any layout: of each saved piece,
-    only the elements that overlap a shard are read."""
-    files = sorted(directory.glob("shards-rank*.safetensors"))
-    if not files:
-        raise ValueError(f"{directory} holds no shards-rank*.safetensors")
-    with contextlib.ExitStack() as stack:
-        pieces = defaultdict(list)  # (kind, name) -> [(offset, numel, handle, key)]
+class PieceReader:
+    """The saved pieces of a checkpoint directory, every rank's, opened once (headers only):
+    ``fill`` copies into a tensor just the saved elements that overlap it."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        files = sorted(directory.glob("shards-rank*.safetensors"))
+        if not files:
+            raise ValueError(f"{directory} holds no shards-rank*.safetensors")
+        self._stack = contextlib.ExitStack()
+        self.pieces = defaultdict(list)  # (kind, name) -> [(offset, numel, handle, key)]
         for file in files:
-            handle = stack.enter_context(safe_open(str(file), framework="pt"))
+            handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
             for key in handle.keys():
                 kind_name, offset = key.rsplit("@", 1)
                 kind, name = kind_name.split("/", 1)
-                pieces[kind, name].append((int(offset), handle.get_slice(key).get_shape()[0], handle, key))
+                self.pieces[kind, name].append((int(offset), handle.get_slice(key).get_shape()[0], handle, key))
 
-        def fill(kind: str, shard: Shard, tensor: torch.Tensor) -> None:
-            flat, filled = tensor.view(-1), 0
-            for offset, numel, handle, key in pieces[kind, shard.name]:
-                lo, hi = max(offset, shard.offset), min(offset + numel, shard.offset + shard.numel)
-                if lo < hi:
-                    flat[lo - shard.offset : hi - shard.offset].copy_(handle.get_slice(key)[lo - offset : hi - offset])
-                    filled += hi - lo
-            if filled != shard.numel:
-                raise ValueError(f"checkpoint {directory} has no complete {kind} {shard.name}")
+    def __enter__(self) -> PieceReader:
+        return self
 
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def names(self, kind: str = "param") -> list[str]:
+        return [name for k, name in self.pieces if k == kind]
+
+    def numel(self, name: str, kind: str = "param") -> int:
+        return max(offset + numel for offset, numel, _, _ in self.pieces[kind, name])
+
+    def fill(self, kind: str, shard: Shard, tensor: torch.Tensor) -> None:
+        """tensor (laid out like ``shard``) <- the saved elements of its range."""
+        flat, filled = tensor.view(-1), 0
+        for offset, numel, handle, key in self.pieces[kind, shard.name]:
+            lo, hi = max(offset, shard.offset), min(offset + numel, shard.offset + shard.numel)
+            if lo < hi:
+                flat[lo - shard.offset : hi - shard.offset].copy_(handle.get_slice(key)[lo - offset : hi - offset])
+                filled += hi - lo
+        if filled != shard.numel:
+            raise ValueError(f"checkpoint {self.directory} has no complete {kind} {shard.name}")
+
+    def whole(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One saved parameter, whole and flattened."""
+        numel, (_, _, handle, key) = self.numel(name), self.pieces["param", name][0]
+        out = torch.empty(numel, dtype=dtype or handle.get_slice(key)[0:0].dtype)  # the saved dtype by default
+        self.fill("param", Shard(name, out, offset=0, global_numel=numel), out)
+        return out
+
+
+def read_shards(directory: Path, shards: Sequence[Shard], buffers: dict[str, ShardBuffer] | None = None) -> None:
+    """Fill the shards (and buffers) in place from pieces saved on any layout: of each saved piece,
+    only the elements that overlap a shard are read."""
+    with PieceReader(directory) as reader:
         for batch in resident(shards):
             for shard in batch:
-                fill("param", shard, shard.tensor)
+                reader.fill("param", shard, shard.tensor)
         for kind, buffer in (buffers or {}).items():
             for shard, tensor in zip(shards, buffer.tensors):
-                fill(kind, shard, tensor)
+                reader.fill(kind, shard, tensor)
 
 
 def whole_params(directory: Path) -> dict[str, torch.Tensor]:
     """Every saved parameter, whole and flattened, in this process (for inspection of small models)."""
-    sizes: dict[str, tuple[int, torch.dtype]] = {}
-    for file in directory.glob("shards-rank*.safetensors"):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                if key.startswith("param/"):
-                    name, offset = key.removeprefix("param/").rsplit("@", 1)
-                    piece = handle.get_slice(key)
-                    end = int(offset) + piece.get_shape()[0]
-                    sizes[name] = (max(sizes.get(name, (0,))[0], end), piece[0:0].dtype)
-    whole = {name: torch.empty(size, dtype=dtype) for name, (size, dtype) in sizes.items()}
-    read_shards(directory, [Shard(name, t, offset=0, global_numel=t.numel()) for name, t in whole.items()])
-    return whole
+    with PieceReader(directory) as reader:
+        return {name: reader.whole(name) for name in reader.names()}
 
 
 def save(run_dir: Path, step: int, shards: Sequence[Shard], buffers: dict[str, ShardBuffer], optimizer_state: dict,

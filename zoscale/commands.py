@@ -66,13 +66,17 @@ def _train(args) -> int:
     return 0
 
 
+def _run_config(run: Path):
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run} is not a run directory (no config.yaml)")
+    return load(run / "config.yaml")
+
+
 def _initial_model(run: Path):
     """The run's model before training (from its config) and tokenizer."""
     from zoscale.models import build_model, build_tokenizer
 
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run} is not a run directory (no config.yaml)")
-    cfg = load(run / "config.yaml")
+    cfg = _run_config(run)
     if cfg.model.config is not None and cfg.model.init_device != "cpu":
         raise ConfigError(f"{run} drew its random weights on its device (model.init_device); they cannot be "
                           f"rebuilt here")
@@ -90,13 +94,21 @@ def _save_pretrained(model, tokenizer, out: Path) -> None:
 
 def export(args) -> int:
     from zoscale import checkpoint
+    from zoscale.export import export_pretrained
+    from zoscale.models import build_tokenizer, snapshot
     from zoscale.shards import local_shards
 
     _fresh_directory(args.out, "--out")
-    _, model, tokenizer = _initial_model(args.run)
     source = checkpoint.latest(args.run / ("checkpoints" if args.checkpoint == "latest" else "best"))
     if source is None:
         raise ConfigError(f"{args.run} has no {args.checkpoint} checkpoint")
+    cfg = _run_config(args.run)
+    pretrained = snapshot(cfg.model.name_or_path) if cfg.model.name_or_path and cfg.model.lora is None else None
+    if pretrained is not None and list(pretrained.glob("*.safetensors")):  # file by file, never the whole model
+        export_pretrained(cfg.model, pretrained, source, build_tokenizer(cfg.model), args.out)
+        print(f"wrote {args.out}: the files of {pretrained} with the trained parameters, one file at a time")
+        return 0
+    _, model, tokenizer = _initial_model(args.run)
     checkpoint.read_shards(source, local_shards(model))  # the pieces of every rank, into whole parameters
     _save_pretrained(model, tokenizer, args.out)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -38,6 +39,17 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None, init_device: to
     else:
         select_trainable(model, cfg.trainable)
     return model
+
+
+def snapshot(name_or_path: str, download: bool = True) -> Path:
+    """A local directory as it is; a hub id's config and safetensors files in the Hugging Face
+    cache (downloaded unless ``download`` is False)."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    files = ["*.json", "*.safetensors"]
+    return Path(snapshot_download(name_or_path, allow_patterns=files, local_files_only=not download))
 
 
 def auto_class(cfg: ModelConfig):

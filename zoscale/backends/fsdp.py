@@ -26,7 +26,7 @@ from zoscale.backends.local import DDPBackend
 from zoscale.comm import Comm, print0
 from zoscale.config import ConfigError
 from zoscale.losses import causal_lm
-from zoscale.models import select_trainable
+from zoscale.models import select_trainable, snapshot
 from zoscale.shards import Shard, decays
 
 
@@ -96,18 +96,12 @@ class FSDPBackend(DDPBackend):
         return model
 
     def _snapshot(self, name: str) -> Path:
-        """A local directory as it is; a hub id's config and safetensors files, downloaded into the
-        Hugging Face cache by the first rank of each node while the others wait (files, never a
-        model in memory)."""
-        if Path(name).is_dir():
-            return Path(name)
-        from huggingface_hub import snapshot_download
-
-        files = ["*.json", "*.safetensors"]
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            snapshot_download(name, allow_patterns=files)
+        """A local directory, or a hub id's snapshot, downloaded into the Hugging Face cache by the
+        first rank of each node while the others wait (files, never a model in memory)."""
+        first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        path = snapshot(name) if first else None
         self.comm.barrier()
-        return Path(snapshot_download(name, allow_patterns=files, local_files_only=True))
+        return path or snapshot(name, download=False)
 
     def prepare(self, model, device):
         mesh = init_device_mesh(device.type, (self.comm.world_size,))
