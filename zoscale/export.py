@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from zoscale.checkpoint import PieceReader
 from zoscale.config import ConfigError, ModelConfig
 
+
 def export_pretrained(model: ModelConfig, source: Path, checkpoint: Path, tokenizer, out: Path) -> None:
     """``source``: the pretrained directory (with safetensors files); ``checkpoint``: a checkpoint
     or best directory of the run."""
@@ -44,7 +45,6 @@ def export_pretrained(model: ModelConfig, source: Path, checkpoint: Path, tokeni
                     else:
                         tensors[key] = handle.get_tensor(key).to(dtype)
             save_file(tensors, out / file.name, metadata={"format": "pt"})
-            del tensors
     if trained - written:
         raise ConfigError(f"{source} has no tensor for the trained {sorted(trained - written)[:3]}")
     for extra in ("model.safetensors.index.json", "generation_config.json"):
