@@ -13,7 +13,7 @@ from pathlib import Path
 import dacite
 import yaml
 
-BACKENDS = ("local", "ddp", "fsdp", "deepspeed")  # local runs now; the others arrive with issue 5
+BACKENDS = ("local", "ddp", "fsdp", "deepspeed")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

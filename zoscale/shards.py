@@ -134,7 +134,7 @@ def local_shards(model: torch.nn.Module, master_dtype: torch.dtype | None = None
 
 class ShardBuffer:
     """A parameter-sized tensor per shard (momentum, anchor copy), laid out exactly like the shards,
-    so it is sharded, gathered and checkpointed the same way."""
+    so it is sharded and checkpointed the same way."""
 
     def __init__(self, tensors: Sequence[torch.Tensor]):
         self.tensors = list(tensors)

@@ -292,8 +292,8 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def resumed_config(run_dir: Path, steps: int | None, backend: str | None = None) -> TrainConfig:
-    """The run's config; the step target and the backend may change (checkpoints hold whole
-    parameters and offset-keyed buffers, so any backend and world size can continue them)."""
+    """The run's config; the step target and the backend may change (checkpoints hold pieces keyed
+    by flat offset, so any backend and world size can continue them)."""
     from zoscale.config import load
 
     cfg = load(run_dir / "config.yaml")
