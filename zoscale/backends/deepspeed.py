@@ -19,7 +19,7 @@ from zoscale.comm import Comm, print0
 from zoscale.config import ConfigError
 from zoscale.losses import causal_lm
 from zoscale.models import auto_class, select_trainable, transformers_config
-from zoscale.shards import Shard, decays
+from zoscale.shards import Shard, decays, offload_compute_device
 
 
 def _deepspeed():
@@ -113,7 +113,7 @@ class DeepSpeedBackend(DDPBackend):
             else:
                 local = p.ds_tensor.data.narrow(0, 0, valid)
             shard = Shard(name, local, offset=min(offset, p.ds_numel), global_numel=p.ds_numel,
-                          weight_decay=decays(name, p.ds_shape))
+                          weight_decay=decays(name, p.ds_shape), compute_device=offload_compute_device(local))
             if on_nvme:
                 swapped[shard.name] = p
             shards.append(shard)

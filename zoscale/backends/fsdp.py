@@ -27,7 +27,7 @@ from zoscale.comm import Comm, print0
 from zoscale.config import ConfigError
 from zoscale.losses import causal_lm
 from zoscale.models import select_trainable, snapshot
-from zoscale.shards import Shard, decays
+from zoscale.shards import Shard, decays, offload_compute_device
 
 
 def _load_rows(model, files: list[Path]) -> None:
@@ -130,8 +130,9 @@ class FSDPBackend(DDPBackend):
             _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
             row = p.numel() // p.shape[0] if p.shape[0] else 0
             # detach(): the same storage, without autograd's view tracking (ZO writes it in place)
-            shards.append(Shard(name, p.to_local().detach(), offset=global_offset[0] * row, global_numel=p.numel(),
-                                weight_decay=decays(name, p.shape)))
+            local = p.to_local().detach()
+            shards.append(Shard(name, local, offset=global_offset[0] * row, global_numel=p.numel(),
+                                weight_decay=decays(name, p.shape), compute_device=offload_compute_device(local)))
         return shards, Comm()
 
     def body(self, model, input_ids, attention_mask) -> torch.Tensor:
@@ -148,9 +149,14 @@ class FSDPBackend(DDPBackend):
 
     def head(self, model, hidden: torch.Tensor) -> torch.Tensor:
         """The output embedding with its weight gathered into a tensor of its own (a collective),
-        so that autograd through the head (PseuZO) outlives the root's resharding."""
+        so that autograd through the head (PseuZO) outlives the root's resharding. Under CPU offload
+        the shards move to the compute device first (NCCL gathers device tensors only)."""
         head = causal_lm(model).get_output_embeddings()
-        gather = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
-        weight = gather(head.weight).to(hidden.dtype)
-        bias = None if head.bias is None else gather(head.bias).to(hidden.dtype)
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(hidden.device)
+            return (t.full_tensor() if isinstance(t, DTensor) else t).to(hidden.dtype)
+
+        weight = gather(head.weight)
+        bias = None if head.bias is None else gather(head.bias)
         return torch.nn.functional.linear(hidden, weight, bias)
