@@ -93,3 +93,27 @@ def test_fp32_shards_with_bf16_compute(local_runs, tmp_path):
     offload = subprocess.run([sys.executable, "-m", "zoscale", "train", "--out", str(tmp_path / "o"),
                               "backend=fsdp", "fsdp_cpu_offload=true"], capture_output=True, text=True, timeout=120)
     assert offload.returncode == 2 and "fsdp_cpu_offload: needs CUDA" in offload.stderr
+
+
+def test_random_weights_drawn_rank_by_rank_are_the_same_on_any_number_of_ranks(tmp_path):
+    """`model.init_device: device`: each rank draws only its rows from the Philox stream, so 1 and
+    3 ranks start from the same weights (lr=0 keeps them, to a few ulps of +eps, -2eps, +eps), and
+    the draw has transformers' layout: zero biases, unit norm weights, N(0, 0.02^2)."""
+    params = {}
+    for world in (1, 3):
+        run = tmp_path / f"w{world}"
+        done = launch(world, "-m", "zoscale", "train", "--out", str(run), "backend=fsdp", "model.init_device=device",
+                      "steps=2", "optim.lr=0", "eval_every=0", "save_every=0", "eval_before=false",
+                      "data.num_dev=0", "data.num_test=0", timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:]
+        assert "drew random weights in FSDP2 shards" in done.stdout
+        params[world] = checkpoint.whole_params(run / "checkpoints" / "step-00000002")
+    assert params[1].keys() == params[3].keys()
+    for name, value in params[1].items():
+        assert torch.equal(value, params[3][name]), name
+        if name.endswith("bias"):
+            assert value.abs().max() < 1e-6, name
+        elif "layer_norm" in name:
+            assert (value - 1).abs().max() < 1e-6, name
+        else:
+            assert abs(value.std().item() - 0.02) < 0.002 and abs(value.mean().item()) < 0.002, name

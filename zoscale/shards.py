@@ -364,9 +364,10 @@ class PerturbationEngine:
             if on_kernels:
                 total += kernels.dot_noise(on_kernels, distribution=self.distribution, seed=seed, square=square).cpu()
             for chunk in self._chunks(host):
-                if self.stage_device is not None:
-                    staged = [kernels.Segment(t[lo:hi].to(self.stage_device), shard.offset + lo, shard.stream)
-                              for shard, t, _, _, lo, hi in chunk]
+                if self.stage_device is not None:  # sum(z**2) needs only the size: nothing is copied
+                    device = self.stage_device
+                    staged = [kernels.Segment(torch.empty(hi - lo, device=device) if square else t[lo:hi].to(device),
+                                              shard.offset + lo, shard.stream) for shard, t, _, _, lo, hi in chunk]
                     total += kernels.dot_noise(staged, distribution=self.distribution, seed=seed, square=square).cpu()
                     continue
                 z = self._noise(chunk, {seed: 1.0}, dtype=torch.float64)

@@ -22,12 +22,23 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from zoscale import rng
 from zoscale.backends.local import DDPBackend
 from zoscale.comm import Comm, print0
 from zoscale.config import ConfigError
 from zoscale.losses import causal_lm
-from zoscale.models import select_trainable, snapshot
-from zoscale.shards import Shard, decays, offload_compute_device
+from zoscale.models import auto_class, select_trainable, snapshot, transformers_config
+from zoscale.shards import PerturbationEngine, Shard, decays, offload_compute_device
+
+
+_INIT_STREAM = 0x1A17  # mixed into the init seed, so the weights never share a seed with a step
+
+
+def _local_rows(p: DTensor) -> tuple[torch.Tensor, int]:
+    """This rank's block of rows of a sharded parameter (the same storage, detached: ZO writes it in
+    place without autograd's view tracking) and the parameter's first row in it."""
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return p.to_local().detach(), offset[0]
 
 
 def _load_rows(model, files: list[Path]) -> None:
@@ -44,16 +55,41 @@ def _load_rows(model, files: list[Path]) -> None:
                 name = key if key in params else prefix + key
                 if name not in params:
                     continue
-                p = params[name]
-                local = p.to_local() if isinstance(p, DTensor) else p
-                _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-                rows = handle.get_slice(key)[offset[0] : offset[0] + local.shape[0]]
+                local, first = _local_rows(params[name])
+                rows = handle.get_slice(key)[first : first + local.shape[0]]
                 with torch.no_grad():
                     local.copy_(rows.to(local.dtype))
                 loaded.add(name)
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"the checkpoint has no weights for {missing[:3]}{'...' if len(missing) > 3 else ''}")
+
+
+def _draw_rows(model, seed: int) -> None:
+    """Random weights for a model built from a config, each rank drawing only its rows: element i
+    of parameter p is a pure function of (seed, p's name, i), like a perturbation, so the weights
+    are the same on any number of ranks. Biases are zeros, norm weights ones, every other weight
+    N(0, std^2) with the config's initializer_range (OPT: init_std): transformers' layout, without
+    its zeroed padding-token row."""
+    config = model.config
+    std = getattr(config, "initializer_range", None) or getattr(config, "init_std", 0.02)
+    normal, seen = [], set()
+    for module in model.modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for leaf, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # tied: drawn once, under its first name
+                continue
+            seen.add(id(p))
+            local, first = _local_rows(p)
+            with torch.no_grad():
+                local.fill_(1.0 if is_norm and leaf == "weight" else 0.0)
+            if leaf != "bias" and not is_norm:
+                normal.append((p, local, first))
+    names = {id(p): name for name, p in model.named_parameters()}
+    shards = [Shard(names[id(p)], local, offset=first * (p.numel() // p.shape[0]), global_numel=p.numel(),
+                    compute_device=offload_compute_device(local)) for p, local, first in normal]
+    tensors = [s.tensor for s in shards]
+    PerturbationEngine(shards).apply(shards, tensors, tensors, 0.0, {rng.mix_seed(seed, _INIT_STREAM): std})
 
 
 class FSDPBackend(DDPBackend):
@@ -71,17 +107,33 @@ class FSDPBackend(DDPBackend):
         return super().setup(timeout_s)
 
     def build(self, cfg, vocab_size: int, device):
-        """Pretrained weights (a local directory, or a hub id's snapshot) are built on the meta
-        device, sharded, and each rank reads only its rows from the safetensors files: no rank ever
-        holds the whole model. Anything else is built whole and then sharded."""
+        """Pretrained weights (a local directory, or a hub id's snapshot), and a config's random
+        weights with `model.init_device: device`, go into a model built on the meta device and
+        sharded: each rank reads only its rows from the safetensors files, or draws only its rows
+        (`_draw_rows`). No rank ever holds the whole model. Anything else is built whole, on the
+        CPU, and then sharded."""
         path = self._snapshot(cfg.name_or_path) if cfg.name_or_path and cfg.lora is None else None
-        if path is None or not list(path.glob("*.safetensors")):
-            return super().build(cfg, vocab_size, device)
+        if path is not None and list(path.glob("*.safetensors")):
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            model = self._empty(AutoModelForCausalLM, AutoConfig.from_pretrained(path), cfg, device)
+            _load_rows(model, sorted(path.glob("*.safetensors")))
+            print0(f"loaded each rank's rows of {path} (sharded loading: no rank holds the whole model)")
+            return model
+        if cfg.name_or_path is None and cfg.lora is None and cfg.init_device == "device":
+            model = self._empty(auto_class(cfg), transformers_config(cfg, vocab_size), cfg, device)
+            _draw_rows(model, cfg.init_seed)
+            print0("drew random weights in FSDP2 shards (no rank holds the whole model)")
+            return model
+        return super().build(cfg, vocab_size, device)
+
+    def _empty(self, auto, config, cfg, device):
+        """The model sharded with its parameters allocated but not filled (buffers such as rotary
+        tables are computed as usual)."""
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
 
         with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, cfg.dtype))
+            model = auto.from_config(config, dtype=getattr(torch, cfg.dtype))
         model.tie_weights()  # init_empty_weights re-creates each parameter it moves to meta, which unties them
         buffers = {name: b.clone() for name, b in model.named_buffers()}
         model.eval().requires_grad_(False)
@@ -91,8 +143,6 @@ class FSDPBackend(DDPBackend):
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])  # to_empty() left them uninitialised
-        _load_rows(model, sorted(path.glob("*.safetensors")))
-        print0(f"loaded each rank's rows of {path} (sharded loading: no rank holds the whole model)")
         return model
 
     def _snapshot(self, name: str) -> Path:
@@ -127,11 +177,9 @@ class FSDPBackend(DDPBackend):
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
-            _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            local, first = _local_rows(p)
             row = p.numel() // p.shape[0] if p.shape[0] else 0
-            # detach(): the same storage, without autograd's view tracking (ZO writes it in place)
-            local = p.to_local().detach()
-            shards.append(Shard(name, local, offset=global_offset[0] * row, global_numel=p.numel(),
+            shards.append(Shard(name, local, offset=first * row, global_numel=p.numel(),
                                 weight_decay=decays(name, p.shape), compute_device=offload_compute_device(local)))
         return shards, Comm()
 
