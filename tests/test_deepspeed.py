@@ -137,7 +137,8 @@ def wide_model(tmp_path_factory):
 def test_nvme_offload_follows_the_in_memory_trajectory_and_resumes(wide_model, tmp_path):
     """offload_param nvme with real swapping (a few small buffers, nothing kept in host memory):
     the engine reads partitions in, writes them and writes them back, so ConMeZO on 2 ranks is
-    exactly the in-memory ZeRO-3 run, through a checkpoint and a resume."""
+    exactly the in-memory ZeRO-3 run, through a checkpoint and a resume (its projected cone takes
+    <m, z> and |z|^2, the latter from the placeholders' sizes alone)."""
     reason = async_io_available()
     if reason:
         pytest.skip(reason)
@@ -147,7 +148,7 @@ def test_nvme_offload_follows_the_in_memory_trajectory_and_resumes(wide_model, t
     config["zero_optimization"]["offload_param"].update(nvme_path=str(tmp_path / "nvme"), max_in_cpu=0,
                                                         buffer_count=4, buffer_size=300_000)
     (tmp_path / "nvme.json").write_text(json.dumps(config))
-    args = [*wide_model, "optim.name=conmezo", "steps=6", "save_every=3", "eval_every=3", "data.num_train=48",
+    args = [*wide_model, "optim.name=conmezo", "optim.noise=projected", "steps=6", "save_every=3", "eval_every=3", "data.num_train=48",
             "data.num_dev=8", "data.num_test=16", "batch_size=12"]
     memory = tmp_path / "memory"
     done = launch(2, "-m", "zoscale", "train", "--out", str(memory), "backend=deepspeed", *args, timeout=400)

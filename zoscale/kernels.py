@@ -32,9 +32,8 @@ try:
 except ImportError:  # CPU installs without triton use rng.py only
     triton = None
 
-BLOCK = 1024
+BLOCK = 1024  # elements per program; 1024 with 4 warps was the fastest on an H100 (profiling/kernel_variants.py)
 NUM_WARPS = 4
-_ROW = 8  # int64 words per table row: out, src, buf, numel, start, stream, first block, unused
 
 
 def available() -> bool:
@@ -71,7 +70,7 @@ if triton is not None:
         """This program's table row, the local offset of its first element (global start - HEAD is
         a multiple of 4), the in-block bounds, the Philox counters of its quads, and its stream."""
         pid = tl.program_id(0)
-        row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * 8
+        row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * 8  # 8 int64 words a row: see _launches
         numel, start, stream, first = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5), tl.load(row + 6)
         base = (pid.to(tl.int64) - first) * BLOCK - HEAD
         lower = tl.maximum(-base, 0).to(tl.int32)
@@ -162,7 +161,9 @@ class _Launch(NamedTuple):
     dtypes: tuple  # out, src, buf (None without a buffer)
 
 
-_owners: dict = {}  # (device, block counts) -> owner array; shared by every table of that layout
+# (device, block counts) -> owner array (an int32 per block: 0.2% of bf16 parameters), shared by
+# every table of that layout (parameters, momentum, ...)
+_owners: dict = {}
 
 
 def _owner(device, counts: tuple[int, ...]) -> torch.Tensor:
@@ -187,12 +188,15 @@ def _launches(segments) -> list[_Launch]:
         aligned = head == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
         key = (seg.out.dtype, src.dtype, None if seg.buf is None else seg.buf.dtype, head, aligned)
         blocks = triton.cdiv(seg.out.numel() + head, BLOCK)
+        # out, src, buf pointers; numel, global start, stream; first block (set below); unused
         row = [seg.out.data_ptr(), src.data_ptr(), 0 if seg.buf is None else seg.buf.data_ptr(),
                seg.out.numel(), seg.start, seg.stream, 0, 0]
         groups.setdefault(key, []).append((row, blocks))
     device = segments[0].out.device
     launches = []
     for (out, src, buf, head, aligned), rows in groups.items():
+        if not any(blocks for _, blocks in rows):  # empty shards (a rank with no rows of a small parameter)
+            continue
         first = 0
         for row, blocks in rows:
             row[6] = first

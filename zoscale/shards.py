@@ -319,10 +319,11 @@ class PerturbationEngine:
                 out.add_(buffer, alpha=coef)
 
     def new_buffer(self, dtype: torch.dtype | None = None) -> ShardBuffer:
-        """Zeros laid out like the shards (dtype defaults to that of the parameters' values)."""
-        zeros = {id(s): torch.zeros_like(s.value, dtype=dtype or s.value.dtype)
-                 for batch in resident(self.shards) for s in batch}
-        return ShardBuffer([zeros[id(s)] for s in self.shards])
+        """Zeros laid out like the shards (dtype defaults to that of the parameters' values), in host
+        memory for NVMe shards, whose placeholders give the size without reading anything in."""
+        return ShardBuffer([torch.zeros(s.value.shape, dtype=dtype or s.value.dtype,
+                                        device="cpu" if s.storage is not None else s.value.device)
+                            for s in self.shards])
 
     def swap(self, buffer: ShardBuffer) -> None:
         """Exchange the parameters' values with ``buffer`` (same dtype), a chunk at a time."""
@@ -353,7 +354,8 @@ class PerturbationEngine:
 
     def _reduce_noise(self, seed: int, tensors, square: bool) -> float:
         total = torch.zeros((), dtype=torch.float64)
-        for batch in resident(self.shards):
+        # sum(z**2) needs only sizes: NVMe shards are not read in for it
+        for batch in [self.shards] if square else resident(self.shards):
             on_kernels, host = [], []
             for shard in batch:
                 t = (shard.value if tensors is None else tensors[self._index[id(shard)]]).view(-1)
@@ -407,7 +409,7 @@ class PerturbationEngine:
         if not terms:
             return None
         segments = [(shard.stream, shard.offset + lo, hi - lo) for shard, _, _, _, lo, hi in chunk]
-        device = chunk[0][1].device
+        device = chunk[0][1].device if chunk[0][1].device.type != "meta" else "cpu"  # an NVMe placeholder
         total = None
         for seed, coef in terms.items():
             z = rng.generate_segments(self.distribution, seed, segments, device=device, dtype=dtype)
