@@ -8,7 +8,7 @@
 #                                              # step benchmarks: 1.3B, 13B, 30B, FSDP2 and
 #                                              # ZeRO-3 at world size 1, ZeRO-3 with offload_param cpu (1.3B),
 #                                              # FSDP2 CPU offload against local on the quickstart
-#     bash profiling/gpu_session.sh memory     # zoscale profile: OPT-1.3B and OPT-13B at 16x128 and 16x512
+#     bash profiling/gpu_session.sh memory     # zoscale profile: OPT-1.3B and OPT-13B at 16x128 and 16x512 (6 min)
 # Every report goes into one archive, $OUT/STAGE.tgz (the tool brings back at most 8 files), with
 # the log beside it; unpack it under profiling/reports/ and commit what you keep.
 # Knobs: MODEL_SMALL, MODEL_LARGE, MODEL_XL (config.json paths), REPEATS.
@@ -84,6 +84,9 @@ memory)
         profile --seq "$seq" --out "$reports/opt-1.3b-16x$seq" "model.config=$small"
         profile --seq "$seq" --out "$reports/opt-13b-16x$seq" "model.config=$large" --optimizers mezo,conmezo,adamw
     done
+    # ConMeZO's fp32 momentum does not fit OPT-13B at 512 tokens on 80 GB; a bf16 one should
+    profile --seq 512 --out "$reports/opt-13b-16x512-bf16-momentum" "model.config=$large" --optimizers conmezo \
+        optim.buffer_dtype=bfloat16
     ;;
 *)
     echo "unknown stage $stage (speed | memory)"; exit 2 ;;

@@ -148,8 +148,8 @@ def test_nvme_offload_follows_the_in_memory_trajectory_and_resumes(wide_model, t
     config["zero_optimization"]["offload_param"].update(nvme_path=str(tmp_path / "nvme"), max_in_cpu=0,
                                                         buffer_count=4, buffer_size=300_000)
     (tmp_path / "nvme.json").write_text(json.dumps(config))
-    args = [*wide_model, "optim.name=conmezo", "optim.noise=projected", "steps=6", "save_every=3", "eval_every=3", "data.num_train=48",
-            "data.num_dev=8", "data.num_test=16", "batch_size=12"]
+    args = [*wide_model, "optim.name=conmezo", "optim.noise=projected", "steps=6", "save_every=3", "eval_every=3",
+            "data.num_train=48", "data.num_dev=8", "data.num_test=16", "batch_size=12"]
     memory = tmp_path / "memory"
     done = launch(2, "-m", "zoscale", "train", "--out", str(memory), "backend=deepspeed", *args, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:]

@@ -56,7 +56,7 @@ def test_training_records_memory_metrics(tmp_path):
 def test_profile_command_writes_the_report(tmp_path):
     out = tmp_path / "profile"
     cmd = [sys.executable, "-m", "zoscale", "profile", "--optimizers", "conmezo,adamw", "--steps", "2", "--seq", "40",
-           "--out", str(out), "data.num_dev=0", "data.num_test=0", "data.num_train=64"]
+           "--out", str(out), "data.num_dev=0", "data.num_test=0", "data.num_train=64", "optim.buffer_dtype=bfloat16"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "[2/2] adamw:" in done.stdout  # a progress line per method
@@ -65,6 +65,7 @@ def test_profile_command_writes_the_report(tmp_path):
     for r in report["results"]:
         assert not r.get("failed") and r["steps"] == 2 and r["peaks"]["memory/host_rss_peak_gib"] > 0
     assert "| conmezo |" in (out / "report.md").read_text()
+    assert "buffer_dtype: bfloat16" in (out / "conmezo" / "run" / "config.yaml").read_text()  # ConMeZO's own option
     assert "random batches of 40 tokens" in (out / "report.md").read_text() and report["seq"] == 40
     for png in ("memory_over_time.png", "peaks.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -75,7 +76,9 @@ def test_profile_command_writes_the_report(tmp_path):
 @pytest.mark.parametrize("args,message", [(["--optimizers", "mezo,lion"], "unknown ['lion']"),
                                           (["--config", "/nonexistent.yaml"], "no such file"),
                                           (["optim.eps=0"], "optim.eps: must be > 0"),
-                                          (["--seq", "512"], "at most 64 positions")])
+                                          (["--seq", "512"], "at most 64 positions"),
+                                          (["--optimizers", "mezo", "optim.buffer_dtype=bfloat16"],
+                                           "unknown option(s) ['buffer_dtype'] for mezo")])
 def test_profile_refuses_bad_input(args, message, tmp_path):
     done = subprocess.run([sys.executable, "-m", "zoscale", "profile", "--out", str(tmp_path / "p"), *args],
                           capture_output=True, text=True, timeout=120)

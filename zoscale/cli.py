@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             return _fail(str(e))
     if args.command == "profile":
-        from zoscale.profile import FIRST_ORDER, ZO_METHODS, profile
+        from zoscale.profile import FIRST_ORDER, ZO_METHODS, method_overrides, profile
 
         methods = [m for m in args.optimizers.split(",") if m]
         unknown = sorted(set(methods) - set(ZO_METHODS + FIRST_ORDER))
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         from zoscale.commands import QUICKSTART
         from zoscale.config import ConfigError, load
 
-        try:  # the config and overrides, checked before any method starts
-            cfg = load(args.config, args.overrides, defaults=QUICKSTART)
+        try:  # the config and overrides, checked for every method before any starts
+            cfg = [load(args.config, method_overrides(m, args.overrides), defaults=QUICKSTART) for m in methods][0]
         except ConfigError as e:
             return _fail(str(e))
         positions = (cfg.model.config or {}).get("max_position_embeddings")

@@ -44,6 +44,14 @@ def synthetic_batches(trainer, seq: int):
     return batch
 
 
+def method_overrides(method: str, overrides: list[str]) -> list[str]:
+    """The run's overrides for one method: its optimizer named; first-order baselines keep the
+    model and data but none of the ZO optimizer's options (they build a trainer as MeZO would)."""
+    if method in FIRST_ORDER:
+        return [*(o for o in overrides if not o.startswith("optim.")), "optim.name=mezo"]
+    return [*overrides, f"optim.name={method}"]
+
+
 def run_method(config: Path | None, overrides: list[str], method: str, steps: int, out: Path,
                seq: int | None = None) -> dict:
     """In this process: `steps` steps of `method` with memory sampling; the result as a dict."""
@@ -51,10 +59,9 @@ def run_method(config: Path | None, overrides: list[str], method: str, steps: in
     from zoscale.config import load
     from zoscale.trainer import Trainer
 
-    name = method if method in ZO_METHODS else "mezo"
     if method in FIRST_ORDER and "backend=deepspeed" in overrides:
         raise SystemExit("first-order baselines run on the local, ddp and fsdp backends (ZeRO-3 needs its engine)")
-    cfg = load(config, [*overrides, f"optim.name={name}", f"steps={steps}", "eval_every=0", "save_every=0",
+    cfg = load(config, [*method_overrides(method, overrides), f"steps={steps}", "eval_every=0", "save_every=0",
                         "eval_before=false"], defaults=QUICKSTART)
     trainer = Trainer(cfg, out / "run")
     rank = trainer.comm.rank
