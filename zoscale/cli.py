@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         from zoscale.config import ConfigError, load
 
         try:  # the config and overrides, checked for every method before any starts
-            cfg = [load(args.config, method_overrides(m, args.overrides), defaults=QUICKSTART) for m in methods][0]
+            for method in methods:
+                cfg = load(args.config, method_overrides(method, args.overrides), defaults=QUICKSTART)
         except ConfigError as e:
             return _fail(str(e))
         positions = (cfg.model.config or {}).get("max_position_embeddings")
