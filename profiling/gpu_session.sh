@@ -70,6 +70,7 @@ speed)
     step --model "$small" --optimizer mezo
     step --model "$small" --optimizer conmezo
     step --model "$large" --optimizer mezo
+    step --model "$large" --optimizer mezo --defer-update
     step --model "$large" --optimizer conmezo
     step_ranks1 --model "$small" --backend fsdp --dtype bfloat16
     step_ranks1 --model "$small" --backend deepspeed --dtype bfloat16

@@ -25,6 +25,13 @@ def test_step_benchmark_on_cpu_writes_json_and_markdown(tmp_path):
     check(json.loads((tmp_path / "step-opt-tiny-local-mezo.json").read_text()), reference=True)
     markdown = (tmp_path / "step-opt-tiny-local-mezo.md").read_text()
     assert "reference MeZO step" in markdown and "Rademacher perturbation pass" in markdown
+    deferred = subprocess.run([sys.executable, "-m", "zoscale", *ARGS, "--defer-update", "--out", str(tmp_path)],
+                              capture_output=True, text=True, timeout=300)
+    assert deferred.returncode == 0, deferred.stderr
+    report = json.loads((tmp_path / "step-opt-tiny-local-mezo-deferred.json").read_text())
+    check(report, reference=True)
+    assert report["defer_update"]
+    assert "(deferred update)" in (tmp_path / "step-opt-tiny-local-mezo-deferred.md").read_text()
 
 
 def test_step_benchmark_under_fsdp_on_2_ranks(tmp_path):
@@ -61,3 +68,6 @@ def test_a_model_directory_works_and_bad_input_fails_before_any_work(tmp_path):
                            "deepspeed", "--deepspeed-config", str(DEEPSPEED / "zero3_offload_nvme.json")],
                           capture_output=True, text=True, timeout=300)
     assert nvme.returncode == 2 and "not on NVMe" in nvme.stderr and not (tmp_path / "n").exists()
+    conmezo = subprocess.run([sys.executable, "-m", "zoscale", *ARGS, "--out", str(tmp_path / "c"), "--optimizer",
+                              "conmezo", "--defer-update"], capture_output=True, text=True, timeout=300)
+    assert conmezo.returncode == 2 and "a MeZO option" in conmezo.stderr and not (tmp_path / "c").exists()

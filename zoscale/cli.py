@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--deepspeed-config", help="a ZeRO-3 JSON for --backend deepspeed (e.g. configs/deepspeed/"
                       "zero3_offload.json)")
     step.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
+    step.add_argument("--defer-update", action="store_true",
+                      help="MeZO's defer_update: two passes a step, the update folded into the next perturbation")
     return parser
 
 
@@ -143,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             load_model_config(args.model)
         except (OSError, ValueError) as e:
             return _fail(f"--model {args.model}: {str(e).splitlines()[0]}")
-        report = args.out / f"{step.report_name(args.model, args.backend, args.optimizer, args.deepspeed_config)}.json"
+        if args.defer_update and args.optimizer != "mezo":
+            return _fail("--defer-update: a MeZO option (--optimizer mezo)")
+        name = step.report_name(args.model, args.backend, args.optimizer, args.deepspeed_config, args.defer_update)
+        report = args.out / f"{name}.json"
         if report.exists() and not args.force:
             return _fail(f"{report} exists; pass --force to overwrite it")
         if args.deepspeed_config is not None:
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _fail("--deepspeed-config: the step benchmark times passes over partitions in memory, not "
                              "on NVMe")
         r = step.run(args.model, args.batch, args.seq, args.optimizer, args.backend, args.dtype, args.repeats, args.out,
-                     args.deepspeed_config)
+                     args.deepspeed_config, args.defer_update)
         print(step.markdown(r))
         return 0
     if args.command == "bench" and args.bench == "quadratic":

@@ -62,7 +62,7 @@ def reference_mezo_step(model, loss, eps: float, lr: float, seed: int) -> None:
 
 
 def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: str, dtype: str,
-        repeats: int, out: Path, deepspeed_config: str | None = None) -> dict:
+        repeats: int, out: Path, deepspeed_config: str | None = None, defer_update: bool = False) -> dict:
     from zoscale import backends
     from zoscale.config import ModelConfig
     from zoscale.plan import load_model_config
@@ -73,7 +73,8 @@ def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: s
     cfg = ModelConfig(config=fields, tokenizer="unused", dtype=dtype, init_device="device")
     model = backend.build(cfg, fields["vocab_size"], device)
     shards, shard_comm = backend.shards(model, None)
-    opt = zoscale.build_optimizer(optimizer, shards, comm=comm, shard_comm=shard_comm, lr=1e-7, eps=1e-3)
+    options = {"defer_update": True} if defer_update else {}  # MeZO: the update rides on the next step's first pass
+    opt = zoscale.build_optimizer(optimizer, shards, comm=comm, shard_comm=shard_comm, lr=1e-7, eps=1e-3, **options)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, fields["vocab_size"], (batch, seq), generator=generator).to(device)
 
@@ -97,7 +98,7 @@ def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: s
         "date": datetime.date.today().isoformat(), "device": device_description(device), "world_size": comm.world_size,
         "model": Path(model_config).stem, "backend": backend_name, "deepspeed_config": deepspeed_config,
         "dtype": dtype, "batch": batch, "seq": seq,
-        "optimizer": optimizer, "parameters": sum(s.global_numel for s in shards),
+        "optimizer": optimizer, "defer_update": defer_update, "parameters": sum(s.global_numel for s in shards),
         "forward_ms": forward * 1e3, "zo_step_ms": zo_step * 1e3, "zo_step_over_two_forwards": zo_step / (2 * forward),
         "perturbation_pass_ms": perturb_pass * 1e3, "in_place_pass_ms": in_place * 1e3,
         "perturbation_over_in_place": perturb_pass / in_place,
@@ -116,21 +117,22 @@ def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: s
         result["peak_host_rss_gib"] = psutil.Process().memory_info().rss / GIB
     if comm.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        name = report_name(model_config, backend_name, optimizer, deepspeed_config)
+        name = report_name(model_config, backend_name, optimizer, deepspeed_config, defer_update)
         (out / f"{name}.json").write_text(json.dumps(result, indent=1))
         (out / f"{name}.md").write_text(markdown(result))
     backend.teardown()
     return result
 
 
-def report_name(model: str, backend: str, optimizer: str, deepspeed_config: str | None = None) -> str:
+def report_name(model: str, backend: str, optimizer: str, deepspeed_config: str | None = None,
+                defer_update: bool = False) -> str:
     variant = f"-{Path(deepspeed_config).stem}" if deepspeed_config else ""
-    return f"step-{Path(model).stem}-{backend}{variant}-{optimizer}"
+    return f"step-{Path(model).stem}-{backend}{variant}-{optimizer}{'-deferred' if defer_update else ''}"
 
 
 def markdown(r: dict) -> str:
     rows = [("forward", f"{r['forward_ms']:.2f} ms"),
-            (f"{r['optimizer']} step",
+            (f"{r['optimizer']} step{' (deferred update)' if r.get('defer_update') else ''}",
              f"{r['zo_step_ms']:.2f} ms = {r['zo_step_over_two_forwards']:.2f} x two forwards"),
             ("perturbation pass", f"{r['perturbation_pass_ms']:.2f} ms = {r['perturbation_over_in_place']:.2f} x "
                                   f"in-place ({r['perturbation_bandwidth_gb_s']:.1f} GB/s)"),
