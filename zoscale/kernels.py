@@ -7,8 +7,8 @@ launch per parameter costs more than the pass itself on models with hundreds of 
 (OPT-1.3B: 14 ms per pass launched per tensor, 4 ms from a table, on an H100). Each program covers
 BLOCK consecutive global element indices aligned to 4, so every Philox call yields four values that
 are all used; loads and stores are 1-D and, when the segment starts on a multiple of 4 and its
-pointers on 16 bytes, vectorised. Only scalars are 64-bit: shards beyond 2**31 elements and global
-offsets beyond 2**32 are routine at 13B+.
+pointers on 16 bytes, carry that alignment as a hint so the compiler can vectorise them. Only
+scalars are 64-bit: shards beyond 2**31 elements and global offsets beyond 2**32 are routine at 13B+.
 
     affine_noise_(segments, ...)  out = alpha * src + sum_i c_i * z(seed_i) [+ beta * buf], one pass
     dot_noise(segments, ...)      sum(x * z(seed)) (or sum(z**2)), fp32 per block, fp64 across blocks
