@@ -279,14 +279,15 @@ class PerturbationEngine:
             (on_kernels if self._on_kernels(out) else host).append((shard, out.view(-1), src.view(-1), extra))
         beta = buffers[0][1] if buffers else 0.0
         self._kernel_pass([(s.offset, s.stream, out, src, extra) for s, out, src, extra in on_kernels],
-                          alpha, seeds, beta)
+                          alpha, seeds.items(), beta)
         if self.stage_device is not None:  # host shards (offload): a chunk at a time through the kernels
             device = self.stage_device
+            staged_terms = kernels.Terms(seeds.items(), device)  # once, not once per chunk
             for chunk in self._chunks(host):
                 staged = [(shard.offset + lo, shard.stream, torch.empty(hi - lo, dtype=out.dtype, device=device),
                            src[lo:hi].to(device), [(b[lo:hi].to(device), c) for b, c in extra])
                           for shard, out, src, extra, lo, hi in chunk]
-                self._kernel_pass(staged, alpha, seeds, beta)
+                self._kernel_pass(staged, alpha, staged_terms, beta)
                 for (shard, out, _, _, lo, hi), (_, _, result, _, _) in zip(chunk, staged):
                     out[lo:hi].copy_(result)
             return
@@ -306,14 +307,15 @@ class PerturbationEngine:
                 out[lo:hi].copy_(value)
                 pos += hi - lo
 
-    def _kernel_pass(self, items, alpha: float, seeds: dict, beta: float) -> None:
+    def _kernel_pass(self, items, alpha: float, terms, beta: float) -> None:
         """One launch over (start, stream, out, src, extra buffers) items; the first buffer is read in
-        the same pass, any further ones are added after."""
+        the same pass, any further ones are added after. ``terms``: (seed, coefficient) pairs or
+        ``kernels.Terms`` already on the device."""
         if not items:
             return
         kernels.affine_noise_([kernels.Segment(out, start, stream, src, extra[0][0] if extra else None)
                                for start, stream, out, src, extra in items],
-                              distribution=self.distribution, terms=seeds.items(), alpha=alpha, beta=beta)
+                              distribution=self.distribution, terms=terms, alpha=alpha, beta=beta)
         for _, _, out, _, extra in items:
             for buffer, coef in extra[1:]:
                 out.add_(buffer, alpha=coef)
@@ -354,6 +356,7 @@ class PerturbationEngine:
 
     def _reduce_noise(self, seed: int, tensors, square: bool) -> float:
         total = torch.zeros((), dtype=torch.float64)
+        on_device = []  # the kernels' sums, brought to the host once at the end
         # sum(z**2) needs only sizes: NVMe shards are not read in for it
         for batch in [self.shards] if square else resident(self.shards):
             on_kernels, host = [], []
@@ -364,18 +367,20 @@ class PerturbationEngine:
                 else:
                     host.append((shard, t, t, ()))
             if on_kernels:
-                total += kernels.dot_noise(on_kernels, distribution=self.distribution, seed=seed, square=square).cpu()
+                on_device.append(kernels.dot_noise(on_kernels, distribution=self.distribution, seed=seed,
+                                                   square=square))
             for chunk in self._chunks(host):
                 if self.stage_device is not None:  # sum(z**2) needs only the size: nothing is copied
                     device = self.stage_device
                     staged = [kernels.Segment(torch.empty(hi - lo, device=device) if square else t[lo:hi].to(device),
                                               shard.offset + lo, shard.stream) for shard, t, _, _, lo, hi in chunk]
-                    total += kernels.dot_noise(staged, distribution=self.distribution, seed=seed, square=square).cpu()
+                    on_device.append(kernels.dot_noise(staged, distribution=self.distribution, seed=seed,
+                                                       square=square))
                     continue
                 z = self._noise(chunk, {seed: 1.0}, dtype=torch.float64)
                 v = z if square else torch.cat([t[lo:hi] for _, t, _, _, lo, hi in chunk]).to(torch.float64)
                 total += torch.dot(v, z)
-        return float(total)
+        return float(total) + (float(torch.stack(on_device).sum()) if on_device else 0.0)
 
     def noise_like(self, shard: Shard, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """This shard's slice of z(seed), materialised (tests and small-d reference code only)."""
