@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,3 +45,11 @@ def torchrun(script: Path, nproc: int, out_dir: Path, *args: str, timeout: float
         assert path.exists(), f"rank {rank} wrote no result (exit {proc.returncode}):\n{output[-4000:]}"
         results.append(json.loads(path.read_text()))
     return results
+
+
+def wait_for_lines(path: Path, count: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Until ``path`` (a run's metrics.jsonl) has ``count`` lines: training has started."""
+    deadline = time.time() + timeout
+    while not (path.exists() and len(path.read_text().splitlines()) >= count):
+        assert time.time() < deadline and proc.poll() is None, "training did not start"
+        time.sleep(0.05)

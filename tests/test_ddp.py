@@ -98,7 +98,7 @@ def test_a_dead_rank_ends_the_whole_job_promptly(tmp_path):
 
     import psutil
 
-    from distributed import REPO
+    from distributed import REPO, wait_for_lines
 
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -107,11 +107,7 @@ def test_a_dead_rank_ends_the_whole_job_promptly(tmp_path):
            "eval_before=false", "data.num_dev=0", "data.num_test=8", "collective_timeout_s=30"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        metrics = run / "metrics.jsonl"
-        deadline = time.time() + 120
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
-            assert time.time() < deadline and proc.poll() is None, "training did not start"
-            time.sleep(0.2)
+        wait_for_lines(run / "metrics.jsonl", 5, proc)
         ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "zoscale" in " ".join(p.cmdline())]
         victim = next(p for p in ranks if p.environ().get("RANK") == "1")
         killed = time.time()

@@ -116,6 +116,18 @@ def async_io_available() -> str | None:
     return None if subprocess.run(probe, capture_output=True).returncode == 0 else "async_io still incompatible"
 
 
+@pytest.fixture(scope="session")
+def async_io_op():
+    """DeepSpeed's async_io op, built (JIT, cached in ~/.cache/torch_extensions) before any ranks start:
+    a build inside a timed 2-rank run left rank 1 waiting in gloo's group creation until it broke."""
+    reason = async_io_available()
+    if reason:
+        pytest.skip(reason)
+    build = subprocess.run([sys.executable, "-c", "from deepspeed.ops.op_builder import AsyncIOBuilder; "
+                            "AsyncIOBuilder().load(verbose=False)"], capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory):
     """An OPT whose largest partitions on 2 ranks reach the 1 MiB that DeepSpeed swaps to NVMe."""
@@ -134,14 +146,11 @@ def wide_model(tmp_path_factory):
     return ["model.config=null", f"model.name_or_path={out}", f"model.tokenizer={out}"]
 
 
-def test_nvme_offload_follows_the_in_memory_trajectory_and_resumes(wide_model, tmp_path):
+def test_nvme_offload_follows_the_in_memory_trajectory_and_resumes(async_io_op, wide_model, tmp_path):
     """offload_param nvme with real swapping (a few small buffers, nothing kept in host memory):
     the engine reads partitions in, writes them and writes them back, so ConMeZO on 2 ranks is
     exactly the in-memory ZeRO-3 run, through a checkpoint and a resume (its projected cone takes
     <m, z> and |z|^2, the latter from the placeholders' sizes alone)."""
-    reason = async_io_available()
-    if reason:
-        pytest.skip(reason)
     config = json.loads((CONFIGS / "zero3_offload_nvme.json").read_text())
     assert config["zero_optimization"]["offload_param"]["device"] == "nvme"
     config["bf16"]["enabled"] = False  # only the dtype and the sizes change

@@ -95,8 +95,10 @@ def test_replay_rebuilds_the_parameters_from_the_seed_log(finished_run, tmp_path
     assert "replayed 40 steps" in done.stdout
     saved = checkpoint.whole_params(checkpoint.latest(finished_run / "checkpoints"))
     replayed = AutoModelForCausalLM.from_pretrained(out)
+    # training folds restore and update into one pass, replay applies each update alone: the same sums in
+    # another order, a few fp32 ulps apart after 40 steps (1.07e-6 seen with torch 2.13)
     for name, p in replayed.named_parameters():
-        torch.testing.assert_close(p.detach().flatten(), saved[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(p.detach().flatten(), saved[name], rtol=0, atol=3e-6)
     size = (finished_run / "seeds.jsonl").stat().st_size
     assert size < 20_000  # the whole finetune, in kilobytes
 

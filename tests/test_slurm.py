@@ -63,3 +63,27 @@ def test_sbatch_script_completes_and_matches_a_local_run(script, extra, local_su
     assert summary["steps"] == 6
     assert summary["param_sq_sum"] == pytest.approx(local_summary["param_sq_sum"], rel=1e-6)
     assert summary["eval_after"] == local_summary["eval_after"]
+
+
+def test_a_preempted_job_checkpoints_is_requeued_and_ends_on_the_same_trajectory(local_summary, tmp_path):
+    """SIGUSR1 to the batch shell mid-run (as `--signal=B:USR1@T` sends ahead of a time limit): the
+    ranks checkpoint at a step boundary, the job requeues itself and the restarted script resumes."""
+    run = tmp_path / "run"
+    steps = ["steps=60" if a.startswith("steps=") else a for a in RUN]
+    cmd = ["unshare", "--mount", "--propagation", "private", str(CLUSTER), str(tmp_path / "cluster"),
+           str(REPO / "launch" / "slurm_torchrun.sbatch"), "--out", str(run), *steps, "backend=fsdp"]
+    env = {"ZOSCALE_PYTHON": sys.executable, "NPROC_PER_NODE": "1", "PREEMPT_WHEN": f"{run / 'metrics.jsonl'}:3"}
+    done = run_group(cmd, env=env, timeout=600)
+    assert done.returncode == 0 and "JobState=COMPLETED" in done.stdout, done.stdout[-4000:]
+    assert "preempted job" in done.stdout and "Restarts=1" in done.stdout, done.stdout[-4000:]
+    assert "requeueing job" in done.stdout and "resumed" in done.stdout, done.stdout[-4000:]
+    stopped = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert stopped == list(range(60)) + [60] * ("split" in (run / "metrics.jsonl").read_text())
+    checkpoints = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 2 and checkpoints[-1] == "step-00000060", checkpoints  # the preemption's, the end's
+    uninterrupted = tmp_path / "uninterrupted"
+    reference = subprocess.run([sys.executable, "-m", "zoscale", "train", "--out", str(uninterrupted), *steps],
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr
+    a, b = json.loads((run / "summary.json").read_text()), json.loads((uninterrupted / "summary.json").read_text())
+    assert a["param_sq_sum"] == pytest.approx(b["param_sq_sum"], rel=1e-6) and a["eval_after"] == b["eval_after"]

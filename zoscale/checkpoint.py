@@ -25,11 +25,15 @@ keep one format for every backend and are read lazily, element range by element 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from zoscale.comm import Comm
+from zoscale.config import ConfigError
 from zoscale.shards import Shard, ShardBuffer, resident
 
 
@@ -64,12 +69,32 @@ def _save_synced(write: Callable[[Path], object], path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _listing(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
 def _commit(root: Path, name: str, comm: Comm, write_rank: Callable[[Path], None],
             write_main: Callable[[Path], None], keep: int = 0) -> Path:
-    """Every rank calls this: root/.tmp-NAME is made, each rank writes its files into it, rank 0
-    its own, renames it to root/NAME, points root/latest at it, and then deletes all but the
-    newest ``keep`` directories (0: none deleted)."""
+    """Every rank calls this: root/.tmp-NAME is made, each rank writes its files into it and
+    hashes its share of them, rank 0 writes the manifest last, renames the directory to root/NAME,
+    points root/latest at it, and then deletes all but the newest ``keep`` directories (0: none).
+
+    A complete root/NAME is never deleted to make room for a new one: it is the same step of the
+    same trajectory, so it stays and nothing is written."""
     final, tmp = root / name, root / f".tmp-{name}"
+    already = comm.all_reduce_sum([float(comm.is_main and problem(final) is None)])[0]
+    if already:
+        if comm.is_main:
+            _write_atomic(root / "latest", final.name + "\n")
+        return final
     if comm.is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save
@@ -79,8 +104,24 @@ def _commit(root: Path, name: str, comm: Comm, write_rank: Callable[[Path], None
     comm.barrier()
     if comm.is_main:
         write_main(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+    comm.barrier()
+    files = _listing(tmp)  # every rank hashes a share of every rank's files
+    mine = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            for i, f in enumerate(files) if i % comm.world_size == comm.rank}
+    _save_synced(lambda f: f.write_text(json.dumps(mine)), tmp / f".sums-rank{comm.rank}.json")
+    comm.barrier()
+    if comm.is_main:
+        manifest = {}
+        for r in range(comm.world_size):
+            sums = tmp / f".sums-rank{r}.json"
+            manifest.update(json.loads(sums.read_text()))
+            sums.unlink()
+        _save_synced(lambda f: f.write_text(json.dumps({"format": 1, "files": manifest}, indent=1)), tmp / MANIFEST)
+        if final.exists():  # an incomplete leftover of this step: nothing in it can be resumed
+            stale = root / f".stale-{name}"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            shutil.rmtree(stale)
         os.replace(tmp, final)
         _fsync_dir(root)
         _write_atomic(root / "latest", final.name + "\n")
@@ -90,6 +131,70 @@ def _commit(root: Path, name: str, comm: Comm, write_rank: Callable[[Path], None
                     shutil.rmtree(stale)
     comm.barrier()
     return final
+
+
+MANIFEST = "manifest.json"  # written last: the files of a checkpoint, their sizes and sha256
+CHECKPOINT_NAME = re.compile(r"^step-\d{8}$")
+
+
+def problem(directory: Path) -> str | None:
+    """Why ``directory`` is not a complete checkpoint, checksums aside (None if it is): its manifest
+    is missing, or a file it lists is missing or of another size."""
+    try:
+        files = json.loads((directory / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return "no manifest (the save did not finish, or an older zoscale wrote it)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable manifest ({e})"
+    for file, expected in sorted(files.items()):
+        path = directory / file
+        if not path.is_file():
+            return f"{file} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{file} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
+    return None
+
+
+@dataclass
+class Found:
+    path: Path | None  # the newest complete checkpoint
+    skipped: list[tuple[str, str]]  # newer ones that are not complete: (name, why)
+
+    def describe(self) -> str:
+        return "; ".join(f"skipped {name}: {why}" for name, why in self.skipped)
+
+
+def find(root: Path, comm: Comm | None = None, checksums: bool = True) -> Found:
+    """The newest complete checkpoint under ``root`` (RUN/checkpoints or RUN/best), its checksums
+    verified unless ``checksums`` is False: the ranks share the hashing, and they all choose the
+    same directory. The ``latest`` pointer is for people: it is never followed, so no file in a run
+    can point outside it."""
+    comm = comm or Comm()
+    names = sorted((p.name for p in root.iterdir() if CHECKPOINT_NAME.match(p.name) and p.is_dir()),
+                   reverse=True) if root.is_dir() else []
+    skipped = []
+    for name in names:
+        directory = root / name
+        reason = problem(directory)
+        if reason is None and checksums:  # every rank checks a share of the checksums
+            try:
+                files = sorted(json.loads((directory / MANIFEST).read_text())["files"].items())
+            except (OSError, ValueError):
+                files = []
+            bad = [float(i % comm.world_size == comm.rank and _sha256(directory / f) != e["sha256"])
+                   for i, (f, e) in enumerate(files)]
+            bad = comm.all_reduce_sum(bad)
+            wrong = [f for (f, _), b in zip(files, bad) if b]
+            reason = f"{wrong[0]} does not match its checksum" if wrong else None
+        if reason is None:
+            return Found(directory, skipped)
+        skipped.append((name, reason))
+    return Found(None, skipped)
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under root (RUN/checkpoints or RUN/best), in this process."""
+    return find(root).path
 
 
 def write_shards(directory: Path, rank: int, shards: Sequence[Shard], buffers: dict[str, ShardBuffer]) -> None:
@@ -205,23 +310,23 @@ def save_best(run_dir: Path, step: int, shards: Sequence[Shard], comm: Comm, own
     return _commit(run_dir / "best", f"step-{step:08d}", comm, write_rank, write_main, keep=1)
 
 
-def latest(root: Path) -> Path | None:
-    """The directory root/latest points at (root: RUN/checkpoints or RUN/best), if complete."""
-    pointer = root / "latest"
-    if not pointer.exists():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "trainer.json").exists() else None
-
-
 def load(checkpoint: Path, comm: Comm) -> tuple[dict, dict]:
     """(optimizer scalars for this rank, trainer state); the shards are read by ``read_shards``.
     Saved on another number of ranks, rank 0's scalars serve (they agree on every rank), without
-    PseuZO's window of per-rank micro-batch outputs, which is meaningless on another split."""
+    PseuZO's window of per-rank micro-batch outputs, which is meaningless on another split.
+    Nothing in a run directory is unpickled: the optimizer files are read as tensors and plain values."""
     trainer_state = json.loads((checkpoint / "trainer.json").read_text())
-    if trainer_state["world_size"] == comm.world_size:
-        return torch.load(checkpoint / f"optimizer-rank{comm.rank}.pt", weights_only=False), trainer_state
-    state = torch.load(checkpoint / "optimizer-rank0.pt", weights_only=False)
-    if state.get("window"):
+    same_world = trainer_state["world_size"] == comm.world_size
+    path = checkpoint / f"optimizer-rank{comm.rank if same_world else 0}.pt"
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain values; it was not loaded "
+                              f"(loading it could run code)") from None
+    if not same_world and state.get("window"):
         state["window"] = []
     return state, trainer_state
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used: the message is one line and names the file."""

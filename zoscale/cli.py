@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="experiment YAML (default: configs/quickstart.yaml)")
     train.add_argument("--out", type=Path, help="run directory (default: runs/<time>-<task>-<optimizer>)")
     train.add_argument("--resume", type=Path, metavar="RUN", help="continue RUN from its latest checkpoint")
+    train.add_argument("--auto-resume", action="store_true", help="continue --out if it holds this run already, "
+                       "else start it (for jobs that are requeued)")
     train.add_argument("--steps", type=_positive_int, help="total steps (overrides the config)")
     train.add_argument("--backend", help="local | ddp | fsdp | deepspeed (overrides the config)")
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from zoscale.config import ConfigError, load
+from zoscale.config import ConfigError, load, to_dict
 
 QUICKSTART = Path(str(resources.files("zoscale.quickstart") / "quickstart.yaml"))
 
@@ -23,7 +23,7 @@ def _fresh_directory(path: Path, flag: str) -> None:
 
 def train(args) -> int:
     code = _train(args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if os.environ.get("WORLD_SIZE", "1") != "1":
         # Ranks of a torch.distributed job sometimes abort in interpreter teardown after a clean run
         # ("terminate called without an active exception"): leave with the real exit code instead.
         sys.stdout.flush()
@@ -33,14 +33,18 @@ def train(args) -> int:
 
 
 def _train(args) -> int:
-    from zoscale.trainer import NonFiniteLossError, Trainer, resumed_config
+    from zoscale.backends.local import check_launch_environment
+    from zoscale.rundir import RunDirectory
+    from zoscale.signals import EXIT_PREEMPTED, exit_when_the_launcher_dies
+    from zoscale.trainer import TRAJECTORY_KEYS, NonFiniteLossError, Preempted, Trainer, resumed_config
 
     if args.resume is not None:
-        if args.config is not None or args.overrides or args.out is not None:
+        if args.config is not None or args.overrides or args.out is not None or args.auto_resume:
             raise ConfigError("--resume continues a run as configured: only --steps and --backend may change")
-        if not (args.resume / "config.yaml").is_file():
-            raise ConfigError(f"--resume: {args.resume} is not a run directory (no config.yaml)")
-        cfg, run_dir = resumed_config(args.resume, args.steps, args.backend), args.resume
+        run_dir = args.resume
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
+        cfg = resumed_config(run_dir, args.steps, args.backend)
     else:
         overrides = list(args.overrides)
         if args.steps is not None:
@@ -48,22 +52,50 @@ def _train(args) -> int:
         if args.backend is not None:
             overrides.append(f"backend={args.backend}")
         cfg = load(args.config, overrides, defaults=QUICKSTART)
-        if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("--out is required when the launcher starts several ranks")
+        if args.out is None and (os.environ.get("WORLD_SIZE", "1") != "1" or args.auto_resume):
+            raise ConfigError("--out is required when the launcher starts several ranks, and with --auto-resume")
         task = Path(cfg.data.task).stem
         run_dir = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}-{cfg.optim.name}"
-        _fresh_directory(run_dir, "--out")
-    trainer = Trainer(cfg, run_dir, resume=args.resume is not None)
-    try:
-        trainer.run()
-    except NonFiniteLossError as e:
-        print(f"zoscale: error: {e}", flush=True)
-        return 1
-    finally:
-        trainer.backend.teardown()
+        if args.auto_resume and (run_dir / "config.yaml").is_file():  # a requeued job: continue the run
+            saved = resumed_config(run_dir, cfg.steps, cfg.backend)
+            new, old = to_dict(cfg), to_dict(saved)
+            changed = [k for k in TRAJECTORY_KEYS if new[k] != old[k]]
+            if changed:
+                raise ConfigError(f"--auto-resume: {run_dir} holds a run with another {changed[0]}; give its "
+                                  f"config or another --out")
+            args.resume, cfg = run_dir, saved
+            done = _saved_step(run_dir)
+            if done is not None and done >= cfg.steps:
+                print(f"{run_dir} is complete at step {done}; nothing to do")
+                return 0
+    check_launch_environment(cfg.backend)
+    exit_when_the_launcher_dies()
+    main = int(os.environ.get("RANK", "0")) == 0
+    with RunDirectory(run_dir, fresh=args.resume is None, main=main):
+        trainer = Trainer(cfg, run_dir, resume=args.resume is not None)
+        try:
+            trainer.run()
+        except NonFiniteLossError as e:
+            if trainer.comm.is_main:
+                print(f"zoscale: error: {e}", file=sys.stderr, flush=True)
+            return 1
+        except Preempted as e:
+            if trainer.comm.is_main:
+                print(f"zoscale: {e}", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
+        finally:
+            trainer.backend.teardown()
     if trainer.comm.is_main:
         print(f"run directory: {run_dir}")
     return 0
+
+
+def _saved_step(run_dir: Path) -> int | None:
+    """The step of the run's newest complete checkpoint, if any."""
+    from zoscale import checkpoint
+
+    path = checkpoint.find(run_dir / "checkpoints", checksums=False).path
+    return None if path is None else json.loads((path / "trainer.json").read_text())["step"]
 
 
 def _run_config(run: Path):

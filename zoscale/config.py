@@ -184,6 +184,8 @@ def from_dict(raw: dict) -> TrainConfig:
         raise ConfigError(f"{e.field_path}: expected {_type_name(e.field_type)}, got {e.value!r}") from None
     except dacite.DaciteError as e:
         raise ConfigError(str(e)) from None
+    _check_types(cfg)
+    check_model_config(cfg.model)
     validate_optimizer(cfg.optim)
     return cfg
 
@@ -199,21 +201,57 @@ def validate_optimizer(optim: OptimConfig):
     unknown = sorted(set(optim.options) - set(fields))
     if unknown:
         raise ConfigError(f"optim: unknown option(s) {unknown} for {optim.name}; valid: {sorted(fields)}")
-    optim.options = {k: _coerce(v, fields[k].type) for k, v in optim.options.items()}
+    optim.options = {k: _coerce(v, fields[k].type, f"optim.{k}") for k, v in optim.options.items()}
     try:
         return cls(**optim.options)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"optim.{e}") from None
 
 
-def _coerce(value, annotation):
-    """Integers where floats are expected (lr: 1), lists where tuples are (beta_warmup: [200, 2000])."""
+def _coerce(value, annotation, key: str = "value"):
+    """Integers where floats are expected (lr: 1), lists where tuples are (beta_warmup: [200, 2000]);
+    a string or a boolean where a number belongs is an error naming the key."""
     text = str(annotation)
-    if isinstance(value, int) and not isinstance(value, bool) and text.startswith("float"):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if text.startswith(("float", "int")) and not number and not (value is None and "None" in text):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if text.startswith("int") and isinstance(value, float):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if text.startswith("bool") and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if number and text.startswith("float"):
         return float(value)
     if isinstance(value, list) and "tuple" in text:
         return tuple(value)
     return value
+
+
+def _check_types(cfg) -> None:
+    """dacite takes booleans for numbers (bool is an int in Python): refuse them, naming the key."""
+    for section, node in (("", cfg), ("model.", cfg.model), ("data.", cfg.data)):
+        for f in dataclasses.fields(node):
+            _coerce(getattr(node, f.name), f.type, f"{section}{f.name}")
+
+
+# Fields of a model config that count or size something: a zero or negative value is a mistake.
+_SIZE_FIELD = re.compile(r"^num_|(_size|_dim|_layers|_heads|_embeddings)$")
+
+
+def check_model_config(model: ModelConfig) -> None:
+    """A config dict the model would be built from, checked by transformers before anything is built."""
+    if model.config is None:
+        return
+    for key, value in model.config.items():
+        if _SIZE_FIELD.search(key) and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ConfigError(f"model.config.{key}: must be a positive integer, got {value!r}")
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in model.config.items() if k != "model_type"}
+    try:
+        AutoConfig.for_model(model.config["model_type"], **fields)
+    except Exception as e:  # transformers raises ValueError, KeyError or its own validation errors
+        raise ConfigError(f"model.config: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") \
+            from None
 
 
 def _type_name(annotation) -> str:

@@ -8,6 +8,7 @@ the step to continue with the same batches, and ranks can split each global batc
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +34,45 @@ class Encoded:
 
 
 def _local_split(path: Path, split: str):
+    """One split's rows; each problem names the file (and the line, for JSON lines)."""
     import datasets
 
     files = [path / f"{split}{suffix}" for suffix in LOCAL_FORMATS]
     found = [f for f in files if f.is_file()]
     if not found:
         raise ConfigError(f"data.path: {path} has no {split}.jsonl/.json/.csv/.parquet")
-    return datasets.load_dataset(LOCAL_FORMATS[found[0].suffix], data_files={split: str(found[0])}, split=split)
+    file = found[0]
+    if file.stat().st_size == 0:
+        raise ConfigError(f"data.path: {file} is empty")
+    if file.suffix == ".jsonl":
+        return datasets.Dataset.from_list(_json_lines(file))
+    try:
+        return datasets.load_dataset(LOCAL_FORMATS[file.suffix], data_files={split: str(file)}, split=split)
+    except Exception as e:  # pyarrow, pandas and datasets each raise their own kinds
+        raise ConfigError(f"data.path: cannot read {file} ({str(e).strip().splitlines()[0]})") from None
+
+
+def _json_lines(file: Path) -> list[dict]:
+    rows = []
+    with open(file, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"data.path: {file} line {number} is not UTF-8 ({e.reason} at byte {e.start})") \
+                    from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"data.path: {file} line {number} is not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"data.path: {file} line {number} is not a JSON object")
+            rows.append(row)
+    if not rows:
+        raise ConfigError(f"data.path: {file} holds no rows")
+    return rows
 
 
 def load_raw(cfg: DataConfig, task: Task):
@@ -70,19 +103,40 @@ def sample(cfg: DataConfig, task: Task) -> dict[str, list[Example]]:
     test_order = list(range(len(test_pool)))
     random.Random(cfg.seed + 1).shuffle(test_order)
 
-    def build(pool, indices, count):
+    def build(pool, indices, count, split):
         out = []
         for i in indices:
             if len(out) == count:
                 break
-            example = task.build(pool[i])
+            try:
+                example = task.build(pool[i])
+            except (KeyError, ValueError, TypeError, IndexError) as e:
+                raise ConfigError(f"data: {split} row {i + 1} does not fit task {task.name} ({type(e).__name__}: "
+                                  f"{e})") from None
             if example is not None:
+                label_ok = example.label is None or not example.candidates or \
+                    (isinstance(example.label, int) and 0 <= example.label < len(example.candidates))
+                if not label_ok:
+                    raise ConfigError(f"data: {split} row {i + 1} has label {example.label!r}, but task {task.name} "
+                                      f"has {len(example.candidates)} classes (0 to {len(example.candidates) - 1})")
                 out.append(example)
         return out
 
-    train = build(train_pool, order, cfg.num_train)
-    dev = build(train_pool, order[len(train):] if len(train) < len(order) else [], cfg.num_dev)
-    return {"train": train, "dev": dev, "test": build(test_pool, test_order, cfg.num_test)}
+    train_name, test_name = _split_names(cfg, task)
+    train = build(train_pool, order, cfg.num_train, train_name)
+    dev = build(train_pool, order[len(train):] if len(train) < len(order) else [], cfg.num_dev, train_name)
+    return {"train": train, "dev": dev, "test": build(test_pool, test_order, cfg.num_test, test_name)}
+
+
+def _split_names(cfg: DataConfig, task: Task) -> tuple[str, str]:
+    """How errors name the two pools: the local files, or the hub splits."""
+    if cfg.path is None:
+        return task.train_split, task.test_split
+    names = []
+    for split in (task.train_split, task.test_split):
+        found = [Path(cfg.path) / f"{split}{suffix}" for suffix in LOCAL_FORMATS]
+        names.append(str(next((f for f in found if f.is_file()), split)))
+    return names[0], names[1]
 
 
 def encode(example: Example, tokenizer, max_length: int, masked: bool = False) -> Encoded:

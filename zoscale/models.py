@@ -14,7 +14,13 @@ def build_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     source = cfg.tokenizer or cfg.name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
+        raise ConfigError(f"{key}: no such directory {source}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot load a tokenizer from {source} ({str(e).strip().splitlines()[0]})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,10 +30,20 @@ from zoscale.losses import Batch, pseuzo_closure, sequence_length
 from zoscale.memory import MemorySampler
 from zoscale.models import build_tokenizer
 from zoscale.shards import resident
+from zoscale.signals import StopRequest
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """Training diverged: the run stopped without saving non-finite parameters (the message is one line)."""
+
+
+class Preempted(RuntimeError):
+    """A stop signal ended the run at a step boundary, after a checkpoint."""
+
+
+# What a resumed run must share with the checkpoint it continues (the trajectory); the rest
+# (steps, backend, evaluation and logging cadence) may change between sessions.
+TRAJECTORY_KEYS = ("model", "data", "optim", "seed", "batch_size")
 
 
 def parameter_stats(optimizer) -> dict[str, float]:
@@ -50,6 +61,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg, run_dir
         self.backend = backends.get(cfg.backend, cfg.deepspeed_config, cfg.fsdp_compute_dtype, cfg.fsdp_cpu_offload)
         self.comm, self.device = self.backend.setup(cfg.collective_timeout_s)
+        self.resume_from = self._checkpoint_to_resume() if resume else None
         try:
             self.task = tasks.get(cfg.data.task)
         except ValueError as e:
@@ -64,6 +76,9 @@ class Trainer:
         splits = data.sample(cfg.data, self.task)
         if not splits["train"]:
             raise ConfigError("data: the training sample is empty")
+        if cfg.batch_size > len(splits["train"]):
+            raise ConfigError(f"batch_size: {cfg.batch_size} exceeds the training sample ({len(splits['train'])} "
+                              f"examples, data.num_train)")
         encode = lambda examples: [data.encode(e, self.tokenizer, cfg.data.max_length, masked)  # noqa: E731
                                    for e in examples]
         self.train, self.dev, self.test = (encode(splits[k]) for k in ("train", "dev", "test"))
@@ -82,6 +97,7 @@ class Trainer:
         self.consecutive_nonfinite = self.total_nonfinite = 0
         self.best: dict | None = None
         self.history: dict = {}
+        self.last_checkpoint: Path | None = None
         if resume:
             self._resume()
         elif self.comm.is_main:
@@ -145,25 +161,34 @@ class Trainer:
             print0(f"before training: test {self._fmt(self.history['eval_before'])}")
         bar = tqdm(range(self.step, cfg.steps), initial=self.step, total=cfg.steps, desc=cfg.optim.name,
                    unit="step", disable=not self.comm.is_main, mininterval=1.0)
-        for step in bar:
-            batch = self.batch(step)
-            t0 = time.time()
-            result = self.train_step(batch)
-            elapsed = time.time() - t0
-            if cfg.check_sync:
-                self.comm.assert_same((result.projected_grads, result.lr, result.skipped), f"step {step}'s update")
-            self.step = step + 1
-            self._log_step(result, elapsed, batch)
-            if result.skipped:
-                self._count_nonfinite(step)
-            else:
-                self.consecutive_nonfinite = 0
-            if step % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{result.loss:.4f}", pg=f"{result.projected_grad:+.3g}")
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                self._dev_eval()
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                self.save()
+        with StopRequest() as stop:
+            for step in bar:
+                batch = self.batch(step)
+                t0 = time.time()
+                result = self.train_step(batch)
+                elapsed = time.time() - t0
+                if cfg.check_sync:
+                    self.comm.assert_same((result.projected_grads, result.lr, result.skipped), f"step {step}'s update")
+                self.step = step + 1
+                self._check_update(step)
+                self._log_step(result, elapsed, batch)
+                if result.skipped:
+                    self._count_nonfinite(step)
+                else:
+                    self.consecutive_nonfinite = 0
+                if step % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{result.loss:.4f}", pg=f"{result.projected_grad:+.3g}")
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self._dev_eval()
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save()
+                # one all-reduce a step in a sharded or data-parallel run: every rank stops at the same step
+                if self.step < cfg.steps and self.comm.all_reduce_sum([float(stop.received is not None)])[0]:
+                    bar.close()
+                    self.save()
+                    raise Preempted(f"stopped by {stop.name or 'a signal on another rank'} at step {self.step}; "
+                                    f"{self.last_checkpoint.name} written; continue with: zoscale train --resume "
+                                    f"{self.run_dir}")
         bar.close()
         self._dev_eval()
         self.save()
@@ -176,10 +201,15 @@ class Trainer:
         summary["eval_after"] = summary["eval_final"]
         if self.best is not None:
             summary["best_dev"] = self.best
-            checkpoint.read_shards(checkpoint.latest(self.run_dir / "best"), self.optimizer.shards)
-            summary["eval_after"] = self.evaluate("test")  # MeZO reports the best dev checkpoint on test
-            # back to the final parameters, from the checkpoint just written
-            checkpoint.read_shards(checkpoint.latest(self.run_dir / "checkpoints"), self.optimizer.shards)
+            if self.best["step"] != self.step:  # else the final parameters are the best: evaluated already
+                best = checkpoint.find(self.run_dir / "best", self.comm).path
+                if best is None:
+                    print0(f"{self.run_dir / 'best'} holds no complete checkpoint: test reports the final parameters")
+                else:
+                    checkpoint.read_shards(best, self.optimizer.shards)
+                    summary["eval_after"] = self.evaluate("test")  # MeZO reports the best dev checkpoint on test
+                    # back to the final parameters, from the checkpoint just written
+                    checkpoint.read_shards(self.last_checkpoint, self.optimizer.shards)
         summary.update({k: v for k, v in self.history.items() if k == "eval_before"})
         if self.memory is not None:  # after the last evaluations, so their peaks count too
             self.memory.stop()
@@ -246,21 +276,65 @@ class Trainer:
     def _count_nonfinite(self, step: int) -> None:
         self.consecutive_nonfinite += 1
         self.total_nonfinite += 1
+        self._check_parameters(step, "after a non-finite loss")
         if self.cfg.max_nonfinite and self.consecutive_nonfinite > self.cfg.max_nonfinite:
-            raise NonFiniteLossError(f"{self.consecutive_nonfinite} consecutive non-finite losses up to step {step}; "
-                                     f"stopped (the last checkpoint is intact)")
+            self._diverged(f"{self.consecutive_nonfinite} consecutive non-finite losses up to step {step}")
+
+    def _check_update(self, step: int) -> None:
+        """An update with a non-finite coefficient (lr=inf, say) poisons every parameter: stop before it spreads."""
+        for update in self.optimizer.engine.journal:
+            if update is not None and not all(math.isfinite(c) for c in [*update[0].values(), update[1]]):
+                self._diverged(f"step {step}'s update has a non-finite coefficient (lr {self.optimizer.lr_at(step)})")
+
+    def _check_parameters(self, step: int, when: str) -> None:
+        """One read of the shards (no write): every rank learns whether any element anywhere is non-finite."""
+        self.optimizer.flush()
+        bad = 0.0
+        for batch in resident(self.optimizer.shards):
+            bad += sum(float(not torch.isfinite(s.tensor).all()) for s in batch)
+        if self.optimizer.param_sums([bad])[0]:
+            self._diverged(f"parameters are non-finite at step {step} ({when})")
+
+    def _diverged(self, what: str) -> None:
+        """Back to the last checkpoint's parameters, and stop: nothing non-finite is ever saved."""
+        self.optimizer.flush()
+        if self.last_checkpoint is not None:
+            checkpoint.read_shards(self.last_checkpoint, self.optimizer.shards, self.optimizer.shard_buffers())
+            where = f"the last checkpoint, {self.last_checkpoint.name}, holds finite parameters and is restored"
+        else:
+            where = "no checkpoint had been written"
+        raise NonFiniteLossError(f"{what}; stopped, {where} (try a lower optim.lr)")
 
     def save(self) -> None:
+        self._check_parameters(self.step - 1, "before a checkpoint")
         state = self.optimizer.state_dict(buffers=False)  # flushes; the buffers go with the shards
-        trainer_state = {"consecutive_nonfinite": self.consecutive_nonfinite,
+        trainer_state = {"consecutive_nonfinite": self.consecutive_nonfinite, "config": to_dict(self.cfg),
                          "total_nonfinite": self.total_nonfinite, "best": self.best, "history": self.history}
-        checkpoint.save(self.run_dir, self.step, self.optimizer.shards, self.optimizer.shard_buffers(), state,
-                        trainer_state, self.comm, self.owns_shards, self.cfg.keep_checkpoints)
+        self.last_checkpoint = checkpoint.save(self.run_dir, self.step, self.optimizer.shards,
+                                               self.optimizer.shard_buffers(), state, trainer_state, self.comm,
+                                               self.owns_shards, self.cfg.keep_checkpoints)
+
+    def _checkpoint_to_resume(self) -> Path:
+        """The newest complete checkpoint, chosen (and its checksums verified) before any model is built."""
+        found = checkpoint.find(self.run_dir / "checkpoints", self.comm)
+        if found.skipped:
+            print0(f"--resume: {found.describe()}")
+        if found.path is None:
+            raise ConfigError(f"--resume: {self.run_dir} has no complete checkpoint")
+        saved = json.loads((found.path / "trainer.json").read_text())
+        if self.cfg.steps <= saved["step"]:
+            raise ConfigError(f"--resume: {self.run_dir} is at step {saved['step']} already ({found.path.name}); "
+                              f"--steps must be larger to continue it (nothing was changed)")
+        before, now = saved.get("config"), to_dict(self.cfg)
+        for key in TRAJECTORY_KEYS if before is not None else ():
+            if before[key] != now[key]:
+                raise ConfigError(f"--resume: {key} in {self.run_dir / 'config.yaml'} differs from what "
+                                  f"{found.path.name} was trained with ({before[key]} -> {now[key]}); restore it, or "
+                                  f"start a new run")
+        return found.path
 
     def _resume(self) -> None:
-        path = checkpoint.latest(self.run_dir / "checkpoints")
-        if path is None:
-            raise ConfigError(f"--resume: {self.run_dir} has no checkpoint")
+        path = self.last_checkpoint = self.resume_from
         optimizer_state, trainer_state = checkpoint.load(path, self.comm)
         checkpoint.read_shards(path, self.optimizer.shards, self.optimizer.shard_buffers())
         self.optimizer.load_state_dict(optimizer_state)
@@ -271,7 +345,7 @@ class Trainer:
         if self.comm.is_main:  # drop what was logged after the checkpoint: those steps run again
             for name in ("metrics.jsonl", "seeds.jsonl"):
                 _truncate_log(self.run_dir / name, self.step)
-        print0(f"resumed {self.run_dir} at step {self.step}")
+        print0(f"resumed {self.run_dir} at step {self.step} ({path.name})")
 
     def _tensorboard(self):
         from torch.utils.tensorboard import SummaryWriter
@@ -284,11 +358,23 @@ class Trainer:
 
 
 def _truncate_log(path: Path, step: int) -> None:
+    """Keep what was logged before the checkpoint; a torn last line (a kill or a full disk mid-append) is dropped."""
     if not path.exists():
         return
-    records = [(line, json.loads(line)) for line in path.read_text().splitlines()]
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ConfigError(f"--resume: {path} line {number} is not valid JSON (only a torn last line is "
+                                  f"dropped)") from None
+            print0(f"--resume: dropped a torn last line of {path}")
     keep = [line for line, r in records if r["step"] < step or (r.get("split") and r["step"] <= step)]
-    path.write_text("".join(line + "\n" for line in keep))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def resumed_config(run_dir: Path, steps: int | None, backend: str | None = None) -> TrainConfig:

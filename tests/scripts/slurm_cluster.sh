@@ -2,6 +2,8 @@
 # A two-node SLURM cluster on localhost for one job (environment.md): run inside
 # `unshare --mount --propagation private`, so that the bind-mounted /etc/hosts (n1, n2) stays private.
 #   slurm_cluster.sh STATE_DIR SCRIPT [ARGS...]   -> prints "JobState=..." and the job's output
+# With PREEMPT_WHEN=FILE:N, the job's batch shell gets SIGUSR1 (what `--signal=B:USR1@T` sends ahead
+# of a time limit) once FILE has N lines; the requeued job is then started at once.
 set -euo pipefail
 R=$1; shift
 mkdir -p "$R"/{state,log,spool/n1,spool/n2}
@@ -53,10 +55,20 @@ slurmctld -i && slurmd -N n1 && slurmd -N n2
 for _ in $(seq 120); do [ "$(sinfo -h -o %T | sort -u)" = "idle" ] && break; sleep 0.5; done
 job=$(sbatch --parsable --chdir="$R" -o "$R/job.out" "$@")
 state=""
+preempted=0
 for _ in $(seq 1200); do  # SLURM enforces time limits only once a minute: poll with our own bound
-  state=$(scontrol show job -o "$job" | grep -o "JobState=[A-Z_]*")
+  info=$(scontrol show job -o "$job")
+  state=$(grep -o "JobState=[A-Z_]*" <<<"$info")
   case $state in *COMPLETED*|*FAILED*|*CANCELLED*|*TIMEOUT*|*NODE_FAIL*) break ;; esac
+  if [ -n "${PREEMPT_WHEN:-}" ] && [ $preempted = 0 ] && [ -f "${PREEMPT_WHEN%:*}" ] &&
+     [ "$(wc -l < "${PREEMPT_WHEN%:*}")" -ge "${PREEMPT_WHEN##*:}" ]; then
+    scancel --batch --signal=USR1 "$job" && preempted=1 && echo "preempted job $job"
+  fi
+  if [ $preempted = 1 ] && grep -q "JobState=PENDING" <<<"$info"; then  # requeued: held until its BeginTime
+    scontrol update jobid="$job" StartTime=now 2>/dev/null || true
+  fi
   sleep 0.5
 done
+echo "restarts: $(grep -o "Restarts=[0-9]*" <<<"$info")"
 echo "$state"
 cat "$R/job.out"

@@ -22,7 +22,39 @@ LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def launched_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _int_variable("WORLD_SIZE", 1, minimum=1)
+
+
+def _int_variable(name: str, default: int, minimum: int = 0, below: int | None = None) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"launcher: {name}={text!r} is not an integer") from None
+    if value < minimum or (below is not None and value >= below):
+        bounds = f"in [{minimum}, {below})" if below is not None else f">= {minimum}"
+        raise ConfigError(f"launcher: {name}={value} must be {bounds}")
+    return value
+
+
+def check_launch_environment(backend: str) -> None:
+    """The launcher's variables, checked before anything starts: a wrong RANK would otherwise wait
+    in the first collective until its timeout."""
+    world = launched_world_size()
+    _int_variable("RANK", 0, below=world)
+    _int_variable("LOCAL_RANK", 0, below=_int_variable("LOCAL_WORLD_SIZE", world, minimum=1))
+    _int_variable("MASTER_PORT", 0, minimum=1, below=65536)
+    if os.environ.get("MASTER_ADDR") == "":
+        raise ConfigError("launcher: MASTER_ADDR is empty")
+    if world > 1:
+        if backend == "local":
+            raise ConfigError("backend: 'local' runs one process, but the launcher started several; use backend=ddp")
+        missing = [v for v in LAUNCH_VARIABLES if v not in os.environ]
+        if missing:
+            raise ConfigError(f"backend {backend}: WORLD_SIZE={world} but {', '.join(missing)} not set; "
+                              f"launch with torchrun or the deepspeed launcher")
 
 
 def _free_port() -> int:
@@ -45,8 +77,7 @@ class LocalBackend:
     name = "local"
 
     def setup(self, timeout_s: float) -> tuple[Comm, torch.device]:
-        if launched_world_size() > 1:
-            raise ConfigError("backend: 'local' runs one process, but the launcher started several; use backend=ddp")
+        check_launch_environment(self.name)
         self.comm = Comm()
         return self.comm, _device()
 
@@ -74,19 +105,18 @@ class DDPBackend(LocalBackend):
     needs_process_group = False  # sharded backends need one even for a single process
 
     def setup(self, timeout_s: float) -> tuple[Comm, torch.device]:
+        check_launch_environment(self.name)
         world = launched_world_size()
-        if world > 1:
-            missing = [v for v in LAUNCH_VARIABLES if v not in os.environ]
-            if missing:
-                raise ConfigError(f"backend ddp: WORLD_SIZE={world} but {', '.join(missing)} not set; "
-                                  f"launch with torchrun or the deepspeed launcher")
-        if world == 1 and "RANK" not in os.environ and self.needs_process_group:  # no launcher: a world of one
+        alone = world == 1 and "RANK" not in os.environ
+        if alone and self.needs_process_group:  # no launcher: a world of one, in this process only
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
         device = _device()
-        if not dist.is_initialized() and (world > 1 or "RANK" in os.environ):  # no launcher: one process
+        if not dist.is_initialized() and "RANK" in os.environ:
             backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+            # alone, the rendezvous store lives in this process: nothing listens on a network port
+            store = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if alone else {}
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **store,
                                     **({"device_id": device} if device.type == "cuda" else {}))
         self.comm = Comm()
         return self.comm, device

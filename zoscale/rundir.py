@@ -1,0 +1,79 @@
+"""One writer per run directory, and no half-made directory left behind by a run that failed to start.
+
+Rank 0 holds an exclusive ``flock`` on RUN/.lock for the run's whole life; the kernel releases it
+when the process ends, however it ends (kill -9 included), so a stale lock never blocks a resume.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from zoscale.config import ConfigError
+
+LOCK = ".lock"
+
+
+def _contents(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.name != LOCK) if path.is_dir() else []
+
+
+class RunDirectory:
+    """``with RunDirectory(path, fresh, main):`` the lock is held inside. ``fresh``: the directory must
+    not hold a run yet (it is made if missing); ``main``: this process takes the lock (rank 0).
+    If the block fails before the run wrote anything, what was made here is removed again."""
+
+    def __init__(self, path: Path, fresh: bool, main: bool = True, flag: str = "--out"):
+        self.path, self.fresh, self.main, self.flag = path, fresh, main, flag
+        self.created = False
+        self.handle = None
+
+    def __enter__(self) -> RunDirectory:
+        if not self.main:
+            return self
+        if self.fresh:
+            if self.path.exists() and not self.path.is_dir():
+                raise ConfigError(f"{self.flag} {self.path} exists and is not a directory")
+            if _contents(self.path):
+                raise ConfigError(f"{self.flag} {self.path} exists and is not empty; choose another directory "
+                                  f"(nothing was overwritten)")
+            self.created = not self.path.exists()
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"{self.flag} {self.path}: cannot create it ({e.strerror})") from None
+        try:
+            self.handle = open(self.path / LOCK, "a+")
+        except OSError as e:
+            raise ConfigError(f"{self.flag} {self.path}: cannot write in it ({e.strerror})") from None
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "unknown"
+            self.handle.close()
+            self.handle = None
+            raise ConfigError(f"{self.flag} {self.path} is in use by another zoscale run (pid {holder}); wait for it "
+                              f"to end or choose another directory") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"{os.getpid()}\n")
+        self.handle.flush()
+        if self.fresh and _contents(self.path):  # another run got here between the check and the lock
+            self._release()
+            raise ConfigError(f"{self.flag} {self.path} exists and is not empty; choose another directory")
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self.handle is None:
+            return
+        self._release(remove=kind is not None and self.fresh and not _contents(self.path))
+
+    def _release(self, remove: bool = False) -> None:
+        if remove:
+            (self.path / LOCK).unlink(missing_ok=True)
+            if self.created:
+                self.path.rmdir()
+        self.handle.close()  # closing the file releases the lock
+        self.handle = None

@@ -1,0 +1,66 @@
+"""Stopping well: a preemption signal ends the run at a step boundary with a checkpoint, and a rank
+whose launcher died ends at once instead of training on as an orphan.
+
+SIGTERM is what torchrun, the deepspeed launcher, SLURM and Kubernetes send before they kill;
+SIGUSR1 is what SLURM sends ahead of a time limit (`sbatch --signal=B:USR1@120`, forwarded by the
+launch/ scripts). The handler only records the signal: the loop finishes the step it is in, all
+ranks agree (one all-reduce), write a checkpoint and exit with EXIT_PREEMPTED.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request, a checkpoint written; resume to go on
+EXIT_ORPHANED = 70  # the launcher died: this rank stopped without writing anything
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Records the first stop signal; repeated signals (a launcher and SLURM both forward one) change nothing."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+            print(f"zoscale: {signal.Signals(signum).name} received: stopping after this step with a checkpoint",
+                  file=sys.stderr, flush=True)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""
+
+
+def exit_when_the_launcher_dies(poll_s: float = 1.0) -> None:
+    """Under a launcher (torchrun, deepspeed, accelerate set LOCAL_RANK), a daemon thread ends this
+    process once it is re-parented: the launcher was killed and can no longer end it."""
+    if "LOCAL_RANK" not in os.environ:
+        return
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        print(f"zoscale: error: rank {os.environ.get('RANK', '?')}: its launcher (pid {launcher}) died; exiting "
+              f"without writing anything", file=sys.stderr, flush=True)
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="zoscale-launcher-watch", daemon=True).start()
