@@ -4,7 +4,7 @@
 #     bash ../shared/tools/device-wheels.sh                                  # deepspeed, datasets -> .whl/
 #     python3 -m pip download -q --no-deps -d .whl dacite==1.9.2 pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0
 # then, with the device tool (carry: [".whl"]):
-#     bash profiling/gpu_session.sh speed      # kernel tests; kernel launch settings (kernel_variants.py);
+#     bash profiling/gpu_session.sh speed      # kernel tests; SASS counts under this machine's Triton;
 #                                              # step benchmarks: 1.3B, 13B, 30B, FSDP2 and
 #                                              # ZeRO-3 at world size 1, ZeRO-3 with offload_param cpu (1.3B),
 #                                              # FSDP2 CPU offload against local on the quickstart
@@ -54,8 +54,8 @@ speed)
     echo "== kernel and optimizer tests on the GPU"
     python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_rng.py tests/test_engine.py \
         tests/test_mezo.py tests/test_conmezo.py 2>&1 | tail -8
-    echo "== kernel launch settings (at ${SECONDS}s)"
-    timeout -k 10 240 python3 profiling/kernel_variants.py "$reports/kernel-variants.json" || echo "FAILED: kernel variants"
+    echo "== SASS instructions per element under this machine's Triton (at ${SECONDS}s): the meter's prediction"
+    timeout -k 10 240 python3 profiling/sass_count.py --json "$reports/sass.json" || echo "FAILED: sass_count"
     # FSDP2's CPU offload runs only with CUDA: the quickstart for 200 steps, offloaded and local, same numbers?
     quick=(steps=200 eval_every=0 save_every=0 data.num_dev=0 data.num_test=50)
     python3 -m zoscale train --out "$reports/quick-local" "${quick[@]}" || echo "FAILED: quickstart local"

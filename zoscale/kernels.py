@@ -32,7 +32,7 @@ try:
 except ImportError:  # CPU installs without triton use rng.py only
     triton = None
 
-BLOCK = 1024  # elements per program; 1024 with 4 warps was the fastest on an H100 (profiling/kernel_variants.py)
+BLOCK = 4096  # elements per program: 32 a thread at 4 warps, 8 Philox calls in flight each
 NUM_WARPS = 4
 
 
@@ -43,83 +43,145 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _noise(seed, lo, hi, stream, GAUSSIAN: tl.constexpr, FAST: tl.constexpr):
-        """Four values per counter (lo, hi): shape (len(lo), 4), element 4*quad + k in column k."""
-        w0, w1, w2, w3 = tl.philox(seed, lo, hi, lo * 0 + stream.to(tl.uint32), lo * 0)
+    def _philox(seed, c0, c1, c2, c3):
+        """Philox4x32-10, the words of tl.philox(seed, c0, c1, c2, c3): each round's two 32x32-bit
+        products are one widening multiply each (IMAD.WIDE.U32), where tl.philox issues a high and
+        a low multiply."""
+        k0, k1 = (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32)
+        for _ in tl.static_range(10):
+            a = c0.to(tl.uint64) * 0xD2511F53
+            b = c2.to(tl.uint64) * 0xCD9E8D57
+            c0, c1 = (b >> 32).to(tl.uint32) ^ c1 ^ k0, b.to(tl.uint32)
+            c2, c3 = (a >> 32).to(tl.uint32) ^ c3 ^ k1, a.to(tl.uint32)
+            k0 += 0x9E3779B9  # uint32: wraps
+            k1 += 0xBB67AE85
+        return c0, c1, c2, c3
+
+    @triton.jit
+    def _folded(word):
+        """tl.uint_to_uniform_float's integer before its scaling: the word as int32, ~x for negatives."""
+        x = word.to(tl.int32, bitcast=True)
+        return (x ^ (x >> 31)).to(tl.float32)
+
+    @triton.jit
+    def _noise(seed, quad, stream, scale, QUADS: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
+               CARRY: tl.constexpr):
+        """scale * z as a (QUADS, 4) tile: element 4 * (quad + q) + k of the stream at [q, k]. The
+        lanes are picked from the four (QUADS, 1) columns by a constant column index, so each
+        thread's four words of a Philox call land in its own four elements: no shuffle, no shared
+        memory."""
+        n0, n1, n2, n3 = _noise_columns(seed, quad, stream, scale, QUADS, GAUSSIAN, FAST, CARRY)
+        lane = tl.arange(0, 4)[None, :]
+        return tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
+
+    @triton.jit
+    def _noise_columns(seed, quad, stream, scale, QUADS: tl.constexpr, GAUSSIAN: tl.constexpr,
+                       FAST: tl.constexpr, CARRY: tl.constexpr):
+        """Lanes 0-3 of counters quad, quad + 1, ...: four (QUADS, 1) columns of scale * z. The
+        scale rides on the Box-Muller radius (one multiply per pair)."""
+        q_lo, q_hi = (quad & 0xFFFFFFFF).to(tl.uint32), (quad >> 32).to(tl.uint32)
+        lo = q_lo + tl.arange(0, QUADS)[:, None].to(tl.uint32)
+        if CARRY:  # the block's counters cross a multiple of 2**32 (only MASKED blocks do: see _plan)
+            hi = q_hi + (lo < q_lo).to(tl.uint32)
+        else:
+            hi = lo * 0 + q_hi
+        w0, w1, w2, w3 = _philox(seed, lo, hi, stream.to(tl.uint32), lo * 0)
         if GAUSSIAN:
-            if FAST:
-                r0 = tl.sqrt(-2.0 * libdevice.fast_logf(tl.maximum(1.0e-7, tl.uint_to_uniform_float(w0))))
-                r2 = tl.sqrt(-2.0 * libdevice.fast_logf(tl.maximum(1.0e-7, tl.uint_to_uniform_float(w2))))
-                t1 = 6.283185307179586 * tl.uint_to_uniform_float(w1)
-                t3 = 6.283185307179586 * tl.uint_to_uniform_float(w3)
+            if FAST:  # Triton's uniform (scale 4.6566127342e-10), with 2 pi folded into the angle's
+                r0 = scale * tl.sqrt(-2.0 * libdevice.fast_logf(tl.maximum(1.0e-7, _folded(w0) * 4.6566127342e-10)))
+                r2 = scale * tl.sqrt(-2.0 * libdevice.fast_logf(tl.maximum(1.0e-7, _folded(w2) * 4.6566127342e-10)))
+                t1 = _folded(w1) * 2.92583607127508e-09
+                t3 = _folded(w3) * 2.92583607127508e-09
                 n0, n1 = r0 * libdevice.fast_cosf(t1), r0 * libdevice.fast_sinf(t1)
                 n2, n3 = r2 * libdevice.fast_cosf(t3), r2 * libdevice.fast_sinf(t3)
             else:
                 n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1))
                 n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w2), tl.uint_to_uniform_float(w3))
-        else:
-            n0 = 1.0 - 2.0 * (w0 >> 31).to(tl.float32)
-            n1 = 1.0 - 2.0 * (w1 >> 31).to(tl.float32)
-            n2 = 1.0 - 2.0 * (w2 >> 31).to(tl.float32)
-            n3 = 1.0 - 2.0 * (w3 >> 31).to(tl.float32)
-        # join stacks along a new last axis: (n0|n2, n1|n3) flattens to n0, n1, n2, n3.
-        return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (lo.shape[0], 4))
+                n0, n1, n2, n3 = scale * n0, scale * n1, scale * n2, scale * n3
+        else:  # +scale where the word's top bit is 0, else -scale: the bit moved onto the sign
+            bits = scale.to(tl.uint32, bitcast=True)
+            n0 = ((w0 & 0x80000000) ^ bits).to(tl.float32, bitcast=True)
+            n1 = ((w1 & 0x80000000) ^ bits).to(tl.float32, bitcast=True)
+            n2 = ((w2 & 0x80000000) ^ bits).to(tl.float32, bitcast=True)
+            n3 = ((w3 & 0x80000000) ^ bits).to(tl.float32, bitcast=True)
+        return n0, n1, n2, n3
 
     @triton.jit
     def _block(table_ptr, owner_ptr, HEAD: tl.constexpr, BLOCK: tl.constexpr):
-        """This program's table row, the local offset of its first element (global start - HEAD is
-        a multiple of 4), the in-block bounds, the Philox counters of its quads, and its stream."""
+        """This program's table row, the local offset of its first element (its global index is a
+        multiple of 4: HEAD is the segment's start mod 4), its first Philox counter, its stream and
+        the segment's size. A row is 8 int64 words (see _plan)."""
         pid = tl.program_id(0)
-        row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * 8  # 8 int64 words a row: see _launches
-        numel, start, stream, first = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5), tl.load(row + 6)
-        base = (pid.to(tl.int64) - first) * BLOCK - HEAD
-        lower = tl.maximum(-base, 0).to(tl.int32)
-        upper = tl.minimum(numel - base, BLOCK).to(tl.int32)
-        quad = (start + base) // 4  # 64-bit; the per-element counters are 32-bit words with a carry
-        q_lo, q_hi = (quad & 0xFFFFFFFF).to(tl.uint32), (quad >> 32).to(tl.uint32)
-        lo = q_lo + tl.arange(0, BLOCK // 4).to(tl.uint32)
-        hi = q_hi + (lo < q_lo).to(tl.uint32)
-        return row, base, lower, upper, lo, hi, stream
+        row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * 8
+        numel, start, stream = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+        block = pid.to(tl.int64) - tl.load(row + 6) + tl.load(row + 7)
+        base = block * BLOCK - HEAD
+        return row, base, (start + base) // 4, stream, numel
+
+    @triton.jit
+    def _tile(BLOCK: tl.constexpr):
+        return tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
 
     @triton.jit
     def _pointer(row, column, base, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-        address = tl.load(row + column)
+        """The block's first element in the row's tensor ``column``; ALIGNED: on 4 elements, so
+        each thread's four contiguous elements are one 8- or 16-byte access."""
+        pointer = (tl.load(row + column) + base * DTYPE.primitive_bitwidth // 8).to(tl.pointer_type(DTYPE))
         if ALIGNED:
-            address = tl.multiple_of(address, 16)
-        return address.to(tl.pointer_type(DTYPE)) + base
+            pointer = tl.multiple_of(pointer, DTYPE.primitive_bitwidth // 2)
+        return pointer
 
-    @triton.jit(do_not_specialize=["n_terms", "alpha", "beta"])
-    def _affine_noise_kernel(table_ptr, owner_ptr, key_ptr, coef_ptr, n_terms, alpha, beta,
+    @triton.jit
+    def _load(row, column, base, tile, numel, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+        pointer = _pointer(row, column, base, DTYPE, ALIGNED) + tile
+        if MASKED:
+            return tl.load(pointer, mask=(tile >= -base) & (tile < numel - base), other=0.0).to(tl.float32)
+        return tl.load(pointer).to(tl.float32)
+
+    @triton.jit(do_not_specialize=["alpha", "beta"])
+    def _affine_noise_kernel(table_ptr, owner_ptr, key_ptr, coef_ptr, alpha, beta,
                              OUT: tl.constexpr, SRC: tl.constexpr, BUF: tl.constexpr, HAS_BUF: tl.constexpr,
-                             HEAD: tl.constexpr, ALIGNED: tl.constexpr, GAUSSIAN: tl.constexpr,
-                             FAST: tl.constexpr, BLOCK: tl.constexpr):
-        """out = alpha * src + sum_i coef[i] * z(key[i]) (+ beta * buf): one read and one write."""
-        row, base, lower, upper, lo, hi, stream = _block(table_ptr, owner_ptr, HEAD, BLOCK)
-        i = tl.arange(0, BLOCK)
-        mask = (i >= lower) & (i < upper)
-        out = _pointer(row, 0, base, OUT, ALIGNED)
-        y = alpha * tl.load(_pointer(row, 1, base, SRC, ALIGNED) + i, mask=mask, other=0.0).to(tl.float32)
+                             UNIT: tl.constexpr, TERMS: tl.constexpr, HEAD: tl.constexpr, ALIGNED: tl.constexpr,
+                             MASKED: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        """out = alpha * src + sum_i coef[i] * z(key[i]) (+ beta * buf): one read and one write.
+        Interior blocks run unmasked; a segment's partial first and last blocks, MASKED. UNIT:
+        alpha is 1 (every pass without weight decay), so src needs no multiply."""
+        row, base, quad, stream, numel = _block(table_ptr, owner_ptr, HEAD, BLOCK)
+        tile = _tile(BLOCK)
+        y = _load(row, 1, base, tile, numel, SRC, ALIGNED, MASKED)
+        if not UNIT:
+            y = alpha * y
         if HAS_BUF:
-            y += beta * tl.load(_pointer(row, 2, base, BUF, ALIGNED) + i, mask=mask, other=0.0).to(tl.float32)
-        for t in range(n_terms):
+            y += beta * _load(row, 2, base, tile, numel, BUF, ALIGNED, MASKED)
+        for t in tl.static_range(TERMS):
             seed = (tl.load(key_ptr + 2 * t + 1).to(tl.uint64) << 32) | tl.load(key_ptr + 2 * t).to(tl.uint64)
-            y += tl.load(coef_ptr + t) * tl.reshape(_noise(seed, lo, hi, stream, GAUSSIAN, FAST), (BLOCK,))
-        tl.store(out + i, y.to(OUT), mask=mask)
+            y += _noise(seed, quad, stream, tl.load(coef_ptr + t), BLOCK // 4, GAUSSIAN, FAST, MASKED)
+        out = _pointer(row, 0, base, OUT, ALIGNED) + tile
+        if MASKED:
+            tl.store(out, y.to(OUT), mask=(tile >= -base) & (tile < numel - base))
+        else:
+            tl.store(out, y.to(OUT))
 
     @triton.jit
     def _dot_noise_kernel(partial_ptr, table_ptr, owner_ptr, key_ptr, X: tl.constexpr, SQUARE: tl.constexpr,
-                          HEAD: tl.constexpr, ALIGNED: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
-                          BLOCK: tl.constexpr):
-        row, base, lower, upper, lo, hi, stream = _block(table_ptr, owner_ptr, HEAD, BLOCK)
-        i = tl.arange(0, BLOCK)
-        mask = (i >= lower) & (i < upper)
+                          HEAD: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, GAUSSIAN: tl.constexpr,
+                          FAST: tl.constexpr, BLOCK: tl.constexpr):
+        """partial[program] = sum over its block of x * z (SQUARE: z * z)."""
+        row, base, quad, stream, numel = _block(table_ptr, owner_ptr, HEAD, BLOCK)
+        tile = _tile(BLOCK)
         seed = (tl.load(key_ptr + 1).to(tl.uint64) << 32) | tl.load(key_ptr).to(tl.uint64)
-        z = tl.reshape(_noise(seed, lo, hi, stream, GAUSSIAN, FAST), (BLOCK,))
-        if SQUARE:
-            value = tl.where(mask, z * z, 0.0)
+        one = tl.full([], 1.0, tl.float32)
+        if SQUARE and not MASKED:  # the columns' squares: no tile, no layout change
+            n0, n1, n2, n3 = _noise_columns(seed, quad, stream, one, BLOCK // 4, GAUSSIAN, FAST, MASKED)
+            value = n0 * n0 + n1 * n1 + n2 * n2 + n3 * n3
+        elif SQUARE:
+            z = _noise(seed, quad, stream, one, BLOCK // 4, GAUSSIAN, FAST, MASKED)
+            value = tl.where((tile >= -base) & (tile < numel - base), z * z, 0.0)
         else:
-            value = tl.load(_pointer(row, 0, base, X, ALIGNED) + i, mask=mask, other=0.0).to(tl.float32) * z
-        tl.store(partial_ptr + tl.program_id(0), tl.sum(value))
+            z = _noise(seed, quad, stream, one, BLOCK // 4, GAUSSIAN, FAST, MASKED)
+            value = _load(row, 0, base, tile, numel, X, ALIGNED, MASKED) * z
+        tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.sum(value, axis=1), axis=0))
 
     _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
                torch.float64: tl.float64}
@@ -158,70 +220,110 @@ class _Launch(NamedTuple):
     owner: torch.Tensor
     head: int
     aligned: bool
+    masked: bool
     dtypes: tuple  # out, src, buf (None without a buffer)
 
 
-# (device, block counts) -> owner array (an int32 per block: 0.2% of bf16 parameters), shared by
-# every table of that layout (parameters, momentum, ...)
-_owners: dict = {}
+# segment layout -> its launches, with their tables already on the device: a pass over the same
+# shards (every pass of a run) copies nothing from the host but the seed terms
+_plans: dict = {}
 
 
-def _owner(device, counts: tuple[int, ...]) -> torch.Tensor:
-    key = (str(device), counts)
-    if key not in _owners:
-        if len(_owners) >= 16:
-            _owners.pop(next(iter(_owners)))
-        rows = torch.arange(len(counts), dtype=torch.int32, device=device)
-        _owners[key] = torch.repeat_interleave(rows, torch.tensor(counts, device=device))
-    return _owners[key]
+def _layout(segments) -> tuple:
+    return tuple((seg.out.data_ptr(), (seg.out if seg.src is None else seg.src).data_ptr(),
+                  0 if seg.buf is None else seg.buf.data_ptr(), seg.out.numel(), seg.start, seg.stream,
+                  seg.out.dtype, (seg.out if seg.src is None else seg.src).dtype, None if seg.buf is None
+                  else seg.buf.dtype, str(seg.out.device)) for seg in segments)
 
 
-def _launches(segments) -> list[_Launch]:
-    """Segments grouped by what the kernel specialises on: dtypes, start mod 4, alignment."""
+def _plan(segments) -> list[_Launch]:
+    key = _layout(segments)
+    if key not in _plans:
+        if len(_plans) >= 64:
+            _plans.pop(next(iter(_plans)))
+        _plans[key] = _build_plan(segments)
+    return _plans[key]
+
+
+def _build_plan(segments) -> list[_Launch]:
+    """Each segment's blocks as two launches per group of what the kernel specialises on (dtypes,
+    start mod 4, alignment): the interior blocks, unmasked, and the partial first and last ones."""
     groups: dict = {}
     for seg in segments:
         src = seg.out if seg.src is None else seg.src
         tensors = [t for t in (seg.out, src, seg.buf) if t is not None]
         if any(not t.is_contiguous() or t.numel() != seg.out.numel() for t in tensors):
             raise ValueError("segments need contiguous tensors of equal size")
-        head = seg.start % 4
-        aligned = head == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
-        key = (seg.out.dtype, src.dtype, None if seg.buf is None else seg.buf.dtype, head, aligned)
-        blocks = triton.cdiv(seg.out.numel() + head, BLOCK)
-        # out, src, buf pointers; numel, global start, stream; first block (set below); unused
-        row = [seg.out.data_ptr(), src.data_ptr(), 0 if seg.buf is None else seg.buf.data_ptr(),
-               seg.out.numel(), seg.start, seg.stream, 0, 0]
-        groups.setdefault(key, []).append((row, blocks))
-    device = segments[0].out.device
-    launches = []
-    for (out, src, buf, head, aligned), rows in groups.items():
-        if not any(blocks for _, blocks in rows):  # empty shards (a rank with no rows of a small parameter)
+        numel, head = seg.out.numel(), seg.start % 4
+        if numel == 0:  # an empty shard (a rank with no rows of a small parameter)
             continue
+        # block k holds local elements [k * BLOCK - head, (k + 1) * BLOCK - head)
+        aligned = all((t.data_ptr() - head * t.element_size()) % (4 * t.element_size()) == 0 for t in tensors)
+        blocks = triton.cdiv(numel + head, BLOCK)
+        first_full, end_full = (1 if head else 0), (numel + head) // BLOCK
+        # masked: the partial first and last blocks, and those whose counters carry into the high word
+        first_quad, quads = (seg.start - head) // 4, BLOCK // 4
+        edges = sorted({k for k in (0, blocks - 1) if not first_full <= k < end_full}
+                       | set(_carry_blocks(first_quad, quads, blocks)))
+        # out, src, buf pointers; numel, global start, stream; first program (set below), first block
+        row = [seg.out.data_ptr(), src.data_ptr(), 0 if seg.buf is None else seg.buf.data_ptr(), numel,
+               seg.start, seg.stream, 0]
+        dtypes = (seg.out.dtype, src.dtype, None if seg.buf is None else seg.buf.dtype)
+        for lo, hi in _runs(first_full, end_full, edges):
+            groups.setdefault((dtypes, head, aligned, False), []).append((row + [lo], hi - lo))
+        for k in edges:
+            groups.setdefault((dtypes, head, aligned, True), []).append((row + [k], 1))
+    launches = []
+    for (dtypes, head, aligned, masked), rows in groups.items():
+        device = segments[0].out.device
         first = 0
-        for row, blocks in rows:
+        for row, count in rows:
             row[6] = first
-            first += blocks
+            first += count
         table = torch.tensor([r for r, _ in rows], dtype=torch.int64).to(device)
-        owner = _owner(device, tuple(b for _, b in rows))
-        launches.append(_Launch(table, owner, head, aligned, (out, src, buf)))
+        counts = torch.tensor([c for _, c in rows], device=device)
+        owner = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32, device=device), counts)
+        launches.append(_Launch(table, owner, head, aligned, masked, dtypes))
     return launches
+
+
+def _carry_blocks(first_quad: int, quads: int, blocks: int) -> list[int]:
+    """The blocks k (of ``blocks``, ``quads`` counters each from ``first_quad``) whose counters cross
+    a multiple of 2**32: once every 2**32 counters, so at most a few per segment."""
+    out, boundary = [], (first_quad >> 32) + 1 << 32
+    while boundary < first_quad + blocks * quads:
+        k = (boundary - first_quad) // quads
+        if (boundary - first_quad) % quads:
+            out.append(k)
+        boundary += 1 << 32
+    return out
+
+
+def _runs(begin: int, end: int, holes) -> list[tuple[int, int]]:
+    """[begin, end) without the blocks in ``holes``, as contiguous (lo, hi) runs."""
+    runs, lo = [], begin
+    for k in sorted(h for h in holes if begin <= h < end):
+        if k > lo:
+            runs.append((lo, k))
+        lo = k + 1
+    return runs + ([(lo, end)] if end > lo else [])
 
 
 def affine_noise_(segments, *, distribution: str, terms, alpha: float = 1.0, beta: float = 0.0) -> None:
     """out = alpha * src + sum(c * z(s) for s, c in terms) [+ beta * buf], for every segment, in
-    one launch per group. ``out`` may be ``src``. ``terms`` is a list of (seed, coefficient) or a
+    two launches per group. ``out`` may be ``src``. ``terms`` is a list of (seed, coefficient) or a
     ``Terms`` already on the device."""
     segments = list(segments)
     if not segments:
         return
     staged = terms if isinstance(terms, Terms) else Terms(terms, segments[0].out.device)
-    for launch in _launches(segments):
+    for launch in _plan(segments):
         out, src, buf = launch.dtypes
         _affine_noise_kernel[(launch.owner.numel(),)](
-            launch.table, launch.owner, staged.keys, staged.coefs, staged.count, float(alpha), float(beta),
+            launch.table, launch.owner, staged.keys, staged.coefs, float(alpha), float(beta),
             OUT=_DTYPES[out], SRC=_DTYPES[src], BUF=_DTYPES[buf or out], HAS_BUF=buf is not None,
-            HEAD=launch.head, ALIGNED=launch.aligned, GAUSSIAN=distribution == "gaussian", FAST=_fast(),
-            BLOCK=BLOCK, num_warps=NUM_WARPS)
+            UNIT=alpha == 1.0, TERMS=staged.count, HEAD=launch.head, ALIGNED=launch.aligned, MASKED=launch.masked,
+            GAUSSIAN=distribution == "gaussian", FAST=_fast(), BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def dot_noise(segments, *, distribution: str, seed: int, square: bool = False) -> torch.Tensor:
@@ -231,11 +333,54 @@ def dot_noise(segments, *, distribution: str, seed: int, square: bool = False) -
     device = segments[0].out.device
     keys = Terms([(seed, 1.0)], device).keys
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for launch in _launches(segments):
+    for launch in _plan(segments):
         partial = torch.empty(launch.owner.numel(), dtype=torch.float32, device=device)
         _dot_noise_kernel[(launch.owner.numel(),)](
             partial, launch.table, launch.owner, keys, X=_DTYPES[launch.dtypes[0]], SQUARE=square,
-            HEAD=launch.head, ALIGNED=launch.aligned, GAUSSIAN=distribution == "gaussian", FAST=_fast(),
-            BLOCK=BLOCK, num_warps=NUM_WARPS)
+            HEAD=launch.head, ALIGNED=launch.aligned, MASKED=launch.masked, GAUSSIAN=distribution == "gaussian",
+            FAST=_fast(), BLOCK=BLOCK, num_warps=NUM_WARPS)
         total += partial.double().sum()
     return total
+
+
+class SassTarget(NamedTuple):
+    """One kernel specialisation as the engine launches it, for profiling/sass_count.py."""
+
+    name: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    elements_per_program: int
+    record: dict
+
+
+def sass_targets() -> list[SassTarget]:
+    """The interior-block specialisations a run launches: per distribution and dtype, the affine
+    pass with 1 to 3 seed terms (MeZO's passes: 1; its deferred update and n-SPSA: 2 and more),
+    with a buffer (ConMeZO's momentum), and the dot and square reductions."""
+    affine_args = {"table_ptr": "*i64", "owner_ptr": "*i32", "key_ptr": "*i64", "coef_ptr": "*fp32", "alpha": "fp32",
+                   "beta": "fp32"}
+    dot_args = {"partial_ptr": "*fp32", "table_ptr": "*i64", "owner_ptr": "*i32", "key_ptr": "*i64"}
+    common = {"HEAD": 0, "ALIGNED": True, "MASKED": False, "FAST": True, "BLOCK": BLOCK}
+    names = {tl.bfloat16: "bfloat16", tl.float16: "float16", tl.float32: "float32"}
+    targets = []
+    for distribution in ("gaussian", "rademacher"):
+        for dtype, dtype_name in names.items():
+            cases = [(terms, False) for terms in (1, 2, 3)] + [(1, True)]
+            for terms, buffer in cases:
+                constexprs = {"OUT": dtype, "SRC": dtype, "BUF": tl.float32, "HAS_BUF": buffer, "UNIT": True, "TERMS": terms,
+                              "GAUSSIAN": distribution == "gaussian", **common}
+                targets.append(SassTarget(
+                    f"affine-{distribution}-{dtype_name}-{terms}{'-buffer' if buffer else ''}", _affine_noise_kernel,
+                    {**affine_args, **{k: "constexpr" for k in constexprs}}, constexprs, NUM_WARPS, BLOCK,
+                    {"kernel": "affine", "stream": "v1", "distribution": distribution, "dtype": dtype_name,
+                     "terms": terms, "buffer": buffer}))
+            for square in (False, True):
+                constexprs = {"X": dtype, "SQUARE": square, "GAUSSIAN": distribution == "gaussian", **common}
+                targets.append(SassTarget(
+                    f"{'square' if square else 'dot'}-{distribution}-{dtype_name}", _dot_noise_kernel,
+                    {**dot_args, **{k: "constexpr" for k in constexprs}}, constexprs, NUM_WARPS, BLOCK,
+                    {"kernel": "square" if square else "dot", "stream": "v1", "distribution": distribution,
+                     "dtype": dtype_name, "terms": 1, "buffer": False}))
+    return targets

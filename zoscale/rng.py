@@ -55,16 +55,6 @@ def mix_seed(*values: int) -> int:
     return state
 
 
-def _mul_hi_lo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32-bit words of the 64-bit product of a constant uint32 ``a`` and uint32 ``x``."""
-    p_lo = x & 0xFFFF
-    p_lo = p_lo * a  # < 2**48
-    p_hi = (x >> 16) * a  # < 2**48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
-    return hi, lo
-
-
 def philox4x32(
     seed: int,
     c0: torch.Tensor,
@@ -73,19 +63,25 @@ def philox4x32(
     c3: torch.Tensor | int = 0,
     rounds: int = PHILOX_ROUNDS,
 ) -> tuple[torch.Tensor, ...]:
-    """Philox4x32 on int64 tensors holding uint32 values; ``seed`` is a 64-bit key."""
+    """Philox4x32 on int64 tensors holding uint32 values; ``seed`` is a 64-bit key.
+
+    A product of two uint32 values fits 64 bits: int64 multiplication wraps modulo 2**64 and keeps
+    exactly those bits, so its high word is ``(p >> 32) & MASK`` and its low word ``p & MASK``. The
+    low words are kept unmasked (they are only XORed into the next high words, which are masked
+    before they are multiplied again) and masked once at the end."""
     if not 0 <= seed <= _MASK64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     k0, k1 = seed & _MASK32, seed >> 32
     c2 = torch.as_tensor(c2, dtype=torch.int64, device=c0.device).expand_as(c0)
     c3 = torch.as_tensor(c3, dtype=torch.int64, device=c0.device).expand_as(c0)
     for _ in range(rounds):
-        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        a, b = c0 * _ROUND_A, c2 * _ROUND_B
+        c0 = (b >> 32).bitwise_xor_(c1).bitwise_xor_(k0).bitwise_and_(_MASK32)
+        c2 = (a >> 32).bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(_MASK32)
+        c1, c3 = b, a
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
-    return c0, c1, c2, c3
+    return c0, c1 & _MASK32, c2, c3 & _MASK32
 
 
 def _check_range(stream: int, start: int, numel: int) -> None:
@@ -95,9 +91,15 @@ def _check_range(stream: int, start: int, numel: int) -> None:
         raise ValueError(f"stream must be a uint32, got {stream}")
 
 
-def _segment_words(seed: int, segments, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Philox words for the blocks covering each (stream, start, numel) segment, all in one call,
-    and the index of each requested element in the flattened (blocks * 4) words."""
+# Counters per chunk: large enough for both threads and little dispatch per element, small enough
+# for the int64 temporaries of a Philox round to stay in cache (2-core development machine: 128K
+# counters gave 4x the throughput of 4M-element whole-tensor rounds, and 1.7x that of 16K).
+_CHUNK_COUNTERS = 1 << 17
+
+
+def _segment_counters(segments, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Philox counters covering each (stream, start, numel) segment, their streams, and the
+    index of each requested element in the flattened (counters * 4) words."""
     blocks, streams, picks, base = [], [], [], 0
     for stream, start, numel in segments:
         _check_range(stream, start, numel)
@@ -107,38 +109,51 @@ def _segment_words(seed: int, segments, device) -> tuple[torch.Tensor, torch.Ten
         skip = base + start - 4 * first
         picks.append(torch.arange(skip, skip + numel, device=device))
         base += 4 * (last - first)
-    block, stream = torch.cat(blocks), torch.cat(streams)
-    words = philox4x32(seed, block & _MASK32, block >> 32, stream)
-    return torch.stack(words, dim=1), torch.cat(picks)
+    return torch.cat(blocks), torch.cat(streams), torch.cat(picks)
 
 
 def _uniform(word: torch.Tensor) -> torch.Tensor:
-    """Triton's uint32 -> float32 in [0, 1): fold the signed value onto [0, 2**31) and scale."""
-    folded = torch.where(word >= 2**31, _MASK32 - word, word)  # == ~int32(word) for the negatives
-    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+    """Triton's uint32 -> float32 in [0, 1): the word as an int32 (a wrap), ~x for negatives, scaled."""
+    x = word.to(torch.int32)
+    return x.bitwise_xor_(x >> 31).to(torch.float32).mul_(_UNIFORM_SCALE)
 
 
-def _box_muller(w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    u1 = torch.clamp_min(_uniform(w1), _U1_FLOOR)
-    theta = torch.tensor(_TWO_PI, dtype=torch.float32) * _uniform(w2)
-    radius = torch.sqrt(-2.0 * torch.log(u1))
-    return radius * torch.cos(theta), radius * torch.sin(theta)
+def _box_muller(w1: torch.Tensor, w2: torch.Tensor, out1: torch.Tensor | None = None,
+                out2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r cos theta, r sin theta) from two words, written into out1 and out2 when given."""
+    radius = _uniform(w1).clamp_min_(_U1_FLOOR).log_().mul_(-2.0).sqrt_()
+    theta = _uniform(w2).mul_(torch.tensor(_TWO_PI, dtype=torch.float32))
+    out1 = torch.cos(theta, out=out1)
+    out2 = torch.sin(theta, out=out2)
+    return out1.mul_(radius), out2.mul_(radius)
 
 
 def generate_segments(distribution: str, seed: int, segments, device=None,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The concatenation of several (stream, start, numel) slices of one seed's streams, generated
-    in a single vectorised pass (what the engine uses: per-tensor calls cost too many small ops)."""
-    words, picks = _segment_words(seed, segments, device)
-    if distribution == "gaussian":
-        n0, n1 = _box_muller(words[:, 0], words[:, 1])
-        n2, n3 = _box_muller(words[:, 2], words[:, 3])
-        values = torch.stack((n0, n1, n2, n3), dim=1).reshape(-1)
-    elif distribution == "rademacher":
-        values = 1.0 - 2.0 * (words.reshape(-1) >> 31).to(torch.float32)
-    else:
+    in one vectorised pass over all their counters, a cache-sized chunk at a time (what the engine
+    uses: per-tensor calls cost too many small ops)."""
+    if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
-    return values[picks].to(dtype)
+    counters, streams, picks = _segment_counters(segments, device)
+    values = torch.empty((counters.numel(), 4), dtype=torch.float32, device=device)
+    lanes = torch.empty((4, min(counters.numel(), _CHUNK_COUNTERS)), dtype=torch.float32, device=device)
+    for lo in range(0, counters.numel(), _CHUNK_COUNTERS):
+        block, stream = counters[lo : lo + _CHUNK_COUNTERS], streams[lo : lo + _CHUNK_COUNTERS]
+        words = philox4x32(seed, block & _MASK32, block >> 32, stream)
+        lane = lanes[:, : block.numel()]
+        if distribution == "gaussian":
+            _box_muller(words[0], words[1], lane[0], lane[1])
+            _box_muller(words[2], words[3], lane[2], lane[3])
+        else:  # +1 where the top bit is 0, else -1
+            for k in range(4):
+                torch.sub(1.0, (words[k] >> 31).to(torch.float32), alpha=2.0, out=lane[k])
+        values[lo : lo + block.numel()] = lane.T
+    flat = values.reshape(-1)
+    if len(segments) == 1:  # one slice: no gather
+        skip = int(picks[0]) if picks.numel() else 0
+        return flat[skip : skip + picks.numel()].to(dtype)
+    return flat[picks].to(dtype)
 
 
 def gaussian(seed: int, stream: int, start: int, numel: int, device=None,

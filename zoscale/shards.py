@@ -294,6 +294,15 @@ class PerturbationEngine:
         for chunk in self._chunks(host):
             wide = any(src.dtype == torch.float64 for _, _, src, _, _, _ in chunk)
             noise = self._noise(chunk, seeds, torch.float64 if wide else torch.float32)
+            if noise is not None and all(out.data_ptr() == src.data_ptr() and out.dtype == noise.dtype and not extra
+                                         for _, out, src, extra, _, _ in chunk):
+                # in place, one dtype: two batched ops for the whole chunk (small models are bound by
+                # per-op dispatch on the CPU)
+                views = [out[lo:hi] for _, out, _, _, lo, hi in chunk]
+                if alpha != 1.0:
+                    torch._foreach_mul_(views, alpha)
+                torch._foreach_add_(views, list(noise.split([v.numel() for v in views])))
+                continue
             pos = 0
             for shard, out, src, extra, lo, hi in chunk:
                 compute = torch.promote_types(src.dtype, torch.float32)
