@@ -99,3 +99,15 @@ def test_stream_ids_and_seed_mixing_are_stable():
     assert rng.mix_seed(0, 0) == rng.mix_seed(0, 0) != rng.mix_seed(0, 1)
     assert rng.mix_seed(1, 2, 3) != rng.mix_seed(1, 3, 2)
     assert rng.mix_seed(42, 7, 0) == 6424825876015065953
+
+
+def test_a_small_z_served_again_is_a_copy_of_the_same_values():
+    """generate_segments keeps the last few small z (a MeZO step reads each three times): a caller
+    that writes into what it got changes nothing for the next caller."""
+    segments = [(7, 3, 1000), (8, 0, 77)]
+    first = rng.generate_segments("gaussian", 41, segments)
+    expected = first.clone()
+    first.mul_(0.0)
+    again = rng.generate_segments("gaussian", 41, segments)
+    assert torch.equal(again, expected)
+    assert torch.equal(rng.generate_segments("gaussian", 41, segments, dtype=torch.float64), expected.double())

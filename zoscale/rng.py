@@ -33,6 +33,7 @@ _MASK64 = (1 << 64) - 1
 _UNIFORM_SCALE = 4.6566127342e-10
 _TWO_PI = 6.283185307179586
 _U1_FLOOR = 1.0e-7
+_TWO_PI_F32 = torch.tensor(_TWO_PI, dtype=torch.float32)
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 
@@ -97,9 +98,26 @@ def _check_range(stream: int, start: int, numel: int) -> None:
 _CHUNK_COUNTERS = 1 << 17
 
 
+_layouts: dict = {}  # small segment lists -> their counters: the engine asks for the same ones every pass
+_recent: dict = {}  # the last few small z generated (callers get copies)
+
+
 def _segment_counters(segments, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Philox counters covering each (stream, start, numel) segment, their streams, and the
-    index of each requested element in the flattened (counters * 4) words."""
+    index of each requested element in the flattened (counters * 4) words. Small layouts (a tiny
+    model's whole parameter list) are kept: building them costs more than generating them."""
+    key = (tuple(segments), str(device))
+    if key in _layouts:
+        return _layouts[key]
+    layout = _build_counters(segments, device)
+    if layout[0].numel() <= _CHUNK_COUNTERS:
+        if len(_layouts) >= 32:
+            _layouts.pop(next(iter(_layouts)))
+        _layouts[key] = layout
+    return layout
+
+
+def _build_counters(segments, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     blocks, streams, picks, base = [], [], [], 0
     for stream, start, numel in segments:
         _check_range(stream, start, numel)
@@ -122,7 +140,7 @@ def _box_muller(w1: torch.Tensor, w2: torch.Tensor, out1: torch.Tensor | None = 
                 out2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(r cos theta, r sin theta) from two words, written into out1 and out2 when given."""
     radius = _uniform(w1).clamp_min_(_U1_FLOOR).log_().mul_(-2.0).sqrt_()
-    theta = _uniform(w2).mul_(torch.tensor(_TWO_PI, dtype=torch.float32))
+    theta = _uniform(w2).mul_(_TWO_PI_F32)
     out1 = torch.cos(theta, out=out1)
     out2 = torch.sin(theta, out=out2)
     return out1.mul_(radius), out2.mul_(radius)
@@ -135,6 +153,9 @@ def generate_segments(distribution: str, seed: int, segments, device=None,
     uses: per-tensor calls cost too many small ops)."""
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
+    key = (distribution, seed, tuple(segments), str(device))
+    if key in _recent:  # a MeZO step reads the same small z three times
+        return _recent[key].to(dtype, copy=True)
     counters, streams, picks = _segment_counters(segments, device)
     values = torch.empty((counters.numel(), 4), dtype=torch.float32, device=device)
     lanes = torch.empty((4, min(counters.numel(), _CHUNK_COUNTERS)), dtype=torch.float32, device=device)
@@ -152,8 +173,15 @@ def generate_segments(distribution: str, seed: int, segments, device=None,
     flat = values.reshape(-1)
     if len(segments) == 1:  # one slice: no gather
         skip = int(picks[0]) if picks.numel() else 0
-        return flat[skip : skip + picks.numel()].to(dtype)
-    return flat[picks].to(dtype)
+        values = flat[skip : skip + picks.numel()]
+    else:
+        values = flat[picks]
+    if counters.numel() <= _CHUNK_COUNTERS:
+        if len(_recent) >= 4:  # a step's z, for each weight-decay group of shards
+            _recent.pop(next(iter(_recent)))
+        _recent[key] = values
+        return values.to(dtype, copy=True)
+    return values.to(dtype)
 
 
 def gaussian(seed: int, stream: int, start: int, numel: int, device=None,
