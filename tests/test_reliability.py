@@ -108,7 +108,7 @@ def test_a_crafted_optimizer_file_is_refused_and_runs_no_code(cli, reference, tm
     marker = tmp_path / "code-ran"
     target = run / "checkpoints" / "step-00000008"
     with open(target / "optimizer-rank0.pt", "wb") as f:
-        pickle.dump({"optimizer": "mezo", "payload": _RunsCode(marker)}, f)
+        pickle.dump({"optimizer": "mezo", "payload": _RunsCode(marker)}, f, protocol=2)
     rewrite_manifest(target)
     error = one_line_error(cli("train", "--resume", run, "--steps", 12))
     assert "optimizer-rank0.pt" in error and "could run code" in error
