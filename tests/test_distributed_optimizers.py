@@ -51,3 +51,10 @@ def test_sharded_ranks_follow_the_single_process_trajectory(world, optimizer, tm
         for name, value in params.items():
             torch.testing.assert_close(torch.tensor(r["params"][name], dtype=torch.float64), value,
                                        rtol=1e-10, atol=1e-12)
+
+
+def test_replicated_shards_with_a_data_parallel_comm_count_each_element_once(tmp_path):
+    """build_optimizer(shards of whole parameters, comm=data-parallel) without shard_comm: sums over
+    elements are not added over the replicas (ConMeZO's dimension was 2x on 2 ranks)."""
+    for r in torchrun(SCRIPTS / "replicated_dimension.py", 2, tmp_path):
+        assert r["dim"] == r["numel"] == 110

@@ -18,7 +18,8 @@ def build_optimizer(name: str, model_or_shards: torch.nn.Module | Sequence[Shard
                     **config) -> ZOOptimizer:
     """Build a registered ZO optimizer over a model's trainable parameters (one whole shard each,
     so parameter sums need no reduction) or over shards that a backend produced (parameter sums are
-    reduced over ``shard_comm``, by default ``comm``). ``config`` holds the optimizer's fields."""
+    reduced over ``shard_comm``; by default over ``comm`` unless every rank's shards are whole
+    parameters, i.e. replicas). ``config`` holds the optimizer's fields."""
     if name not in REGISTRY:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(REGISTRY)}")
     cls = REGISTRY[name]
@@ -28,7 +29,6 @@ def build_optimizer(name: str, model_or_shards: torch.nn.Module | Sequence[Shard
         raise ValueError(f"{name}: unknown option(s) {unknown}; valid: {sorted(fields)}")
     if isinstance(model_or_shards, torch.nn.Module):
         shards = local_shards(model_or_shards, master_dtype=master_dtype)
-        shard_comm = shard_comm or Comm(distributed=False)
     else:
         shards = list(model_or_shards)
     return cls(shards, cls.Config(**config), comm, shard_comm)

@@ -82,10 +82,16 @@ class ZOOptimizer:
                  shard_comm: Comm | None = None):
         """``comm`` reduces losses over every data-parallel rank; ``shard_comm`` reduces sums over
         parameter elements (norms, dot products) over the ranks that hold *different* pieces:
-        the world under FSDP/ZeRO-3, a single process when every rank holds whole parameters."""
+        the world under FSDP/ZeRO-3, a single process when every rank holds whole parameters.
+        Left out, it is the single process when every rank's shards are whole parameters (one
+        all-reduce decides), else ``comm``."""
         self.config = config
         self.comm = comm or Comm()
-        self.shard_comm = shard_comm or self.comm
+        if shard_comm is None:  # replicas hold every element on every rank: their sums are not added up
+            whole = all(s.offset == 0 and s.numel == s.global_numel for s in shards)
+            sharded = self.comm.all_reduce_sum([0.0 if whole else 1.0])[0] > 0  # every rank decides the same
+            shard_comm = self.comm if sharded else Comm(distributed=False)
+        self.shard_comm = shard_comm
         self.engine = PerturbationEngine(shards, config.distribution)
         self.step_count = 0
 
