@@ -138,21 +138,26 @@ CHECKPOINT_NAME = re.compile(r"^step-\d{8}$")
 
 
 def problem(directory: Path) -> str | None:
-    """Why ``directory`` is not a complete checkpoint, checksums aside (None if it is): its manifest
-    is missing, or a file it lists is missing or of another size."""
+    """Why ``directory`` is not a complete checkpoint, checksums aside (None if it is)."""
+    return _manifest(directory)[1]
+
+
+def _manifest(directory: Path) -> tuple[list, str | None]:
+    """The manifest's (file, expected) pairs, and why the directory is incomplete, checksums aside:
+    its manifest is missing, or a file it lists is missing or of another size (None if neither)."""
     try:
-        files = json.loads((directory / MANIFEST).read_text())["files"]
+        files = sorted(json.loads((directory / MANIFEST).read_text())["files"].items())
     except FileNotFoundError:
-        return "no manifest (the save did not finish, or an older zoscale wrote it)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"unreadable manifest ({e})"
-    for file, expected in sorted(files.items()):
+        return [], "no manifest (the save did not finish, or an older zoscale wrote it)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return [], f"unreadable manifest ({e})"
+    for file, expected in files:
         path = directory / file
         if not path.is_file():
-            return f"{file} is missing"
+            return files, f"{file} is missing"
         if path.stat().st_size != expected["bytes"]:
-            return f"{file} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
-    return None
+            return files, f"{file} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
+    return files, None
 
 
 @dataclass
@@ -175,12 +180,8 @@ def find(root: Path, comm: Comm | None = None, checksums: bool = True) -> Found:
     skipped = []
     for name in names:
         directory = root / name
-        reason = problem(directory)
+        files, reason = _manifest(directory)
         if reason is None and checksums:  # every rank checks a share of the checksums
-            try:
-                files = sorted(json.loads((directory / MANIFEST).read_text())["files"].items())
-            except (OSError, ValueError):
-                files = []
             bad = [float(i % comm.world_size == comm.rank and _sha256(directory / f) != e["sha256"])
                    for i, (f, e) in enumerate(files)]
             bad = comm.all_reduce_sum(bad)

@@ -12,13 +12,9 @@ from pathlib import Path
 import torch
 
 from zoscale.config import ConfigError, load, to_dict
+from zoscale.rundir import require_fresh
 
 QUICKSTART = Path(str(resources.files("zoscale.quickstart") / "quickstart.yaml"))
-
-
-def _fresh_directory(path: Path, flag: str) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ConfigError(f"{flag} {path} exists and is not empty; choose another directory (nothing was overwritten)")
 
 
 def train(args) -> int:
@@ -130,7 +126,7 @@ def export(args) -> int:
     from zoscale.models import build_tokenizer, snapshot
     from zoscale.shards import local_shards
 
-    _fresh_directory(args.out, "--out")
+    require_fresh(args.out, "--out")
     source = checkpoint.latest(args.run / ("checkpoints" if args.checkpoint == "latest" else "best"))
     if source is None:
         raise ConfigError(f"{args.run} has no {args.checkpoint} checkpoint")
@@ -150,7 +146,7 @@ def replay(args) -> int:
     """Apply the logged updates (seeds and coefficients) to the initial weights, in order."""
     from zoscale.shards import PerturbationEngine, local_shards
 
-    _fresh_directory(args.out, "--out")
+    require_fresh(args.out, "--out")
     cfg, model, tokenizer = _initial_model(args.run)
     log = args.run / "seeds.jsonl"
     if not log.is_file():

@@ -19,6 +19,14 @@ def _contents(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.name != LOCK) if path.is_dir() else []
 
 
+def require_fresh(path: Path, flag: str) -> None:
+    """``path`` must be missing or an empty directory (a lock file left by a failed start aside)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} exists and is not a directory")
+    if _contents(path):
+        raise ConfigError(f"{flag} {path} exists and is not empty; choose another directory (nothing was overwritten)")
+
+
 class RunDirectory:
     """``with RunDirectory(path, fresh, main):`` the lock is held inside. ``fresh``: the directory must
     not hold a run yet (it is made if missing); ``main``: this process takes the lock (rank 0).
@@ -33,11 +41,7 @@ class RunDirectory:
         if not self.main:
             return self
         if self.fresh:
-            if self.path.exists() and not self.path.is_dir():
-                raise ConfigError(f"{self.flag} {self.path} exists and is not a directory")
-            if _contents(self.path):
-                raise ConfigError(f"{self.flag} {self.path} exists and is not empty; choose another directory "
-                                  f"(nothing was overwritten)")
+            require_fresh(self.path, self.flag)
             self.created = not self.path.exists()
             try:
                 self.path.mkdir(parents=True, exist_ok=True)

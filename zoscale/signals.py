@@ -2,8 +2,8 @@
 whose launcher died ends at once instead of training on as an orphan.
 
 SIGTERM is what torchrun, the deepspeed launcher, SLURM and Kubernetes send before they kill;
-SIGUSR1 is what SLURM sends ahead of a time limit (`sbatch --signal=B:USR1@120`, forwarded by the
-launch/ scripts). The handler only records the signal: the loop finishes the step it is in, all
+SIGUSR1 is what SLURM sends ahead of a time limit (`sbatch --signal=B:USR1@180`, passed on by the
+launch/ scripts as SIGTERM). The handler only records the signal: the loop finishes the step it is in, all
 ranks agree (one all-reduce), write a checkpoint and exit with EXIT_PREEMPTED.
 """
 
