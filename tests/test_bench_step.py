@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from distributed import launch
@@ -18,15 +16,13 @@ def check(report: dict, reference: bool) -> None:
     assert ("reference_mezo_step_ms" in report) == reference
 
 
-def test_step_benchmark_on_cpu_writes_json_and_markdown(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "zoscale", *ARGS, "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+def test_step_benchmark_on_cpu_writes_json_and_markdown(tmp_path, cli):
+    done = cli(*ARGS, "--out", tmp_path)
     assert done.returncode == 0, done.stderr
     check(json.loads((tmp_path / "step-opt-tiny-local-mezo.json").read_text()), reference=True)
     markdown = (tmp_path / "step-opt-tiny-local-mezo.md").read_text()
     assert "reference MeZO step" in markdown and "Rademacher perturbation pass" in markdown
-    deferred = subprocess.run([sys.executable, "-m", "zoscale", *ARGS, "--defer-update", "--out", str(tmp_path)],
-                              capture_output=True, text=True, timeout=300)
+    deferred = cli(*ARGS, "--defer-update", "--out", tmp_path)
     assert deferred.returncode == 0, deferred.stderr
     report = json.loads((tmp_path / "step-opt-tiny-local-mezo-deferred.json").read_text())
     check(report, reference=True)
@@ -42,32 +38,24 @@ def test_step_benchmark_under_fsdp_on_2_ranks(tmp_path):
     check(report, reference=False)
 
 
-def test_a_model_directory_works_and_bad_input_fails_before_any_work(tmp_path):
+def test_a_model_directory_works_and_bad_input_fails_before_any_work(tmp_path, cli):
     from transformers import AutoConfig
 
     fields = json.loads(TINY.read_text())
     AutoConfig.for_model(fields.pop("model_type"), **fields).save_pretrained(tmp_path / "opt-dir")  # config only
     args = [a if a != str(TINY) else str(tmp_path / "opt-dir") for a in ARGS]
-    done = subprocess.run([sys.executable, "-m", "zoscale", *args, "--out", str(tmp_path / "r")],
-                          capture_output=True, text=True, timeout=300)
+    done = cli(*args, "--out", str(tmp_path / "r"))
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "r" / "step-opt-dir-local-mezo.json").read_text())["parameters"] > 100_000
-    again = subprocess.run([sys.executable, "-m", "zoscale", *args, "--out", str(tmp_path / "r")],
-                           capture_output=True, text=True, timeout=300)
+    again = cli(*args, "--out", str(tmp_path / "r"))
     assert again.returncode == 2 and "exists; pass --force" in again.stderr
-    missing = subprocess.run([sys.executable, "-m", "zoscale", *[a if a != str(TINY) else str(tmp_path / "none.json")
-                                                                  for a in ARGS], "--out", str(tmp_path / "m")],
-                             capture_output=True, text=True, timeout=300)
+    missing = cli(*[a if a != str(TINY) else str(tmp_path / "none.json") for a in ARGS], "--out", tmp_path / "m")
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1 and "--model" in missing.stderr
-    local_offload = subprocess.run([sys.executable, "-m", "zoscale", *ARGS, "--out", str(tmp_path / "o"),
-                                    "--deepspeed-config", str(DEEPSPEED / "zero3_offload.json")],
-                                   capture_output=True, text=True, timeout=300)
+    local_offload = cli(*ARGS, "--out", tmp_path / "o", "--deepspeed-config", DEEPSPEED / "zero3_offload.json")
     assert local_offload.returncode == 2 and "only with --backend deepspeed" in local_offload.stderr
     assert not (tmp_path / "o").exists()
-    nvme = subprocess.run([sys.executable, "-m", "zoscale", *ARGS, "--out", str(tmp_path / "n"), "--backend",
-                           "deepspeed", "--deepspeed-config", str(DEEPSPEED / "zero3_offload_nvme.json")],
-                          capture_output=True, text=True, timeout=300)
+    nvme = cli(*ARGS, "--out", tmp_path / "n", "--backend", "deepspeed", "--deepspeed-config",
+               DEEPSPEED / "zero3_offload_nvme.json")
     assert nvme.returncode == 2 and "not on NVMe" in nvme.stderr and not (tmp_path / "n").exists()
-    conmezo = subprocess.run([sys.executable, "-m", "zoscale", *ARGS, "--out", str(tmp_path / "c"), "--optimizer",
-                              "conmezo", "--defer-update"], capture_output=True, text=True, timeout=300)
+    conmezo = cli(*ARGS, "--out", tmp_path / "c", "--optimizer", "conmezo", "--defer-update")
     assert conmezo.returncode == 2 and "a MeZO option" in conmezo.stderr and not (tmp_path / "c").exists()

@@ -146,6 +146,7 @@ def wide_model(tmp_path_factory):
     return ["model.config=null", f"model.name_or_path={out}", f"model.tokenizer={out}"]
 
 
+@pytest.mark.slow  # building the async_io op takes minutes on 2 cores: `python -m pytest -m slow`
 def test_nvme_offload_follows_the_in_memory_trajectory_and_resumes(async_io_op, wide_model, tmp_path):
     """offload_param nvme with real swapping (a few small buffers, nothing kept in host memory):
     the engine reads partitions in, writes them and writes them back, so ConMeZO on 2 ranks is

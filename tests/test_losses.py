@@ -6,7 +6,7 @@ from transformers import OPTConfig, OPTForCausalLM
 from zoscale import evaluate as ev
 from zoscale.comm import Comm
 from zoscale.data import Encoded
-from zoscale.losses import Batch, pseuzo_closure
+from zoscale.losses import Batch
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +56,14 @@ def test_pseuzo_head_gradient_equals_a_full_backward(model, output):
 
     batch = Batch(EXAMPLES, "classification", 0, "cpu")
     opt = PseuZO(local_shards(model), PseuZOConfig(lr=0.0))
-    value, head = pseuzo_closure(model, batch, output)()
+    value, head = batch.outputs(model, output)
     _, _, grad = opt._head_gradient(value, head)
 
     hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    inner = hidden if output == "hidden" else model.lm_head(hidden[batch.scored])
+    inner = hidden if output == "hidden" else model.lm_head(hidden)
     inner.retain_grad()
     loss = batch.head_loss(model, hidden)[0] if output == "hidden" else \
-        batch.loss_from_token_logprobs(batch.logprobs_from_logits(inner))[0]
+        batch.loss_from_token_logprobs(batch.logprobs_from_logits(inner[batch.scored]))[0]
     loss.backward()
     torch.testing.assert_close(grad, inner.grad, rtol=1e-5, atol=1e-7)
     model.zero_grad(set_to_none=True)
@@ -93,3 +93,23 @@ def test_generation_evaluation_runs_greedy_decoding():
     assert metrics["examples"] == 2 and 0.0 <= metrics["f1"] <= 1.0 and 0.0 <= metrics["exact_match"] <= 1.0
     texts = ev.generate(model, tokenizer, examples, 3, "cpu")
     assert len(texts) == 2 and all(1 <= len(t.split()) <= 3 for t in texts)  # three greedy words each
+
+
+@pytest.mark.parametrize("output", ["hidden", "logits"])
+def test_pseuzo_pairs_batches_that_score_different_numbers_of_tokens(model, output):
+    """An answer of one token, then of two (lm objective): the window pairs them position by position."""
+    import zoscale
+    from zoscale.optim.base import Objective
+
+    short = [Encoded([1, 5, 6], [], 0, [8], []), Encoded([1, 11, 12], [], 0, [9], [])]
+    long = [Encoded([1, 5, 6], [], 0, [8, 9], []), Encoded([1, 13], [], 0, [9, 10], [])]
+    opt = zoscale.build_optimizer("pseuzo", model, lr=1e-3, eps=1e-3, window=3, output=output)
+    before = [p.detach().clone() for p in model.parameters()]
+    for examples in (short, long, short):
+        batch = Batch(examples, "lm", 0, "cpu")
+        result = opt.step(Objective(outputs=lambda kind: batch.outputs(model, kind)))
+        assert not result.skipped and len(result.projected_grads) == len(opt.window)
+    assert len(opt.window) == 3 and any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), before):
+            p.copy_(q)  # the module-scoped model, as the other tests expect it

@@ -121,10 +121,30 @@ def test_lambda_zero_keeps_only_the_newest_term():
 def test_window_memory_is_k_outputs_independent_of_the_parameter_count():
     for d in (7, 70):
         p = Linear(n=12, d=d)
-        opt = zoscale.build_optimizer("pseuzo", p.model, lr=0.0, eps=1e-3, window=4, window_dtype="float16")
+        current = zoscale.build_optimizer("pseuzo", p.model, lr=0.0, eps=1e-3, window=4, window_dtype="float16",
+                                          pairing="current")
+        own = zoscale.build_optimizer("pseuzo", p.model, lr=0.0, eps=1e-3, window=4)
         for _ in range(6):
-            opt.step(p.closure)
-        assert sum(diff.nbytes for _, diff in opt.window) == 4 * 12 * 2
+            current.step(p.closure)
+            own.step(p.closure)
+        assert sum(diff.nbytes for _, diff in current.window) == 4 * 12 * 2  # k output differences
+        assert sum(c.nbytes for _, c in own.window) == 4 * 8  # k coefficients
+
+
+def test_own_pairing_keeps_each_coefficient_as_its_batch_gave_it():
+    """pairing="own": an entry's coefficient is <o+ - o, e>/eps of its own step, later batches
+    leave it alone (what makes the expected update unbiased when every step draws a new batch)."""
+    problems = [Linear(seed=s) for s in range(5)]  # a different batch (X, y) each step, one parameter
+    for p in problems[1:]:
+        p.model = problems[0].model
+    opt = zoscale.build_optimizer("pseuzo", problems[0].model, lr=0.01, eps=1e-3, window=3, seed=2)
+    newest = []
+    for step, p in enumerate(problems):
+        expected = z_of(opt, opt.seed_for(step, 0), 7) @ p.grad()  # the linear body: exact
+        result = opt.step(p.closure)
+        newest.append(result.projected_grads[-1])
+        assert newest[-1] == pytest.approx(expected.item(), rel=1e-6)
+        assert list(result.projected_grads) == newest[-3:]
 
 
 def test_cyclic_schedule_and_its_mezo_phases():
@@ -161,13 +181,17 @@ def test_state_dict_round_trip_continues_the_same_trajectory(tmp_path):
     assert torch.equal(q.model.x, p.model.x)
 
 
-def test_mismatched_batches_are_a_clear_error():
-    p = Linear()
-    opt = zoscale.build_optimizer("pseuzo", p.model, lr=0.0, eps=1e-3)
-    opt.step(p.closure)
-    p.X, p.y = p.X[:6], p.y[:6]
-    with pytest.raises(ValueError, match="drop_last"):
+def test_mismatched_batches_are_a_clear_error_only_where_outputs_are_paired_across_batches():
+    for pairing in ("current", "own"):
+        p = Linear()
+        opt = zoscale.build_optimizer("pseuzo", p.model, lr=0.0, eps=1e-3, pairing=pairing)
         opt.step(p.closure)
+        p.X, p.y = p.X[:6], p.y[:6]
+        if pairing == "current":
+            with pytest.raises(ValueError, match="drop_last"):
+                opt.step(p.closure)
+        else:
+            assert not opt.step(p.closure).skipped
 
 
 @pytest.mark.parametrize("kwargs,message", [(dict(window=0), "window"), (dict(decay=1.5), "decay"),
@@ -175,3 +199,16 @@ def test_mismatched_batches_are_a_clear_error():
 def test_bad_config_is_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         zoscale.build_optimizer("pseuzo", Linear().model, **kwargs)
+
+
+def test_a_skipped_step_leaves_a_full_window_as_it_was():
+    p = Linear()
+    opt = zoscale.build_optimizer("pseuzo", p.model, lr=0.01, eps=1e-3, window=3, seed=4)
+    for _ in range(3):
+        opt.step(p.closure)
+    window, before = [(s, d.clone()) for s, d in opt.window], p.model.x.detach().clone()
+    nan_head = lambda: (p.closure()[0], lambda o: p.closure()[1](o) * float("nan"))  # noqa: E731
+    assert opt.step(nan_head).skipped
+    assert [s for s, _ in opt.window] == [s for s, _ in window]  # the oldest entry is still there
+    assert all(torch.equal(d, e) for (_, d), (_, e) in zip(opt.window, window))
+    torch.testing.assert_close(p.model.x.detach(), before, rtol=0, atol=0)

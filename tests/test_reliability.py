@@ -33,20 +33,6 @@ def zoscale(*args, timeout=300):
                           timeout=timeout)
 
 
-@pytest.fixture
-def cli(capsys):
-    """`zoscale ARGS` in this process (no interpreter start-up: these runs take a second, not ten);
-    returns what a subprocess would: returncode, stdout, stderr."""
-    from zoscale.cli import main
-
-    def run(*args):
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
-    return run
-
-
 def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -314,7 +314,7 @@ def save_best(run_dir: Path, step: int, shards: Sequence[Shard], comm: Comm, own
 def load(checkpoint: Path, comm: Comm) -> tuple[dict, dict]:
     """(optimizer scalars for this rank, trainer state); the shards are read by ``read_shards``.
     Saved on another number of ranks, rank 0's scalars serve (they agree on every rank), without
-    PseuZO's window of per-rank micro-batch outputs, which is meaningless on another split.
+    a PseuZO window of per-rank micro-batch outputs (pairing="current"), meaningless on another split.
     Nothing in a run directory is unpickled: the optimizer files are read as tensors and plain values."""
     trainer_state = json.loads((checkpoint / "trainer.json").read_text())
     same_world = trainer_state["world_size"] == comm.world_size
@@ -324,7 +324,7 @@ def load(checkpoint: Path, comm: Comm) -> tuple[dict, dict]:
     except pickle.UnpicklingError:
         raise CheckpointError(f"{path} holds objects other than tensors and plain values; it was not loaded "
                               f"(loading it could run code)") from None
-    if not same_world and state.get("window"):
+    if not same_world and any(d.dim() for _, d in state.get("window", [])):
         state["window"] = []
     return state, trainer_state
 

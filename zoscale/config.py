@@ -102,8 +102,11 @@ class TrainConfig:
         for key in ("steps", "batch_size", "eval_batch_size", "log_every"):
             _require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
         _require(self.collective_timeout_s > 0, "collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
-        _require(self.model.kind == "causal" or self.optim.name != "pseuzo", "optim.name",
-                 "pseuzo needs a causal LM (its body/head split), but model.kind is masked")
+        from zoscale.optim import REGISTRY
+
+        split = "outputs" in getattr(REGISTRY.get(self.optim.name), "needs", ())
+        _require(self.model.kind == "causal" or not split, "optim.name",
+                 f"{self.optim.name} needs a causal LM (its body/head split), but model.kind is masked")
         for key in ("eval_every", "save_every", "keep_checkpoints", "max_nonfinite"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _choice(self.backend, BACKENDS, "backend")

@@ -2,8 +2,9 @@
 FSDP2's gathered parameters must stay ordinary tensors for PseuZO's head autograd).
 
 body(model) -> the last hidden state; head: the output embedding applied only at the positions
-that are scored (so no (batch, length, vocab) tensor is formed for the whole sequence). PseuZO
-uses the split directly: its closure returns the body output and a head loss on it.
+that are scored (so no (batch, length, vocab) tensor is formed for the whole sequence).
+``Batch.outputs`` offers the split to an optimizer that asks for it (PseuZO): the body output and
+a head loss on it.
 
 Objectives, all returned as (loss_sum, count) so that the global mean is exact across ranks:
 - classification: each candidate's mean token log-likelihood after the prompt is its score;
@@ -124,6 +125,18 @@ class Batch:
         """(loss_sum, count) from the body output: differentiable with respect to ``hidden``."""
         return self.loss_from_token_logprobs(self.token_logprobs(model, hidden))
 
+    def outputs(self, model, kind: str = "hidden"):
+        """(output, head_loss): the last hidden state or the logits, both (sequence, position, ...)
+        so that outputs of batches that score different numbers of tokens still pair position by
+        position (no grad), and the loss as a differentiable function of it. The logits cover every
+        position: (sequences x length x vocabulary) values, as in the authors' code."""
+        with torch.no_grad():
+            hidden = self.body(model)
+            if kind == "hidden":
+                return hidden, lambda h: self.head_loss(model, h)
+            logits = self.head(model, hidden)
+        return logits, lambda o: self.loss_from_token_logprobs(self.logprobs_from_logits(o[self.scored]))
+
     def loss(self, model) -> tuple[float, int]:
         with torch.no_grad():
             if self.objective == "masked":
@@ -141,16 +154,3 @@ class Batch:
             scores = self.candidate_scores(self.token_logprobs(model, self.body(model)))
         return torch.stack([scores[g].argmax() for g in self.groups]).cpu()
 
-
-def pseuzo_closure(model, batch: Batch, output: str = "hidden"):
-    """PseuZO's closure: the body output (the last hidden state, or the logits at the scored
-    positions) and a head loss on it."""
-    def closure():
-        with torch.no_grad():
-            hidden = batch.body(model)
-            if output == "hidden":
-                return hidden, lambda h: batch.head_loss(model, h)
-            logits = batch.head(model, hidden[batch.scored])
-        return logits, lambda o: batch.loss_from_token_logprobs(batch.logprobs_from_logits(o))
-
-    return closure

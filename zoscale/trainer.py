@@ -26,9 +26,10 @@ from zoscale import backends, checkpoint, data, tasks
 from zoscale.comm import print0
 from zoscale.config import ConfigError, TrainConfig, to_dict
 from zoscale.evaluate import evaluate, headline
-from zoscale.losses import Batch, pseuzo_closure, sequence_length
+from zoscale.losses import Batch, sequence_length
 from zoscale.memory import MemorySampler
 from zoscale.models import build_tokenizer
+from zoscale.optim.base import Objective
 from zoscale.shards import resident
 from zoscale.signals import StopRequest
 
@@ -91,6 +92,10 @@ class Trainer:
         self.optimizer = zoscale.build_optimizer(cfg.optim.name, shards, comm=self.comm, shard_comm=shard_comm,
                                                  **options)
         self.optimizer.engine.journal = []
+        try:
+            self.objective_for(None).require(self.optimizer)
+        except ValueError as e:
+            raise ConfigError(f"optim.name: {e} (model.kind {cfg.model.kind}, task {self.task.name})") from None
         self.owns_shards = shard_comm.distributed or self.comm.is_main  # replicas: rank 0 writes checkpoints
 
         self.step = 0
@@ -137,20 +142,21 @@ class Trainer:
             total, count = total + s, count + c
         return total, count
 
+    def objective_for(self, batch: Batch | None) -> Objective:
+        """Everything an optimizer's step may ask for (it calls only what its ``needs`` name)."""
+        def forward(fn):
+            def run(*args):
+                with self.phase("forward"):
+                    return fn(*args)
+            return run
+
+        model = self.model
+        outputs = None if self.objective == "masked" else forward(lambda kind: batch.outputs(model, kind))
+        return Objective(loss=forward(lambda: batch.loss(model)), full_loss=forward(self.full_batch_loss),
+                         outputs=outputs)
+
     def train_step(self, batch: Batch):
-        opt, model = self.optimizer, self.model
-
-        loss = lambda: self._in_phase("forward", lambda: batch.loss(model))  # noqa: E731
-        if opt.name == "pseuzo":
-            closure = pseuzo_closure(model, batch, opt.config.output)
-            return opt.step(lambda: self._in_phase("forward", closure))
-        if opt.name == "mezo_svrg":
-            return opt.step(loss, full_closure=lambda: self._in_phase("forward", self.full_batch_loss))
-        return opt.step(loss)
-
-    def _in_phase(self, name: str, fn):
-        with self.phase(name):
-            return fn()
+        return self.optimizer.step(self.objective_for(batch))
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:

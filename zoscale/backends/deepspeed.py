@@ -123,6 +123,19 @@ class DeepSpeedBackend(DDPBackend):
                 shard.storage = storage if shard.name in swapped else None
         return shards, Comm()
 
+    def full_state_dict(self, model) -> dict[str, torch.Tensor]:
+        """Gathered a module at a time, copied to the host on rank 0."""
+        state = {}
+        for prefix, module in model.named_modules():
+            params = list(module.parameters(recurse=False))
+            with _deepspeed().zero.GatheredParameters(params):
+                if self.comm.is_main:
+                    buffers = [(n, b) for n, b in module.named_buffers(recurse=False)
+                               if n not in module._non_persistent_buffers_set]
+                    for name, t in [*module.named_parameters(recurse=False), *buffers]:
+                        state[f"{prefix}.{name}" if prefix else name] = t.detach().cpu().clone()
+        return state
+
     def head(self, model, hidden: torch.Tensor) -> torch.Tensor:
         """The output embedding with its parameters gathered and copied (a collective), so that
         autograd through the head (PseuZO) outlives the release of the gathered weights."""

@@ -183,6 +183,11 @@ class FSDPBackend(DDPBackend):
                                 weight_decay=decays(name, p.shape), compute_device=offload_compute_device(local)))
         return shards, Comm()
 
+    def full_state_dict(self, model) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def body(self, model, input_ids, attention_mask) -> torch.Tensor:
         """The head's input, from the root forward: called directly, the base model would skip the
         root's pre-forward and the layers would keep serving their first all-gathered values."""

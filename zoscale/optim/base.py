@@ -19,6 +19,40 @@ from zoscale.shards import PerturbationEngine, Shard, ShardBuffer
 Closure = Callable[[], "float | torch.Tensor | tuple"]
 
 
+@dataclass(frozen=True)
+class Objective:
+    """The closure protocol: what a trainer offers an optimizer's step, as callables over this
+    rank's share of the step's batch. Each optimizer names the ones it calls in ``needs``, so a
+    trainer can refuse what it cannot offer before training; the trainer itself names no optimizer.
+
+    loss()          the loss at the current parameters, under no_grad: a scalar or (loss_sum, count)
+    full_loss()     the same over the fixed full training sample (MeZO-SVRG's anchor steps)
+    outputs(kind)   (output, head_loss) for a body/head split (PseuZO): ``output`` is the body's
+                    output under no_grad, ``kind`` "hidden" (the head's input) or "logits" (the
+                    head's output, (batch, position, vocab)); ``head_loss(output)`` is the loss,
+                    differentiable with respect to ``output``
+    """
+
+    loss: Closure | None = None
+    full_loss: Closure | None = None
+    outputs: Callable[[str], tuple] | None = None
+
+    def require(self, optimizer: ZOOptimizer) -> Objective:
+        absent = [need for need in optimizer.needs if getattr(self, need) is None]
+        if absent:
+            raise ValueError(f"{optimizer.name} needs the objective's {' and '.join(absent)}")
+        return self
+
+
+def as_objective(closure, role: str) -> Objective:
+    """A bare callable stands for the objective field ``role`` (the optimizer's first need)."""
+    if closure is None or isinstance(closure, Objective):
+        return closure or Objective()
+    if role == "outputs":  # the direct API's PseuZO closure takes no kind: it returns its output
+        return Objective(outputs=lambda kind: closure())
+    return Objective(**{role: closure})
+
+
 @dataclass
 class ZOConfig:
     lr: float = 1e-6
@@ -77,6 +111,7 @@ class ZOOptimizer:
 
     name = "base"
     Config = ZOConfig
+    needs: tuple[str, ...] = ("loss",)  # the Objective fields a step calls; a bare callable is the first
 
     def __init__(self, shards: Sequence[Shard], config: ZOConfig, comm: Comm | None = None,
                  shard_comm: Comm | None = None):
@@ -94,12 +129,15 @@ class ZOOptimizer:
         self.shard_comm = shard_comm
         self.engine = PerturbationEngine(shards, config.distribution)
         self.step_count = 0
+        self.lr_source: Callable[[int], float] | None = None  # an outside schedule (a Trainer's) replaces lr_at's
 
     @property
     def shards(self) -> list[Shard]:
         return self.engine.shards
 
     def lr_at(self, step: int) -> float:
+        if self.lr_source is not None:
+            return self.lr_source(step)
         c = self.config
         return lr_at(step, lr=c.lr, schedule=c.schedule, warmup_steps=c.warmup_steps,
                      total_steps=c.total_steps, min_lr_ratio=c.min_lr_ratio)
@@ -127,8 +165,13 @@ class ZOOptimizer:
         totals = self.comm.all_reduce_sum([x for pair in pairs for x in pair])
         return [totals[2 * i] / totals[2 * i + 1] for i in range(len(pairs))]
 
-    def step(self, closure: Closure) -> StepResult:
+    def step(self, objective: Objective | Closure) -> StepResult:
+        """One step. ``objective``: an Objective with the fields in ``needs``, or a bare callable
+        for the first of them."""
         raise NotImplementedError
+
+    def objective(self, objective) -> Objective:
+        return as_objective(objective, self.needs[0]).require(self)
 
     def flush(self) -> None:
         """Apply any deferred update: call before evaluation, checkpointing and export."""

@@ -137,7 +137,8 @@ class ConMeZO(ZOOptimizer):
             self.prepared = None
 
     # -- the step -----------------------------------------------------------------------------------
-    def step(self, closure) -> StepResult:
+    def step(self, objective) -> StepResult:
+        closure = self.objective(objective).loss
         cfg, step = self.config, self.step_count
         lr, beta, seed = self.lr_at(step), self.beta_at(step), self.seed_for(step, 0)
         direction = {seed: 1.0} if self.is_mezo else self._prepare(step, seed)

@@ -31,7 +31,8 @@ class MeZOConfig(ZOConfig):
 class MeZO(ZOOptimizer):
     Config = MeZOConfig
 
-    def step(self, closure) -> StepResult:
+    def step(self, objective) -> StepResult:
+        closure = self.objective(objective).loss
         cfg, step = self.config, self.step_count
         lr = self.lr_at(step)
         seeds = [self.seed_for(step, j) for j in range(cfg.n_directions)]

@@ -4,22 +4,29 @@ the cheap loss head, averaged over a sliding window.
 F(theta) = g(h(theta)): h is the body (last hidden state by default, or logits), g the head and
 task loss. Per step, with a fresh seed s_t:
 
-    o = h(theta);  e = dg/do by autograd through the head only
-    o+ = h(theta + eps z_t);  push (s_t, o+ - o) into a window of the last k pairs
-    a_i = w_i <o+_i - o_i, e> / eps          for every entry i (newest weight 1, then lambda, ...)
+    o = h(theta);  e_t = dg/do by autograd through the head only
+    o+ = h(theta + eps z_t);  c_t = <o+ - o, e_t> / eps
+    a_i = w_i c_i        for the last k steps i (newest weight 1, then lambda, ...; normalised)
     theta <- (1 - lr wd) theta - lr sum_i a_i z(s_i)      (one pass for all k seeds and the restore)
 
-Closure protocol: ``closure()`` runs the body on this rank's batch (no grad) and returns
+``pairing="own"`` (the default) pairs each output difference with its own batch's gradient e_i,
+so the window holds k coefficients. ``pairing="current"`` is the authors': the window holds the k
+output differences and pairs every one with this step's e_t; when each step draws a new batch,
+that pairs one batch's Jacobian with another's gradient, and the expected update leans away from
+the gradient (cosine 0.80 against 0.99 for "own", profiling/pseuzo_pairing.py).
+
+Objective: ``outputs(kind)`` runs the body on this rank's batch (no grad) and returns
 ``(output, head_loss)``, where ``head_loss(output)`` is this rank's loss: a scalar tensor, or
-(loss_sum tensor, count) for a token-weighted global mean. The optimizer calls the closure twice
-per step and ``head_loss`` once with autograd on ``output``; the window's dot products and the
-loss go out in one all-reduce. ``result.loss`` is the unperturbed loss.
+(loss_sum tensor, count) for a token-weighted global mean; ``kind`` is the ``output`` option. A
+bare callable ``closure()`` returning the pair also works. The optimizer calls it twice per step
+and ``head_loss`` once with autograd on ``output``; the window's dot products and the loss go out
+in one all-reduce. ``result.loss`` is the unperturbed loss.
 
 Defaults are the sound choices, options reproduce the authors' code: ``normalize=False`` sums the
 k terms unnormalised (effective lr x k at lambda = 1), ``lambda_schedule="cyclic"`` is their
-per-epoch hyperbola with plain MeZO steps while lambda = 0. Weight decay is applied once per step
-(the authors' code applies it k times). Old output differences are paired with the current
-batch's gradient, as in their code; outputs of different sequence lengths are right-aligned.
+per-epoch hyperbola with plain MeZO steps while lambda = 0, ``pairing="current"`` their pairing.
+Weight decay is applied once per step (the authors' code applies it k times). Outputs are
+(sequence, position, ...) tensors; under "current", outputs of different lengths are right-aligned.
 """
 
 from __future__ import annotations
@@ -42,13 +49,15 @@ class PseuZOConfig(ZOConfig):
     steps_per_epoch: int | None = None
     total_epochs: int | None = None
     window_dtype: str | None = None  # default: the body output's dtype
-    output: str = "hidden"  # what the trainer's closure returns as the body output: hidden | logits
+    output: str = "hidden"  # the body output asked of the objective's outputs(kind): hidden | logits
+    pairing: str = "own"  # own: each output difference with its own batch's gradient | current: the authors'
 
     def __post_init__(self):
         super().__post_init__()
         _check(self.window >= 1, "window", f"must be >= 1, got {self.window}")
         _check(0.0 <= self.decay <= 1.0, "decay", f"must be in [0, 1], got {self.decay}")
         _check(self.output in ("hidden", "logits"), "output", f"must be 'hidden' or 'logits', got {self.output!r}")
+        _check(self.pairing in ("own", "current"), "pairing", f"must be 'own' or 'current', got {self.pairing!r}")
         _check(self.lambda_schedule in ("constant", "cyclic"), "lambda_schedule",
                f"must be 'constant' or 'cyclic', got {self.lambda_schedule!r}")
         if self.lambda_schedule == "cyclic":
@@ -59,6 +68,7 @@ class PseuZOConfig(ZOConfig):
 @register("pseuzo")
 class PseuZO(ZOOptimizer):
     Config = PseuZOConfig
+    needs = ("outputs",)
 
     def __init__(self, shards, config: PseuZOConfig, comm=None, shard_comm=None):
         super().__init__(shards, config, comm, shard_comm)
@@ -77,8 +87,10 @@ class PseuZO(ZOOptimizer):
         r = epoch % cycle
         return (1.0 / (1 + 10 * r) if r <= 10 else 0.0), (r == 0 and first_step == 0)
 
-    def step(self, closure) -> StepResult:
+    def step(self, objective) -> StepResult:
+        outputs = self.objective(objective).outputs
         cfg, step = self.config, self.step_count
+        closure = lambda: outputs(cfg.output)  # noqa: E731
         lr, seed = self.lr_at(step), self.seed_for(step, 0)
         lam, clear = self.lambda_at(step)
         if clear:
@@ -90,22 +102,28 @@ class PseuZO(ZOOptimizer):
         total, count, grad = self._head_gradient(output, head_loss)
         self.engine.perturb({seed: cfg.eps})
         output_plus, _ = closure()
-        dtype = getattr(torch, cfg.window_dtype) if cfg.window_dtype else output.dtype
-        self.window.append((seed, (output_plus - output).to(dtype)))
-
-        dots = [_aligned_dot(diff, grad) for _, diff in self.window]
-        reduced = self.comm.all_reduce_sum([total, count, *dots])
-        loss, coefs = reduced[0] / reduced[1], [d / (reduced[1] * cfg.eps) for d in reduced[2:]]
+        if cfg.pairing == "own":  # the newest coefficient, from this batch's own pair; older ones as they were
+            reduced = self.comm.all_reduce_sum([total, count, _aligned_dot(output_plus - output, grad)])
+            newest = (seed, torch.tensor(reduced[2] / (reduced[1] * cfg.eps), dtype=torch.float64))
+            entries = [*self.window, newest][-cfg.window:]  # the window after this step, if not skipped
+            loss, coefs = reduced[0] / reduced[1], [float(c) for _, c in entries]
+        else:  # every stored output difference with this step's gradient
+            dtype = getattr(torch, cfg.window_dtype) if cfg.window_dtype else output.dtype
+            newest = (seed, (output_plus - output).to(dtype))
+            entries = [*self.window, newest][-cfg.window:]
+            dots = [_aligned_dot(diff, grad) for _, diff in entries]
+            reduced = self.comm.all_reduce_sum([total, count, *dots])
+            loss, coefs = reduced[0] / reduced[1], [d / (reduced[1] * cfg.eps) for d in reduced[2:]]
         weights = [lam ** (len(coefs) - 1 - i) for i in range(len(coefs))]  # newest last, weight 1
         if cfg.normalize:
             weights = [w / sum(weights) for w in weights]
         skipped = not all_finite([loss, *coefs])
-        if skipped:
-            self.window.pop()
+        if skipped:  # the window stays as it was, its oldest entry included
             self.engine.update({})
         else:
+            self.window.append(newest)
             terms: dict[int, float] = {}
-            for (s, _), w, c in zip(self.window, weights, coefs):
+            for (s, _), w, c in zip(entries, weights, coefs):
                 terms[s] = terms.get(s, 0.0) - lr * w * c
             self.engine.update(terms, decay=1.0 - lr * cfg.weight_decay)
         self.engine.flush()  # the restore of +eps z_t and all k updates in one pass

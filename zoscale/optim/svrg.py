@@ -7,11 +7,11 @@ Other steps (minibatch I):
     c = SPSA_I(theta; z) - SPSA_I(theta_bar; z')     z' = z by default (shared direction)
     theta <- theta - lr * (c + g)
 
-Closure protocol: ``step(closure, full_closure)``. On anchor steps ``full_closure()`` returns the
-full-batch loss (the caller evaluates its fixed training subset, in chunks if it likes; return
-(loss_sum, count) for an exact mean); on minibatch steps ``closure()`` is called four times on the
-same minibatch: at theta +- eps z, then at theta_bar +- eps z'. ``needs_full_batch(step)`` tells a
-trainer which one the next step uses.
+Objective: ``loss`` and ``full_loss`` (``step(objective)``, or ``step(closure, full_closure)``).
+On anchor steps ``full_loss()`` returns the full-batch loss (the caller evaluates its fixed
+training subset, in chunks if it likes; return (loss_sum, count) for an exact mean); on minibatch
+steps ``loss()`` is called four times on the same minibatch: at theta +- eps z, then at
+theta_bar +- eps z'. ``needs_full_batch(step)`` tells which one a step uses.
 
 Memory: one parameter-sized buffer (theta_bar), held per shard. theta and theta_bar are swapped in
 place, a chunk at a time, to evaluate at the anchor. ``shared_direction=False`` draws z' on its own
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zoscale.optim.base import StepResult, ZOConfig, ZOOptimizer, _check, all_finite, register
+from zoscale.optim.base import StepResult, ZOConfig, ZOOptimizer, _check, all_finite, as_objective, register
 from zoscale.shards import ShardBuffer
 
 
@@ -44,6 +44,7 @@ class MeZOSVRGConfig(ZOConfig):
 @register("mezo_svrg")
 class MeZOSVRG(ZOOptimizer):
     Config = MeZOSVRGConfig
+    needs = ("loss", "full_loss")
 
     def __init__(self, shards, config: MeZOSVRGConfig, comm=None, shard_comm=None):
         super().__init__(shards, config, comm, shard_comm)
@@ -62,7 +63,10 @@ class MeZOSVRG(ZOOptimizer):
         self.engine.flush()
         return raw
 
-    def step(self, closure=None, full_closure=None) -> StepResult:
+    def step(self, objective=None, full_closure=None) -> StepResult:
+        """Each step calls one of the two losses: the other may be left out."""
+        objective = as_objective(objective, "loss")
+        closure, full_closure = objective.loss, full_closure or objective.full_loss
         cfg, step = self.config, self.step_count
         lr = self.lr_at(step)
         anchor_lr = cfg.anchor_lr * (lr / cfg.lr if cfg.lr else 1.0)
@@ -71,7 +75,7 @@ class MeZOSVRG(ZOOptimizer):
         seed = self.seed_for(step, 0)
         if self.needs_full_batch(step):
             if full_closure is None:
-                raise ValueError(f"MeZO-SVRG step {step} is an anchor step: pass full_closure (the full-batch loss)")
+                raise ValueError(f"MeZO-SVRG step {step} is an anchor step: pass full_closure, or an Objective with full_loss")
             losses = self.global_means(self._pair(seed, full_closure))
             skipped = not all_finite(losses)
             pgs = (pg(*losses),)
@@ -82,7 +86,7 @@ class MeZOSVRG(ZOOptimizer):
                 self.engine.update({seed: -anchor_lr * pgs[0]}, decay=decay(anchor_lr))
         else:
             if closure is None:
-                raise ValueError(f"MeZO-SVRG step {step} is a minibatch step: pass closure (the minibatch loss)")
+                raise ValueError(f"MeZO-SVRG step {step} is a minibatch step: pass closure, or an Objective with loss (the minibatch loss)")
             ref_seed = seed if cfg.shared_direction else self.seed_for(step, 1)
             raw = self._pair(seed, closure)
             self.engine.swap(self.anchor)  # evaluate at theta_bar

@@ -1,0 +1,85 @@
+"""A ZOTrainer run on the quickstart's tiny OPT and reviews, as a Trainer script would be written.
+
+    python tests/scripts/hf_trainer.py OUT [key=value ...]          (one process, or under torchrun)
+
+Keys: optimizer, backend (none | fsdp | deepspeed), steps, batch (the global batch), accumulation,
+save_steps, resume (a checkpoint directory), lr, dtype, master (fp32 master weights), save_model. Every rank writes OUT/rank{r}.json: the Trainer's
+log history, the parameter checksum and the files of OUT/run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+TOKENIZER = Path(__file__).resolve().parents[2] / "zoscale" / "quickstart" / "tokenizer"
+REVIEWS = Path(__file__).resolve().parents[2] / "zoscale" / "quickstart" / "sst2" / "train.jsonl"
+TINY_OPT = dict(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4, max_position_embeddings=64,
+                word_embed_proj_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=1, dropout=0.0,
+                attention_dropout=0.0)
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok
+
+
+def model(vocab_size: int, seed: int = 0, dtype: str = "float32"):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    return OPTForCausalLM(OPTConfig(vocab_size=vocab_size, **TINY_OPT)).to(getattr(torch, dtype)).eval()
+
+
+def dataset(tok, rows: int = 64):
+    """Reviews followed by their verdict, as causal-LM text."""
+    from datasets import Dataset
+
+    lines = [json.loads(line) for line in REVIEWS.read_text().splitlines()[:rows]]
+    texts = [f"{r['sentence']} It was {'great' if r['label'] else 'terrible'}" for r in lines]
+    return Dataset.from_dict({"text": texts}).map(lambda b: tok(b["text"]), batched=True, remove_columns=["text"])
+
+
+def main(out: Path, options: dict) -> None:
+    from transformers import DataCollatorForLanguageModeling, TrainingArguments
+
+    from zoscale.integrations.transformers import ZOTrainer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batch, accumulation = int(options.get("batch", 8)), int(options.get("accumulation", 1))
+    tok = tokenizer()
+    args = TrainingArguments(output_dir=str(out / "run"), max_steps=int(options.get("steps", 6)),
+                             per_device_train_batch_size=batch // world // accumulation,
+                             gradient_accumulation_steps=accumulation, learning_rate=float(options.get("lr", 1e-3)),
+                             lr_scheduler_type=options.get("schedule", "constant"), logging_steps=1,
+                             save_steps=int(options.get("save_steps", 1000)), save_strategy="steps", report_to=[],
+                             train_sampling_strategy="sequential", use_cpu=True, seed=0,
+                             dataloader_drop_last=True, disable_tqdm=True)
+    trainer = ZOTrainer(model=model(len(tok), dtype=options.get("dtype", "float32")), args=args, train_dataset=dataset(tok), processing_class=tok,
+                        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                        zo_optimizer=options.get("optimizer", "mezo"), zo_options={"eps": 1e-3},
+                        zo_backend=None if options.get("backend", "none") == "none" else options["backend"],
+                        zo_master_weights=bool(int(options.get("master", 0))))
+    trainer.train(resume_from_checkpoint=options.get("resume"))
+    if options.get("save_model"):
+        trainer.save_model(str(out / "model"))
+    trainer.zo.flush()
+    sums = trainer.zo.param_sums([sum(float(s.tensor.double().sum()) for s in trainer.zo.shards)])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    result = {"log": trainer.state.log_history, "param_sum": sums[0], "world_size": world,
+              "files": sorted(str(p.relative_to(out)) for p in (out / "run").rglob("*") if p.is_file())}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), dict(a.split("=", 1) for a in sys.argv[2:]))

@@ -1,0 +1,153 @@
+"""ZOTrainer: a real transformers.Trainer loop with a ZO step, in one process and on gloo ranks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed import REPO, torchrun
+
+sys.path.insert(0, str(REPO / "tests" / "scripts"))
+import hf_trainer  # noqa: E402
+
+SCRIPT = REPO / "tests" / "scripts" / "hf_trainer.py"
+
+
+def run(out: Path, **options) -> dict:
+    hf_trainer.main(out, {k: str(v) for k, v in options.items()})
+    return json.loads((out / "rank0.json").read_text())
+
+
+def steps(result: dict) -> list[tuple]:
+    return [(r["step"], r["loss"], r["projected_grad"]) for r in result["log"] if "projected_grad" in r]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The single-process MeZO run the others are compared with (checkpoints at steps 3 and 6)."""
+    out = tmp_path_factory.mktemp("single")
+    return {**run(out, steps=6, save_steps=3, save_model=1), "dir": out}
+
+
+@pytest.mark.parametrize("name, options", [("mezo", {}), ("conmezo", {}), ("pseuzo", {}),
+                                           ("mezo_svrg", {"q": 2, "anchor_lr": 1e-2})])
+def test_each_optimizer_reduces_the_loss(tmp_path, name, options):
+    from transformers import DataCollatorForLanguageModeling, TrainingArguments
+
+    from zoscale.integrations.transformers import ZOTrainer
+
+    tok = hf_trainer.tokenizer()
+    data = hf_trainer.dataset(tok, rows=16)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=25, per_device_train_batch_size=16,
+                             per_device_eval_batch_size=16, learning_rate=1e-2, logging_steps=5, save_strategy="no",
+                             report_to=[], use_cpu=True, dataloader_drop_last=True, disable_tqdm=True)
+    trainer = ZOTrainer(model=hf_trainer.model(len(tok)), args=args, train_dataset=data, eval_dataset=data,
+                        data_collator=DataCollatorForLanguageModeling(tok, mlm=False), zo_optimizer=name,
+                        zo_options={"eps": 1e-3, **options})
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < before - 0.05, (before, after)
+    logged = [r for r in trainer.state.log_history if "projected_grad" in r]  # every 5 steps
+    # the Trainer's default linear decay: the logged step s used lr 1e-2 (25 - (s - 1)) / 25
+    assert [r["learning_rate"] for r in logged] == pytest.approx([1e-2 * (26 - r["step"]) / 25 for r in logged])
+
+
+def test_mezo_follows_the_optimizer_api_step_for_step(single):
+    """The same seed, batches and item-weighted loss through zoscale.build_optimizer by hand."""
+    from transformers import DataCollatorForLanguageModeling
+
+    import zoscale
+
+    tok = hf_trainer.tokenizer()
+    model = hf_trainer.model(len(tok))
+    data, collate = hf_trainer.dataset(tok), DataCollatorForLanguageModeling(tok, mlm=False)
+    opt = zoscale.build_optimizer("mezo", model, lr=1e-3, eps=1e-3, seed=0)
+    expected = []
+    for step in range(6):
+        batch = collate([data[i] for i in range(8 * step, 8 * step + 8)])
+        items = float(batch["labels"][:, 1:].ne(-100).sum())
+
+        def loss():
+            with torch.no_grad():
+                return float(model(**batch).loss) * items, items
+
+        result = opt.step(loss)
+        expected.append((step + 1, result.loss, result.projected_grad))
+    assert steps(single) == expected
+
+
+def test_gradient_accumulation_is_one_larger_zo_batch(tmp_path, single):
+    accumulated = run(tmp_path, steps=6, accumulation=2)
+    for (_, loss, pg), (_, loss_a, pg_a) in zip(steps(single), steps(accumulated), strict=True):
+        assert loss_a == pytest.approx(loss, rel=1e-6) and pg_a == pytest.approx(pg, rel=1e-3, abs=1e-3)
+
+
+@pytest.mark.parametrize("name, options", [("conmezo", {}), ("mezo_svrg", {}),  # a momentum buffer, an anchor
+                                           ("mezo", {"dtype": "bfloat16", "master": 1})])  # fp32 master copies
+def test_resume_from_checkpoint_continues_the_same_trajectory(tmp_path, name, options):
+    whole = run(tmp_path / "whole", steps=6, save_steps=3, optimizer=name, **options)
+    saved = tmp_path / "whole" / "run" / "checkpoint-3"
+    assert (saved / "zoscale" / "checkpoints" / "step-00000003" / "manifest.json").is_file()
+    resumed = run(tmp_path / "resumed", steps=6, optimizer=name, resume=saved, **options)
+    assert steps(resumed) == steps(whole) and resumed["param_sum"] == whole["param_sum"]
+
+
+def loaded_sum(model_dir: Path) -> float:
+    """The parameters of a saved model as plain transformers loads them (tied weights once, as in the shards)."""
+    from transformers import AutoModelForCausalLM
+
+    return sum(p.double().sum().item() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+
+
+def test_save_model_output_loads_in_plain_transformers(single):
+    assert loaded_sum(single["dir"] / "model") == pytest.approx(single["param_sum"], rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["none", "fsdp", "deepspeed"])
+def test_two_gloo_ranks_follow_the_single_process_trajectory(tmp_path, single, backend):
+    """Replicas (no DDP), FSDP2 shards and ZeRO-3 partitions by zoscale's backends, the Trainer
+    running the loop; the ZeRO-3 run resumes the single-process checkpoint at step 3."""
+    resume = (f"resume={single['dir'] / 'run' / 'checkpoint-3'}",) if backend == "deepspeed" else ()
+    ranks = torchrun(SCRIPT, 2, tmp_path, "steps=6", f"backend={backend}", "save_model=1", *resume, timeout=240)
+    assert steps(ranks[0]) == steps(ranks[1])
+    for (step, loss, pg), (_, loss_2, pg_2) in zip(steps(single), steps(ranks[0]), strict=True):
+        assert loss_2 == pytest.approx(loss, rel=1e-5) and pg_2 == pytest.approx(pg, rel=2e-3, abs=2e-3), step
+    assert ranks[0]["param_sum"] == pytest.approx(single["param_sum"], rel=1e-6)
+    if backend != "none":  # the gathered shards, saved by rank 0
+        assert loaded_sum(tmp_path / "model") == pytest.approx(ranks[0]["param_sum"], rel=1e-12)
+        step_dir = "zoscale/checkpoints/step-00000006"
+        assert {f"run/checkpoint-6/{step_dir}/shards-rank{r}.safetensors" for r in (0, 1)} <= set(ranks[0]["files"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"optim": "adafactor"}, "TrainingArguments.optim=adafactor"),
+    ({"gradient_checkpointing": True}, "TrainingArguments.gradient_checkpointing"),
+    ({"fsdp": "full_shard"}, "TrainingArguments.fsdp"),
+    ({"gradient_accumulation_steps": 2, "zo": "pseuzo"}, "gradient_accumulation_steps"),
+    ({"zo_options": {"epsilon": 1}}, "unknown option"),
+    ({"zo_backend": "megatron"}, "zo_backend"),
+    ({"optimizers": (torch.optim.SGD([torch.zeros(1, requires_grad=True)]), None)}, "optimizers"),
+])
+def test_combinations_a_zo_step_cannot_honour_are_refused(tmp_path, change, message):
+    from transformers import TrainingArguments
+
+    from zoscale.integrations.transformers import ZOTrainer
+
+    change = dict(change)
+    trainer_keys = {k: change.pop(k) for k in ("zo_options", "zo_backend", "optimizers") if k in change}
+    name = change.pop("zo", "mezo")
+    try:
+        args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, dataloader_drop_last=True,
+                                 **change)
+    except ValueError as e:  # some combinations TrainingArguments refuses on CPU itself
+        pytest.skip(f"TrainingArguments refuses {change} on its own: {e}")
+    tok = hf_trainer.tokenizer()
+    with pytest.raises(ValueError, match=message) as caught:
+        ZOTrainer(model=hf_trainer.model(len(tok)), args=args, train_dataset=hf_trainer.dataset(tok, 8),
+                  zo_optimizer=name, **trainer_keys)
+    assert "\n" not in str(caught.value)

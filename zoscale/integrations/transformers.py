@@ -1,0 +1,299 @@
+"""ZOTrainer: a `transformers.Trainer` whose optimizer step is a zeroth-order step.
+
+    trainer = ZOTrainer(model=model, args=TrainingArguments(...), train_dataset=..., eval_dataset=...,
+                        data_collator=..., zo_optimizer="mezo", zo_options={"eps": 1e-3})
+    trainer.train(resume_from_checkpoint=...)
+
+Everything but the step is the Trainer's: data loading and its order, evaluation and
+`compute_metrics`, logging (`loss`, `projected_grad`, `learning_rate`; `report_to` sees them),
+callbacks, `save_steps`/`save_total_limit`, `save_model`. What is replaced, and why:
+
+- ``get_batch_samples``: the Trainer prefetches an update's micro-batches; they are kept, so that
+  gradient accumulation becomes one larger ZO batch (the micro-batches' losses summed into one
+  projected gradient), not several ZO steps.
+- ``training_step``: at the first micro-batch of an update, the whole ZO step (its forwards under
+  no_grad, in eval mode: the two forwards of a step must see one function); the rest return 0,
+  so the Trainer's logged loss is the step's global loss.
+- ``create_optimizer``: the ZO optimizer over the model's trainable parameters (or the shards of
+  ``zo_backend``), behind a torch optimizer of one empty parameter group that carries the lr:
+  the Trainer's scheduler (``learning_rate``, ``lr_scheduler_type``, warm-up) sets it, and the ZO
+  step reads it, unless zo_options give ``lr`` or ``schedule`` (then zoscale's schedule runs).
+  Its ``step()`` does nothing: the ZO step ran already.
+- ``_wrap_model``: no DistributedDataParallel (ZO has no gradients to reduce, and DDP's gradient
+  buckets would cost a model's worth of memory); data-parallel ranks agree through the all-reduced
+  losses, as in ``zoscale train``.
+- ``_save_optimizer_and_scheduler`` / ``_load_optimizer_and_scheduler``: the ZO state (step,
+  buffers such as ConMeZO's momentum or SVRG's anchor, and the trainable parameters themselves)
+  goes into ``checkpoint-N/zoscale/`` as a zoscale checkpoint (atomic, checksummed, per rank), so
+  ``resume_from_checkpoint`` continues the same trajectory on any world size.
+- ``save_model`` under ``zo_backend``: the shards gathered into one state dict for rank 0.
+- ``log``: ``projected_grad`` and the ZO step's lr in the training logs, no ``grad_norm``;
+  ``evaluation_loop`` and ``save_model`` flush a deferred update first.
+
+Sharding: ``zo_backend="fsdp"`` (FSDP2) or ``"deepspeed"`` (ZeRO-3) shards the model with
+zoscale's own backends before the Trainer sees it, under torchrun or alone; the Trainer then runs
+only the loop. The Trainer's own ``deepspeed=`` / ``fsdp=`` integrations are refused for now (on
+CPU accelerate cannot run them; on GPUs they are untested): use ``zo_backend``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+
+import zoscale
+from zoscale import backends, checkpoint
+from zoscale.comm import Comm
+from zoscale.config import check_deepspeed_json
+from zoscale.losses import causal_lm
+from zoscale.optim import REGISTRY
+from zoscale.optim.base import Objective
+from zoscale.shards import local_shards
+
+ZO_BACKENDS = ("fsdp", "deepspeed")
+_ZO_STATE = "zoscale"  # checkpoint-N/zoscale/: the ZO optimizer's checkpoint
+
+
+class LrCarrier(torch.optim.Optimizer):
+    """The torch optimizer the Trainer and its lr scheduler see: one group, one empty tensor."""
+
+    def __init__(self, lr: float):
+        super().__init__([torch.zeros(0)], {"lr": lr})
+
+    def step(self, closure=None):
+        return None
+
+
+class _NoDDP(torch.nn.Module):
+    """The model as the Trainer's loop holds it: not wrapped in DistributedDataParallel."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def check_arguments(args: TrainingArguments, zo_optimizer: str, zo_backend: str | None) -> None:
+    """Combinations a ZO step cannot honour, each a one-line error naming the argument."""
+    optim, default = (str(getattr(o, "value", o)) for o in (args.optim, TrainingArguments.optim))
+    if optim != default:
+        raise ValueError(f"TrainingArguments.optim={optim}: ZOTrainer's step is zo_optimizer's "
+                         f"({zo_optimizer}); a first-order optimizer would need the backward pass it replaces")
+    if args.gradient_checkpointing:
+        raise ValueError("TrainingArguments.gradient_checkpointing: ZO steps run no backward, so there are no "
+                         "activations to recompute; leave it off")
+    if args.fp16:
+        raise ValueError("TrainingArguments.fp16: AMP's gradient scaling has no gradients to scale under ZO; "
+                         "load the model in float16 or use bf16=True")
+    if args.deepspeed:
+        stage = (args.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage", 0)
+                 if getattr(args, "hf_deepspeed_config", None) else None)
+        if stage is not None and stage < 3:
+            raise ValueError(f"TrainingArguments.deepspeed: ZeRO stage {stage} shards optimizer state, which ZO "
+                             f"does not have; use stage 3 (sharded parameters) or no DeepSpeed")
+        raise ValueError("TrainingArguments.deepspeed: the Trainer's DeepSpeed integration is not supported yet; "
+                         "pass zo_backend='deepspeed' (ZeRO-3 by zoscale) instead")
+    if args.fsdp:
+        raise ValueError("TrainingArguments.fsdp: the Trainer's FSDP integration is not supported yet; pass "
+                         "zo_backend='fsdp' (FSDP2 by zoscale) instead")
+    if zo_backend is not None and zo_backend not in ZO_BACKENDS:
+        raise ValueError(f"zo_backend: {zo_backend!r} is not one of {list(ZO_BACKENDS)} (or None: whole replicas)")
+    if "outputs" in REGISTRY[zo_optimizer].needs:
+        if args.gradient_accumulation_steps != 1:
+            raise ValueError(f"TrainingArguments.gradient_accumulation_steps: {zo_optimizer} pairs one batch's "
+                             f"outputs per step; use 1 and a larger per_device_train_batch_size")
+        if not args.dataloader_drop_last:
+            raise ValueError(f"TrainingArguments.dataloader_drop_last: {zo_optimizer} pairs outputs of batches of "
+                             f"one size; set it to True")
+
+
+class ZOTrainer(Trainer):
+    """A `transformers.Trainer` with a zeroth-order step (see the module docstring for the hooks)."""
+
+    def __init__(self, model=None, args: TrainingArguments | None = None, *rest, zo_optimizer: str = "mezo",
+                 zo_options: dict | None = None, zo_backend: str | None = None,
+                 zo_deepspeed_config: str | None = None, zo_master_weights: bool = False, **kwargs):
+        """zo_optimizer, zo_options: as for ``zoscale.build_optimizer`` (the same names, options and
+        checks; ``seed`` defaults to ``args.seed``, ``lr`` to ``args.learning_rate``). zo_backend:
+        None (whole parameters on every rank), "fsdp" or "deepspeed" (zoscale shards ``model``);
+        zo_deepspeed_config: a ZeRO-3 JSON for "deepspeed" (configs/deepspeed/, e.g. with offload).
+        zo_master_weights: an fp32 copy of half-precision trainable weights (without zo_backend)."""
+        args = args or TrainingArguments("trainer_output")
+        self.zo_name, self.zo_options, self.zo = zo_optimizer, dict(zo_options or {}), None
+        check = {"lr": args.learning_rate, **self.zo_options}
+        if check.get("schedule", "constant") != "constant":
+            check.setdefault("total_steps", check.get("warmup_steps", 0) + 1)  # the Trainer's, once known
+        zoscale.optimizer_config(zo_optimizer, **check)
+        check_arguments(args, zo_optimizer, zo_backend)
+        if kwargs.get("optimizers", (None, None)) != (None, None):
+            raise ValueError("optimizers: ZOTrainer builds its own (zo_optimizer, zo_options); leave optimizers out")
+        if zo_master_weights and zo_backend is not None:
+            raise ValueError(f"zo_master_weights: not with zo_backend {zo_backend!r} (keep the shards in fp32)")
+        self.zo_master_dtype = torch.float32 if zo_master_weights else None
+        if zo_deepspeed_config is not None:
+            if zo_backend != "deepspeed":
+                raise ValueError("zo_deepspeed_config: needs zo_backend='deepspeed'")
+            check_deepspeed_json(zo_deepspeed_config)
+        self.zo_backend = backends.get(zo_backend, zo_deepspeed_config) if zo_backend else None
+        if self.zo_backend is not None:
+            _, device = self.zo_backend.setup(args.ddp_timeout)
+            model = self.zo_backend.prepare(model.to(device), device)
+        super().__init__(model, args, *rest, **kwargs)
+        self.comm = Comm()
+        self._micro_batches: list = []
+        self._since_log: list = []
+
+    # -- the optimizer ------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            module = self.model
+            if self.zo_backend is not None:
+                shards, shard_comm = self.zo_backend.shards(module, None)
+            else:
+                shards, shard_comm = local_shards(module, master_dtype=self.zo_master_dtype), None
+            own_schedule = "lr" in self.zo_options or "schedule" in self.zo_options
+            options = {"seed": self.args.seed, "lr": self.args.learning_rate, **self.zo_options}
+            if options.get("schedule", "constant") != "constant":
+                options.setdefault("total_steps", self.state.max_steps)
+            self.zo = zoscale.build_optimizer(self.zo_name, shards, comm=self.comm, shard_comm=shard_comm, **options)
+            self.optimizer = LrCarrier(self.zo.config.lr)
+            if not own_schedule:
+                self.zo.lr_source = lambda step: self.optimizer.param_groups[0]["lr"]
+        return self.optimizer
+
+    def _wrap_model(self, model, training: bool = True, dataloader=None):
+        if training and not isinstance(model, _NoDDP) and self.comm.world_size > 1:
+            return _NoDDP(model)
+        return model
+
+    # -- the step -----------------------------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._micro_batches = batches
+        return batches, items
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        if not self._micro_batches:  # the update's ZO step ran at its first micro-batch
+            return torch.zeros((), device=self.args.device)
+        batches, self._micro_batches = [self._prepare_inputs(b) for b in self._micro_batches], []
+        model.eval()  # no dropout: the forwards of one step must see one function
+        result = self.zo.step(self.objective_for(model, batches))
+        self._since_log.append(result)
+        return torch.tensor(result.loss, device=self.args.device)
+
+    def objective_for(self, model, batches: list[dict]) -> Objective:
+        """This rank's micro-batches as the closure protocol: the item-weighted loss of
+        ``compute_loss`` (the model's own loss by default), the whole training set's for MeZO-SVRG's
+        anchors, and a causal LM's body/head split for PseuZO."""
+        return Objective(loss=lambda: self._loss(model, batches), full_loss=lambda: self._full_loss(model),
+                         outputs=lambda kind: self._outputs(batches[0], kind))
+
+    def _loss(self, model, batches) -> tuple[float, float]:
+        total = count = 0.0
+        with torch.no_grad(), self.compute_loss_context_manager():
+            for inputs in batches:
+                n = self._items(inputs)
+                total += float(self.compute_loss(model, dict(inputs))) * n
+                count += n
+        return total, count
+
+    def _items(self, inputs: dict) -> float:
+        """What the model's mean loss averages over: label tokens (shifted for a causal LM), else rows."""
+        labels = inputs.get("labels")
+        if labels is None:
+            return float(len(next(iter(inputs.values()))))
+        if self._loss_shifts_labels:
+            labels = labels[..., 1:]
+        return float(labels.ne(-100).sum()) if labels.dtype in (torch.long, torch.int) else float(labels.shape[0])
+
+    def _full_loss(self, model) -> tuple[float, float]:
+        """The whole training set (this rank's share of it), in evaluation-sized batches."""
+        loader = self.get_eval_dataloader(self.train_dataset)
+        total = count = 0.0
+        for inputs in loader:
+            t, c = self._loss(model, [self._prepare_inputs(inputs)])
+            total, count = total + t, count + c
+        return total, count
+
+    def _outputs(self, inputs: dict, kind: str):
+        """(the last hidden state or the logits, the token-summed loss as a function of it): the
+        causal-LM cross-entropy on ``labels``, whatever ``compute_loss`` says."""
+        lm = causal_lm(self.model)
+        body, head = getattr(self.zo_backend, "body", None), getattr(self.zo_backend, "head", None)
+        if not hasattr(lm, "get_output_embeddings") or lm.get_output_embeddings() is None:
+            raise ValueError(f"{self.zo_name}: needs a causal LM with an output embedding (its body/head split)")
+        labels = inputs["labels"][:, 1:]
+        count = float(labels.ne(-100).sum())
+
+        def apply_head(hidden):
+            return head(self.model, hidden) if head is not None else lm.get_output_embeddings()(hidden)
+
+        def loss_of(logits):
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                   reduction="sum"), count
+
+        with torch.no_grad():
+            ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+            if body is not None:
+                hidden = body(self.model, ids, mask)
+            else:
+                hidden = lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            if kind == "logits":
+                return apply_head(hidden), loss_of
+        return hidden, lambda h: loss_of(apply_head(h))
+
+    # -- logging, evaluation, saving ------------------------------------------------------------------
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and self._since_log:  # a training log: the ZO step's own numbers
+            done = [r for r in self._since_log if math.isfinite(r.projected_grad)]
+            logs.pop("grad_norm", None)
+            if done:
+                logs["projected_grad"] = sum(r.projected_grad for r in done) / len(done)
+            logs["learning_rate"] = self._since_log[-1].lr
+            self._since_log = []
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, *args, **kwargs):
+        if self.zo is not None:
+            self.zo.flush()  # a deferred update belongs to the parameters evaluated
+        return super().evaluation_loop(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self.zo is not None:
+            self.zo.flush()
+        if self.zo_backend is None:
+            return super().save_model(output_dir, _internal_call)
+        state = self.zo_backend.full_state_dict(self.model)  # a collective: every rank is here
+        self._save(output_dir or self.args.output_dir, state_dict=state if self.args.should_save else {})
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)  # the lr carrier and the scheduler
+        zo = self.zo
+        owns = zo.shard_comm.distributed or self.comm.is_main  # replicas: rank 0 writes the pieces
+        checkpoint.save(Path(output_dir) / _ZO_STATE, self.state.global_step, zo.shards, zo.shard_buffers(),
+                        zo.state_dict(buffers=False), {"optimizer": self.zo_name}, self.comm, owns, keep=1)
+
+    def _load_optimizer_and_scheduler(self, resume_from: str | None) -> None:
+        super()._load_optimizer_and_scheduler(resume_from)
+        if resume_from is None:
+            return
+        found = checkpoint.find(Path(resume_from) / _ZO_STATE / "checkpoints", self.comm)
+        if found.path is None:
+            raise ValueError(f"resume_from_checkpoint: {resume_from} holds no complete ZO state "
+                             f"({_ZO_STATE}/); it was not written by ZOTrainer, or its save was interrupted")
+        state, _ = checkpoint.load(found.path, self.comm)
+        checkpoint.read_shards(found.path, self.zo.shards, self.zo.shard_buffers())
+        self.zo.load_state_dict(state)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.zo_backend is None:  # sharded: the parameters come from the ZO state's pieces instead
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
