@@ -13,7 +13,7 @@ task loss. Per step, with a fresh seed s_t:
 so the window holds k coefficients. ``pairing="current"`` is the authors': the window holds the k
 output differences and pairs every one with this step's e_t; when each step draws a new batch,
 that pairs one batch's Jacobian with another's gradient, and the expected update leans away from
-the gradient (cosine 0.80 against 0.99 for "own", profiling/pseuzo_pairing.py).
+the gradient (cosine 0.80 against 0.99 for "own": profiling/reports/pseuzo-pairing-2026-12-02-cpu/).
 
 Objective: ``outputs(kind)`` runs the body on this rank's batch (no grad) and returns
 ``(output, head_loss)``, where ``head_loss(output)`` is this rank's loss: a scalar tensor, or
