@@ -43,7 +43,8 @@ def main():
         model = AutoModelForCausalLM.from_config(OPTConfig(
             vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
             max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id))
 
     # SST-2's MeZO prompt as text to continue: "<sentence> It was great" / "... It was terrible"
     files = {"train": f"{zo.data_dir}/train.jsonl", "validation": f"{zo.data_dir}/validation.jsonl"}

@@ -83,8 +83,8 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "pseuzo-pairing.json").write_text(json.dumps(rows, indent=1))
         lines = [f"# PseuZO pairing bias ({time.strftime('%Y-%m-%d')}, `python profiling/pseuzo_pairing.py --steps "
-                 f"{args.steps}`; float64, deterministic)", "", "| mode | cosine of the mean update with the gradient |",
-                 "| --- | --- |"]
+                 f"{args.steps}`; float64, deterministic)", "",
+                 "| mode | cosine of the mean update with the gradient |", "| --- | --- |"]
         lines += [f"| {r['mode']} | {r['cosine']:.3f} |" for r in rows]
         (args.out / "pseuzo-pairing.md").write_text("\n".join(lines) + "\n")
 

@@ -3,8 +3,9 @@
     python tests/scripts/hf_trainer.py OUT [key=value ...]          (one process, or under torchrun)
 
 Keys: optimizer, backend (none | fsdp | deepspeed), steps, batch (the global batch), accumulation,
-save_steps, resume (a checkpoint directory), lr, dtype, master (fp32 master weights), save_model. Every rank writes OUT/rank{r}.json: the Trainer's
-log history, the parameter checksum and the files of OUT/run.
+save_steps, resume (a checkpoint directory), lr, dtype, master (fp32 master weights), save_model.
+Every rank writes OUT/rank{r}.json: the Trainer's log history, the parameter checksum and the files
+of OUT/run.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main(out: Path, options: dict) -> None:
                              save_steps=int(options.get("save_steps", 1000)), save_strategy="steps", report_to=[],
                              train_sampling_strategy="sequential", use_cpu=True, seed=0,
                              dataloader_drop_last=True, disable_tqdm=True)
-    trainer = ZOTrainer(model=model(len(tok), dtype=options.get("dtype", "float32")), args=args, train_dataset=dataset(tok), processing_class=tok,
+    trainer = ZOTrainer(model=model(len(tok), dtype=options.get("dtype", "float32")), args=args,
+                        train_dataset=dataset(tok), processing_class=tok,
                         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
                         zo_optimizer=options.get("optimizer", "mezo"), zo_options={"eps": 1e-3},
                         zo_backend=None if options.get("backend", "none") == "none" else options["backend"],
