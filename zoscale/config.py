@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name_or_path: str | None = None  # hub id or local directory (from_pretrained)
+    gguf_file: str | None = None  # or a GGUF file, converted once to safetensors in RUN/cache (zoscale/gguf.py)
     config: dict | None = None  # or a config dict {model_type: opt, ...}, or a config.json path (configs/models/)
     tokenizer: str | None = None  # hub id or local directory; defaults to name_or_path
     kind: str = "causal"  # causal (OPT, Llama, GPT-2, ...) | masked (RoBERTa, BERT: the answer fills a mask)
@@ -35,10 +36,13 @@ class ModelConfig:
     init_device: str = "cpu"  # where a config's random weights are drawn: cpu (the same everywhere) | device (fast)
 
     def __post_init__(self):
-        _require((self.name_or_path is None) != (self.config is None), "model",
-                 "set exactly one of model.name_or_path and model.config")
+        sources = [k for k in ("name_or_path", "config", "gguf_file") if getattr(self, k) is not None]
+        _require(len(sources) == 1, "model", f"set exactly one of model.name_or_path, model.config and "
+                 f"model.gguf_file (got {', '.join(sources) or 'none'})")
+        _require(self.gguf_file is None or Path(self.gguf_file).is_file(), "model.gguf_file",
+                 f"no such file {self.gguf_file}")
         _require(self.config is None or "model_type" in self.config, "model.config", "needs a model_type (e.g. opt)")
-        _require(self.name_or_path is not None or self.tokenizer is not None, "model.tokenizer",
+        _require(self.config is None or self.tokenizer is not None, "model.tokenizer",
                  "is required when the model is built from a config")
         _choice(self.dtype, DTYPES, "model.dtype")
         _choice(self.kind, ("causal", "masked"), "model.kind")
@@ -179,7 +183,7 @@ def from_dict(raw: dict) -> TrainConfig:
     optim = dict(raw.pop("optim", None) or {})
     raw["optim"] = {"name": optim.pop("name", "mezo"), "options": optim}
     if "model" not in raw:
-        raise ConfigError("model: missing (set model.name_or_path or model.config)")
+        raise ConfigError("model: missing (set model.name_or_path, model.config or model.gguf_file)")
     _check_keys(raw)
     try:
         cfg = dacite.from_dict(TrainConfig, raw, config=dacite.Config(strict=True))
@@ -301,8 +305,8 @@ def load(path: Path | None, overrides: list[str] = (), defaults: Path | None = N
 
 # Keys that may hold a local path: a relative one is read against the config file's directory
 # when something exists there (hub ids such as facebook/opt-13b are left alone).
-PATH_KEYS = (("model", "name_or_path"), ("model", "config"), ("model", "tokenizer"), ("data", "path"), ("data", "task"),
-             (None, "deepspeed_config"))
+PATH_KEYS = (("model", "name_or_path"), ("model", "gguf_file"), ("model", "config"), ("model", "tokenizer"),
+             ("data", "path"), ("data", "task"), (None, "deepspeed_config"))
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:

@@ -22,7 +22,7 @@ import yaml
 from tqdm import tqdm
 
 import zoscale
-from zoscale import backends, checkpoint, data, tasks
+from zoscale import backends, checkpoint, data, gguf, tasks
 from zoscale.comm import print0
 from zoscale.config import ConfigError, TrainConfig, to_dict
 from zoscale.evaluate import evaluate, headline
@@ -72,7 +72,8 @@ class Trainer:
             raise ConfigError(f"model.kind: masked LMs score candidates at a mask; task {self.task.name} is not a "
                               f"classification task")
         self.objective = "masked" if masked else self.task.train_objective
-        self.tokenizer = build_tokenizer(cfg.model)
+        self.model_config = gguf.materialize(cfg.model, run_dir / "cache" / "gguf", self.comm)
+        self.tokenizer = build_tokenizer(self.model_config)
         self.mask_id = self.tokenizer.mask_token_id if masked else None
         splits = data.sample(cfg.data, self.task)
         if not splits["train"]:
@@ -84,7 +85,7 @@ class Trainer:
                                    for e in examples]
         self.train, self.dev, self.test = (encode(splits[k]) for k in ("train", "dev", "test"))
 
-        self.model = self.backend.build(cfg.model, len(self.tokenizer), self.device)
+        self.model = self.backend.build(self.model_config, len(self.tokenizer), self.device)
         options = {"seed": cfg.seed, **cfg.optim.options}
         if options.get("schedule", "constant") != "constant":
             options.setdefault("total_steps", cfg.steps)
