@@ -124,5 +124,5 @@ def test_the_tweets_become_sst2_rows(tmp_path):
 def test_the_shipped_tweets_task_is_the_one_real_inputs_writes():
     from zoscale import real
 
-    shipped = (QUICKSTART.parents[2] / "configs" / "real" / "tweets.yaml").read_text()
+    shipped = (QUICKSTART.parents[2] / "configs" / "real" / "tasks" / "tweets.yaml").read_text()
     assert shipped.split("name:", 1)[1] == real.TASK.split("name:", 1)[1]

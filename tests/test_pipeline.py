@@ -155,7 +155,7 @@ def test_every_shipped_config_validates():
     configs = sorted((repo / "configs").rglob("*.yaml"))
     assert len(configs) >= 4
     for path in configs:
-        if "accelerate" not in path.parts:
+        if "accelerate" not in path.parts and "tasks" not in path.parts:  # accelerate's own; task files
             load(path)
 
 
