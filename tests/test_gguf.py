@@ -73,12 +73,12 @@ def test_conversion_gives_the_same_weights_once(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, path = tiny
-    out = zgguf.convert(path, tmp_path, with_tokenizer=False)
+    out = zgguf.convert(path, zgguf.converted_path(path, tmp_path), with_tokenizer=False)
     loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert sorted(loaded) == sorted(model.state_dict())
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
     written = (out / "model.safetensors").stat().st_mtime_ns
-    assert zgguf.convert(path, tmp_path, with_tokenizer=False) == out
+    assert zgguf.convert(path, zgguf.converted_path(path, tmp_path), with_tokenizer=False) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == written  # converted once
 
 

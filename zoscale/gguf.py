@@ -34,8 +34,8 @@ def converted_path(gguf_file: Path, cache: Path) -> Path:
     return cache / f"{gguf_file.stem}-{_digest(gguf_file)}"
 
 
-def convert(gguf_file: Path, cache: Path, with_tokenizer: bool) -> Path:
-    """cache/NAME-HASH: the GGUF as a safetensors directory (float32), written atomically once."""
+def convert(gguf_file: Path, out: Path, with_tokenizer: bool) -> Path:
+    """out (``converted_path``): the GGUF as a safetensors directory (float32), written atomically once."""
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -43,10 +43,9 @@ def convert(gguf_file: Path, cache: Path, with_tokenizer: bool) -> Path:
             from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = converted_path(gguf_file, cache)
     if (out / "config.json").is_file():
         return out
-    tmp = cache / f".tmp-{out.name}"
+    tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     source = {"pretrained_model_name_or_path": gguf_file.parent, "gguf_file": gguf_file.name}
     try:
@@ -75,9 +74,9 @@ def materialize(model: ModelConfig, cache: Path, comm: Comm | None = None) -> Mo
     if model.gguf_file is None:
         return model
     comm = comm or Comm()
+    path = converted_path(Path(model.gguf_file), cache)  # every rank hashes the file: no broadcast needed
     if comm.is_main:
         cache.mkdir(parents=True, exist_ok=True)
-        convert(Path(model.gguf_file), cache, with_tokenizer=model.tokenizer is None)
+        convert(Path(model.gguf_file), path, with_tokenizer=model.tokenizer is None)
     comm.barrier()
-    path = converted_path(Path(model.gguf_file), cache)
     return replace(model, name_or_path=str(path), gguf_file=None, tokenizer=model.tokenizer or str(path))

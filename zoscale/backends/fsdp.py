@@ -184,6 +184,7 @@ class FSDPBackend(DDPBackend):
         return shards, Comm()
 
     def full_state_dict(self, model) -> dict[str, torch.Tensor]:
+        """The whole model's tensors on rank 0 (a collective: every rank calls it)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

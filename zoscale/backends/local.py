@@ -93,10 +93,6 @@ class LocalBackend:
     def shards(self, model, master_dtype):
         return local_shards(model, master_dtype=master_dtype), Comm(distributed=False)
 
-    def full_state_dict(self, model) -> dict[str, torch.Tensor]:
-        """The whole model's tensors on rank 0 (every rank calls this: sharded backends gather)."""
-        return model.state_dict()
-
     body = None  # losses call the base model directly (no full-vocabulary logits) ...
     head = None  # ... and the output embedding on the scored positions only
 

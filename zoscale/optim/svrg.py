@@ -75,7 +75,8 @@ class MeZOSVRG(ZOOptimizer):
         seed = self.seed_for(step, 0)
         if self.needs_full_batch(step):
             if full_closure is None:
-                raise ValueError(f"MeZO-SVRG step {step} is an anchor step: pass full_closure, or an Objective with full_loss")
+                raise ValueError(f"MeZO-SVRG step {step} is an anchor step: pass full_closure, or an Objective "
+                                 f"with full_loss")
             losses = self.global_means(self._pair(seed, full_closure))
             skipped = not all_finite(losses)
             pgs = (pg(*losses),)
@@ -86,7 +87,8 @@ class MeZOSVRG(ZOOptimizer):
                 self.engine.update({seed: -anchor_lr * pgs[0]}, decay=decay(anchor_lr))
         else:
             if closure is None:
-                raise ValueError(f"MeZO-SVRG step {step} is a minibatch step: pass closure, or an Objective with loss (the minibatch loss)")
+                raise ValueError(f"MeZO-SVRG step {step} is a minibatch step: pass closure, or an Objective "
+                                 f"with loss (the minibatch loss)")
             ref_seed = seed if cfg.shared_direction else self.seed_for(step, 1)
             raw = self._pair(seed, closure)
             self.engine.swap(self.anchor)  # evaluate at theta_bar
