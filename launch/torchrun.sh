@@ -14,4 +14,6 @@ if [ -z "${NPROC:-}" ]; then
   [ "${NPROC:-0}" -gt 0 ] || NPROC=2
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# On SIGTERM the ranks checkpoint at the next step boundary; torchrun would kill them after 30 s.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-170}
 exec python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m zoscale train backend=ddp "$@"  # a later backend=... wins

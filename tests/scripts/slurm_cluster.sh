@@ -56,6 +56,7 @@ for _ in $(seq 120); do [ "$(sinfo -h -o %T | sort -u)" = "idle" ] && break; sle
 job=$(sbatch --parsable --chdir="$R" -o "$R/job.out" "$@")
 state=""
 preempted=0
+released=0
 for _ in $(seq 1200); do  # SLURM enforces time limits only once a minute: poll with our own bound
   info=$(scontrol show job -o "$job")
   state=$(grep -o "JobState=[A-Z_]*" <<<"$info")
@@ -64,11 +65,17 @@ for _ in $(seq 1200); do  # SLURM enforces time limits only once a minute: poll 
      [ "$(wc -l < "${PREEMPT_WHEN%:*}")" -ge "${PREEMPT_WHEN##*:}" ]; then
     scancel --batch --signal=USR1 "$job" && preempted=1 && echo "preempted job $job"
   fi
-  if [ $preempted = 1 ] && grep -q "JobState=PENDING" <<<"$info"; then  # requeued: held until its BeginTime
-    scontrol update jobid="$job" StartTime=now 2>/dev/null || true
+  # Requeued: SLURM holds it until a BeginTime minutes away; bring that forward, but not into the
+  # second in which the old run's credential was revoked (a start then is killed: "credential revoked").
+  if [ $preempted = 1 ] && [ $released = 0 ] && grep -q "JobState=PENDING" <<<"$info"; then
+    scontrol update jobid="$job" StartTime=now+3 2>/dev/null && released=1
   fi
   sleep 0.5
 done
 echo "restarts: $(grep -o "Restarts=[0-9]*" <<<"$info")"
 echo "$state"
+if [ "$state" != "JobState=COMPLETED" ]; then  # what SLURM said of the job, for the test's failure message
+  echo "$info"
+  grep -h "JobId=$job\b\|Job $job\b\|job $job\b" "$R"/log/slurmctld.log "$R"/log/slurmd-n*.log | tail -n 20 || true
+fi
 cat "$R/job.out"
