@@ -101,6 +101,15 @@ def test_a_run_trains_resumes_and_exports_from_a_gguf_file(tiny, tmp_path, cli):
     assert any(not torch.equal(trained[k], v) for k, v in model.state_dict().items())  # it trained
 
 
+def test_eval_reads_a_gguf_file(tiny, tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where eval keeps the conversion
+    source = [f"model.gguf_file={tiny[1]}", f"model.tokenizer={TOKENIZER}", "model.config=null", "data.num_test=16"]
+    done = cli("eval", "--config", QUICKSTART, *source, "--out", tmp_path / "gguf.json")
+    assert done.returncode == 0, done.stderr
+    assert list((tmp_path / "cache" / "zoscale" / "gguf").glob("tiny-llama-*/model.safetensors"))
+    assert json.loads((tmp_path / "gguf.json").read_text())["examples"] == 16
+
+
 @pytest.mark.parametrize("change, message", [(["model.gguf_file=/nonexistent.gguf"], "no such file"),
                                              (["model.gguf_file={gguf}", "model.name_or_path=x"], "exactly one")])
 def test_bad_gguf_sources_are_one_line_errors(tiny, tmp_path, cli, change, message):

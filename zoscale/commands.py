@@ -174,3 +174,66 @@ def replay(args) -> int:
     print(f"replayed {steps} steps")
     _save_pretrained(model, tokenizer, args.out)
     return 0
+
+
+def evaluate_model(args) -> int:
+    """`zoscale eval`: zero-shot or k-shot in-context accuracy of a model on a task, with the code
+    that evaluates training runs. The model is the config's (a directory, hub id, GGUF file or a
+    config's random weights), or a run's (``--run``: its config and a checkpoint's parameters)."""
+    from zoscale import checkpoint, data, gguf, tasks
+    from zoscale.comm import Comm
+    from zoscale.evaluate import evaluate
+    from zoscale.models import build_model, build_tokenizer
+    from zoscale.shards import local_shards
+
+    if args.run is not None:
+        if args.config is not None:
+            raise ConfigError("--run: the model and task come from the run's config.yaml; leave --config out")
+        if not (args.run / "config.yaml").is_file():
+            raise ConfigError(f"--run: {args.run} is not a run directory (no config.yaml)")
+        cfg = load(args.run / "config.yaml", args.overrides)
+        if to_dict(cfg)["model"] != to_dict(load(args.run / "config.yaml"))["model"]:
+            raise ConfigError("--run: model.* is the run's; only data.* and evaluation keys may change")
+        source = checkpoint.latest(args.run / ("checkpoints" if args.checkpoint == "latest" else "best"))
+        if source is None:
+            raise ConfigError(f"--run: {args.run} has no {args.checkpoint} checkpoint")
+        cache = args.run / "cache" / "gguf"
+    else:
+        cfg = load(args.config, args.overrides, defaults=QUICKSTART)
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zoscale" / "gguf"
+    if args.out is not None and args.out.exists():
+        raise ConfigError(f"--out: {args.out} exists (nothing is overwritten)")
+    try:
+        task = tasks.get(cfg.data.task)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.model.kind == "masked" and args.shots:
+        raise ConfigError("--shots: in-context demonstrations need a causal LM (model.kind: causal)")
+    splits = data.sample(cfg.data, task)
+    if args.shots > len(splits["train"]):
+        raise ConfigError(f"--shots {args.shots}: the training sample holds {len(splits['train'])} examples "
+                          f"(data.num_train)")
+    examples = splits[args.split]
+    if not examples:
+        raise ConfigError(f"--split {args.split}: the sample is empty (data.num_{args.split})")
+    demonstrations = splits["train"][: args.shots]  # the same ones before every example
+    model_cfg = gguf.materialize(cfg.model, cache)
+    tokenizer = build_tokenizer(model_cfg)
+    model = build_model(model_cfg, vocab_size=len(tokenizer))
+    if args.run is not None:
+        checkpoint.read_shards(source, local_shards(model))
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device).eval()
+    masked = cfg.model.kind == "masked"
+    encoded = [data.encode(tasks.with_demonstrations(e, demonstrations), tokenizer, cfg.data.max_length, masked)
+               for e in examples]
+    metrics = evaluate(model, tokenizer, encoded, task.evaluation, cfg.eval_batch_size, tokenizer.pad_token_id,
+                       device, Comm(), cfg.data.max_new_tokens, mask_id=tokenizer.mask_token_id if masked else None)
+    result = {"task": task.name, "split": args.split, "shots": args.shots,
+              "model": str(args.run or model_cfg.name_or_path or "config"), **metrics}
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "examples")
+    print(f"{task.name} {args.split}, {args.shots}-shot: {shown} ({int(metrics['examples'])} examples)")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0

@@ -101,6 +101,7 @@ class TrainConfig:
     fsdp_compute_dtype: str | None = None  # backend fsdp: compute in this dtype, keep shards in model.dtype
     fsdp_cpu_offload: bool = False  # backend fsdp: shards in host memory (CUDA only)
     eval_before: bool = True
+    eval_test: bool = False  # also the test split at every periodic evaluation (learning curves)
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "eval_batch_size", "log_every"):

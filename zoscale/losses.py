@@ -8,7 +8,10 @@ a head loss on it.
 
 Objectives, all returned as (loss_sum, count) so that the global mean is exact across ranks:
 - classification: each candidate's mean token log-likelihood after the prompt is its score;
-  cross-entropy over the candidates, summed over examples (count = examples);
+  cross-entropy over the candidates, summed over examples (count = examples). When every
+  candidate of a batch is one token (SST-2's " terrible" / " great"), the prompt is forwarded once
+  and each candidate read at its last position: what each prompt + candidate forward gives there
+  (causal attention), for 1/(number of candidates) of the cost;
 - lm: negative log-likelihood of the gold answer's tokens (count = tokens);
 - masked (masked LMs): each candidate's logit at the prompt's mask token, cross-entropy over
   candidates (LM-BFF); the full forward gives the logits, as the MLM head is more than the
@@ -23,9 +26,13 @@ import torch.nn.functional as F
 from zoscale.data import Encoded
 
 
+def single_tokens(example: Encoded) -> bool:
+    return bool(example.candidates) and all(len(c) == 1 for c in example.candidates)
+
+
 def sequence_length(example: Encoded, objective: str) -> int:
     """The longest sequence ``example`` contributes to a Batch."""
-    if objective == "masked":
+    if objective == "masked" or (objective == "classification" and single_tokens(example)):
         return len(example.prompt)
     tails = [len(c) for c in example.candidates] if objective == "classification" else [len(example.target)]
     return len(example.prompt) + max(tails)
@@ -47,8 +54,19 @@ class Batch:
         self.objective, self.body_fn, self.head_fn = objective, body, head
         sequences, spans, self.groups, labels = [], [], [], []
         self.candidate_ids = [ex.candidates for ex in examples]
+        # shared: one sequence (the prompt) per example, scored at its last position, where each
+        # candidate's token is read (candidate_rows, candidate_tokens); groups index candidates
+        self.shared = objective == "classification" and all(single_tokens(ex) for ex in examples)
+        rows, tokens = [], []
         for ex in examples:
-            if objective == "masked":
+            if self.shared:
+                self.groups.append(list(range(len(tokens), len(tokens) + len(ex.candidates))))
+                rows += [len(sequences)] * len(ex.candidates)
+                tokens += [c[0] for c in ex.candidates]
+                spans.append((len(ex.prompt), 1))
+                sequences.append(ex.prompt)
+                labels.append(ex.label)
+            elif objective == "masked":
                 spans.append((ex.prompt.index(mask_id) + 1, 1))  # marks the mask position itself
                 sequences.append(ex.prompt)
                 labels.append(ex.label)
@@ -72,12 +90,14 @@ class Batch:
             self.attention_mask[i, : len(seq)] = 1
             self.scored[i, start - 1 : start - 1 + size] = True
         self.targets = torch.roll(self.input_ids, -1, dims=1)
+        self.candidate_rows, self.candidate_tokens = torch.tensor(rows, dtype=torch.long), torch.tensor(tokens)
         self.labels = torch.tensor(labels, dtype=torch.long) if labels else None
         self.examples = len(examples)
         self.to(device)
 
     def to(self, device) -> Batch:
-        for name in ("input_ids", "attention_mask", "scored", "targets", "labels"):
+        for name in ("input_ids", "attention_mask", "scored", "targets", "labels", "candidate_rows",
+                     "candidate_tokens"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -91,7 +111,8 @@ class Batch:
         return body(input_ids=self.input_ids, attention_mask=self.attention_mask).last_hidden_state
 
     def token_logprobs(self, model, hidden: torch.Tensor) -> torch.Tensor:
-        """Log-likelihood of each scored token, flattened in (sequence, position) order."""
+        """Log-likelihood of each scored token, flattened in (sequence, position) order (shared:
+        of each candidate's token, in candidate order)."""
         return self.logprobs_from_logits(self.head(model, hidden[self.scored]))
 
     def head(self, model, hidden: torch.Tensor) -> torch.Tensor:
@@ -100,10 +121,14 @@ class Batch:
         return causal_lm(model).get_output_embeddings()(hidden)
 
     def logprobs_from_logits(self, scored_logits: torch.Tensor) -> torch.Tensor:
+        if self.shared:
+            return F.log_softmax(scored_logits.float(), -1)[self.candidate_rows, self.candidate_tokens]
         return -F.cross_entropy(scored_logits.float(), self.targets[self.scored], reduction="none")
 
     def candidate_scores(self, token: torch.Tensor) -> torch.Tensor:
-        """Each sequence's mean scored-token log-likelihood."""
+        """Each candidate's mean scored-token log-likelihood (a sequence each, unless shared)."""
+        if self.shared:
+            return token
         owner = self.scored.nonzero()[:, 0]
         totals = torch.zeros(self.scored.shape[0], dtype=token.dtype, device=token.device).index_add(0, owner, token)
         return totals / self.scored.sum(1).clamp_min(1)

@@ -10,7 +10,7 @@ as in MeZO. Each task names its hub dataset and the fields a local file must hav
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -34,6 +34,15 @@ class Task:
     test_split: str = "validation"
     train_objective: str = "classification"  # classification | lm (loss on the gold answer's tokens)
     evaluation: str = "candidates"  # candidates (accuracy) | generate (F1 / exact match)
+
+
+def with_demonstrations(example: Example, demonstrations: list[Example], separator: str = "\n\n") -> Example:
+    """In-context learning (MeZO's ICL baseline): solved examples, each its prompt and gold answer,
+    before the example's own prompt. Encoding keeps the prompt's last tokens, so when the whole
+    exceeds data.max_length the oldest demonstrations are cut."""
+    solved = "".join(d.prompt + (d.candidates[d.label] if d.candidates else d.answers[0]) + separator
+                     for d in demonstrations)
+    return replace(example, prompt=solved + example.prompt)
 
 
 def _yes_no_question(context: str, question: str) -> str:

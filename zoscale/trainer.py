@@ -96,6 +96,7 @@ class Trainer:
         self.owns_shards = shard_comm.distributed or self.comm.is_main  # replicas: rank 0 writes checkpoints
 
         self.step = 0
+        self.forward_passes = 0.0  # over one training batch each, since step 0
         self.consecutive_nonfinite = self.total_nonfinite = 0
         self.best: dict | None = None
         self.history: dict = {}
@@ -141,16 +142,19 @@ class Trainer:
 
     def objective_for(self, batch: Batch) -> Objective:
         """Everything an optimizer's step may ask for (it calls only what its ``needs`` name; a
-        masked LM offers no body/head split, which the config refuses before anything is built)."""
-        def forward(fn):
+        masked LM offers no body/head split, which the config refuses before anything is built).
+        Each call is counted in forward passes over one training batch (``forward_passes``)."""
+        def forward(fn, passes: float = 1.0):
             def run(*args):
+                self.forward_passes += passes
                 with self.phase("forward"):
                     return fn(*args)
             return run
 
         model = self.model
         outputs = None if self.objective == "masked" else forward(lambda kind: batch.outputs(model, kind))
-        return Objective(loss=forward(lambda: batch.loss(model)), full_loss=forward(self.full_batch_loss),
+        return Objective(loss=forward(lambda: batch.loss(model)),
+                         full_loss=forward(self.full_batch_loss, len(self.train) / self.cfg.batch_size),
                          outputs=outputs)
 
     def train_step(self, batch: Batch):
@@ -184,6 +188,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{result.loss:.4f}", pg=f"{result.projected_grad:+.3g}")
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self._dev_eval()
+                    if cfg.eval_test:  # a learning curve on test (the final one is the summary's)
+                        self._write_metrics({"step": self.step, "split": "test", **self.evaluate("test")})
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
                 # one all-reduce a step in a sharded or data-parallel run: every rank stops at the same step
@@ -200,7 +206,7 @@ class Trainer:
 
     def _finish(self, seconds: float) -> dict:
         summary = {"steps": self.step, "optimizer": self.cfg.optim.name, "task": self.task.name,
-                   "seconds": seconds, "nonfinite_steps": self.total_nonfinite, **parameter_stats(self.optimizer)}
+                   "seconds": seconds, "forward_passes": self.forward_passes, "nonfinite_steps": self.total_nonfinite, **parameter_stats(self.optimizer)}
         summary["eval_final"] = self.evaluate("test")
         summary["eval_after"] = summary["eval_final"]
         if self.best is not None:
@@ -256,7 +262,7 @@ class Trainer:
             memory = {f"memory/{k}_gib": v / 2**30 for k, v in latest.items() if k not in ("t", "phase")}
         self._write_metrics({"step": result.step, "loss": result.loss, "projected_grad": result.projected_grad,
                              "lr": result.lr, "step_time": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
-                             "skipped": result.skipped, **memory})
+                             "forward_passes": self.forward_passes, "skipped": result.skipped, **memory})
         journal = self.optimizer.engine.journal
         if self.comm.is_main:
             with open(self.run_dir / "seeds.jsonl", "a") as f:
@@ -313,6 +319,7 @@ class Trainer:
         self._check_parameters(self.step - 1, "before a checkpoint")
         state = self.optimizer.state_dict(buffers=False)  # flushes; the buffers go with the shards
         trainer_state = {"consecutive_nonfinite": self.consecutive_nonfinite, "config": to_dict(self.cfg),
+                         "forward_passes": self.forward_passes,
                          "total_nonfinite": self.total_nonfinite, "best": self.best, "history": self.history}
         self.last_checkpoint = checkpoint.save(self.run_dir, self.step, self.optimizer.shards,
                                                self.optimizer.shard_buffers(), state, trainer_state, self.comm,
@@ -345,6 +352,7 @@ class Trainer:
         self.step = trainer_state["step"]
         self.consecutive_nonfinite = trainer_state["consecutive_nonfinite"]
         self.total_nonfinite = trainer_state["total_nonfinite"]
+        self.forward_passes = trainer_state.get("forward_passes", 0.0)  # checkpoints of 2026-12-02 and before: none
         self.best, self.history = trainer_state["best"], trainer_state["history"]
         if self.comm.is_main:  # drop what was logged after the checkpoint: those steps run again
             for name in ("metrics.jsonl", "seeds.jsonl"):

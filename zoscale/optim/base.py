@@ -165,6 +165,14 @@ class ZOOptimizer:
         totals = self.comm.all_reduce_sum([x for pair in pairs for x in pair])
         return [totals[2 * i] / totals[2 * i + 1] for i in range(len(pairs))]
 
+    @classmethod
+    def forward_passes(cls, config: ZOConfig, step: int, full_batches: float) -> float:
+        """Forward passes, each over one training batch, that step ``step`` spends (``full_batches``:
+        the training sample's size in batches). `zoscale compare` plans equal budgets from it; the
+        trainer counts what it runs (``forward_passes`` in metrics.jsonl) and the tests hold the two
+        equal."""
+        return 2.0
+
     def step(self, objective: Objective | Closure) -> StepResult:
         """One step. ``objective``: an Objective with the fields in ``needs``, or a bare callable
         for the first of them."""

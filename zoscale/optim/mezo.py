@@ -31,6 +31,10 @@ class MeZOConfig(ZOConfig):
 class MeZO(ZOOptimizer):
     Config = MeZOConfig
 
+    @classmethod
+    def forward_passes(cls, config: MeZOConfig, step: int, full_batches: float) -> float:
+        return 2.0 * config.n_directions
+
     def step(self, objective) -> StepResult:
         closure = self.objective(objective).loss
         cfg, step = self.config, self.step_count

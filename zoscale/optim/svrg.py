@@ -52,6 +52,12 @@ class MeZOSVRG(ZOOptimizer):
         self.anchor_seed: int | None = None
         self.anchor_pg = 0.0
 
+    @classmethod
+    def forward_passes(cls, config: MeZOSVRGConfig, step: int, full_batches: float) -> float:
+        """An anchor step evaluates the full sample twice, a minibatch step its batch four times
+        (a skipped anchor step is repeated at the next step, which this plan does not foresee)."""
+        return 2.0 * full_batches if step % config.q == 0 else 4.0
+
     def needs_full_batch(self, step: int | None = None) -> bool:
         step = self.step_count if step is None else step
         return self.anchor_seed is None or step % self.config.q == 0

@@ -1,0 +1,106 @@
+"""`zoscale compare`: equal budgets of forward passes, shared batch order and seeds, a report, and an
+interrupted comparison that continues."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from distributed import REPO
+
+TINY = ["data.num_train=32", "data.num_dev=8", "data.num_test=16", "batch_size=8", "eval_batch_size=16",
+        "log_every=1"]
+
+
+def zoscale(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "zoscale", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "four"
+    done = zoscale("compare", "--optimizers", "mezo,conmezo,mezo_svrg,pseuzo", "--seeds", 1, "--steps", 12,
+                   "--evals", 2, "--out", out, *TINY, "mezo_svrg:optim.q=3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_every_optimizer_spends_the_budget_it_declares(four):
+    out, report = four
+    # MeZO, ConMeZO and PseuZO: 2 passes a step; SVRG's anchor (every 3rd step) reads the full
+    # sample (32 examples = 4 batches) twice: 8 + 4 + 4 = 16 passes per 3 steps, so 4 steps fit 24
+    assert report["plan"]["steps"] == {"mezo": 12, "conmezo": 12, "mezo_svrg": 4, "pseuzo": 12}
+    for name, steps in report["plan"]["steps"].items():
+        counted = [m["forward_passes"] for m in lines(out / "runs" / f"{name}-seed0" / "metrics.jsonl") if "loss" in m]
+        assert len(counted) == steps
+        assert counted[-1] == report["rows"][name]["forward_passes"] <= 24
+    svrg = [m["forward_passes"] for m in lines(out / "runs" / "mezo_svrg-seed0" / "metrics.jsonl") if "loss" in m]
+    assert svrg == [8, 12, 16, 24]
+
+
+def test_optimizers_share_the_batch_order_and_seeds(four):
+    out, _ = four
+    first = {name: lines(out / "runs" / f"{name}-seed0" / "metrics.jsonl")[0]["loss"] for name in ("mezo", "conmezo")}
+    # ConMeZO's first direction (zero momentum) is MeZO's: the same batch and seed give the same loss
+    assert first["mezo"] == first["conmezo"]
+
+
+def test_the_report_has_the_table_curves_and_zero_shot_row(four):
+    out, report = four
+    assert {"plan.json", "report.json", "report.md", "curves.png", "runs"} <= {p.name for p in out.iterdir()}
+    table = (out / "report.md").read_text()
+    assert "| zero-shot | 0 | 0 |" in table and all(f"| {n} |" in table for n in report["rows"])
+    summary = json.loads((out / "runs" / "mezo-seed0" / "summary.json").read_text())
+    assert report["zero_shot"] == summary["eval_before"]["accuracy"]
+    assert report["target"] == summary["eval_final"]["accuracy"] == report["rows"]["mezo"]["final"][0]
+    # a test evaluation every 6 steps, then the final one
+    assert [p["step"] for p in report["runs"]["mezo"][0]["test"]] == [6, 12]
+    assert all(r["peak_memory_gib"] > 0 and r["step_time_median"] > 0 for r in report["rows"].values())
+
+
+def test_an_interrupted_comparison_continues_and_other_arguments_are_refused(tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "--optimizers", "mezo,conmezo", "--seeds", 1, "--steps", 600, "--evals", 2, "--out", out, *TINY]
+    proc = subprocess.Popen([sys.executable, "-m", "zoscale", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = out / "runs" / "conmezo-seed0" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 200):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to compare alone: it passes the signal on to the run
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, output  # the run checkpointed and stopped
+    first = out / "runs" / "mezo-seed0" / "summary.json"
+    kept = first.stat().st_mtime_ns
+    assert not (out / "runs" / "conmezo-seed0" / "summary.json").exists()
+
+    again = zoscale(*args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert first.stat().st_mtime_ns == kept  # finished runs are not run again
+    log = (out / "runs" / "conmezo-seed0.log").read_text()
+    assert "resumed" in log
+    steps = [m["step"] for m in lines(metrics) if "loss" in m]
+    assert steps == list(range(600))
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows"]["conmezo"]["forward_passes"] == 1200
+
+    other = zoscale(*[a if a != 600 else 500 for a in args])
+    assert other.returncode == 2 and "other arguments" in other.stderr
+
+
+def test_bad_arguments_are_refused_before_anything_runs(tmp_path):
+    for args, message in ((["--optimizers", "mezo,adam"], "unknown optimizer 'adam'"),
+                          (["--optimizers", "mezo", "sgd:optim.lr=1"], "'sgd' is not one of"),
+                          (["--optimizers", "mezo_svrg", "data.num_train=400"], "first step alone costs more")):
+        done = zoscale("compare", "--steps", 10, "--out", tmp_path / "x", *args, *TINY[1:])
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert not (tmp_path / "x").exists()

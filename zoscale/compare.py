@@ -1,0 +1,294 @@
+"""`zoscale compare`: optimizers side by side on one task, model, batch order and set of seeds, at
+an equal budget of forward passes.
+
+    zoscale compare --optimizers mezo,conmezo,mezo_svrg,pseuzo --seeds 3 --steps 2000 --out DIR \\
+        [--config FILE] [--evals 8] [key=value ...] [OPTIMIZER:key=value ...]
+
+The budget is ``--steps`` MeZO steps: 2 x steps forward passes, each over one training batch.
+Every optimizer runs the steps that fit it, by what it declares a step costs
+(``ZOOptimizer.forward_passes``: SVRG's full-sample passes count, PseuZO's output forwards too);
+each run counts what it spent (``forward_passes`` in its metrics). A run is `zoscale train` in a
+process of its own, DIR/runs/OPTIMIZER-seedS, with run seed S (batch order and perturbation seeds)
+shared by every optimizer; ``OPTIMIZER:key=value`` overrides one optimizer's runs only (its lr,
+say). Stopped and started again with the same arguments, a comparison keeps its finished runs and
+resumes the others from their checkpoints; other arguments with the same DIR are refused.
+
+    DIR/plan.json      the arguments and each optimizer's steps
+    DIR/report.json    every run's curves and summary; the table below, as numbers
+    DIR/report.md      the table: final test accuracy, forward passes to reach MeZO's, step time, memory
+    DIR/curves.png     test accuracy and training loss against forward passes and against training time
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from zoscale.config import ConfigError, load, validate_optimizer
+from zoscale.evaluate import headline
+
+
+@dataclass
+class Plan:
+    config: str | None
+    optimizers: list[str]
+    seeds: list[int]
+    budget_steps: int  # in MeZO steps: 2 forward passes each
+    evals: int
+    overrides: list[str]
+    per_optimizer: dict[str, list[str]]
+    steps: dict[str, int] = field(default_factory=dict)  # each optimizer's steps within the budget
+
+    @property
+    def budget_passes(self) -> float:
+        return 2.0 * self.budget_steps
+
+
+def make_plan(config: Path | None, optimizers: list[str], seeds: int, budget_steps: int, evals: int,
+              overrides: list[str]) -> Plan:
+    """Checks every run's config before anything starts, and fits each optimizer's steps to the budget."""
+    from zoscale import data, tasks
+    from zoscale.commands import QUICKSTART
+    from zoscale.optim import REGISTRY
+
+    if not optimizers or len(set(optimizers)) != len(optimizers):
+        raise ConfigError(f"--optimizers: give distinct names, got {optimizers}")
+    shared, per_optimizer = [], {name: [] for name in optimizers}
+    for item in overrides:
+        prefix, colon, rest = item.partition(":")
+        if colon and "=" not in prefix:
+            if prefix not in per_optimizer:
+                raise ConfigError(f"{item}: {prefix!r} is not one of --optimizers {optimizers}")
+            per_optimizer[prefix].append(rest)
+        else:
+            shared.append(item)
+    plan = Plan(str(config.resolve()) if config else None, optimizers, [], budget_steps, evals, shared, per_optimizer)
+    full_batches = None
+    for name in optimizers:
+        cfg = load(config, run_overrides(plan, name), defaults=QUICKSTART)
+        if cfg.backend != "local":
+            raise ConfigError(f"backend: compare runs each optimizer in one process (local), got {cfg.backend}")
+        if full_batches is None:
+            try:
+                task = tasks.get(cfg.data.task)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            full_batches = len(data.sample(cfg.data, task)["train"]) / cfg.batch_size
+            plan.seeds = [cfg.seed + i for i in range(seeds)]
+        options = validate_optimizer(cfg.optim)
+        spent, steps = 0.0, 0
+        while spent + REGISTRY[name].forward_passes(options, steps, full_batches) <= plan.budget_passes:
+            spent += REGISTRY[name].forward_passes(options, steps, full_batches)
+            steps += 1
+        if steps == 0:
+            raise ConfigError(f"--steps {budget_steps}: {name}'s first step alone costs more than the budget of "
+                              f"{plan.budget_passes:g} forward passes")
+        plan.steps[name] = steps
+    return plan
+
+
+def run_overrides(plan: Plan, name: str) -> list[str]:
+    return [*plan.overrides, *plan.per_optimizer.get(name, []), f"optim.name={name}"]
+
+
+def run_name(name: str, seed: int) -> str:
+    return f"{name}-seed{seed}"
+
+
+def compare(plan: Plan, out: Path) -> dict:
+    """Runs what is not finished yet, then writes the report."""
+    from zoscale import checkpoint
+    from zoscale.commands import QUICKSTART
+
+    saved = out / "plan.json"
+    if saved.is_file():
+        if json.loads(saved.read_text()) != asdict(plan):
+            raise ConfigError(f"--out: {out} holds a comparison with other arguments ({saved}); use another --out")
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out: {out} exists and is not a comparison (no plan.json); nothing is overwritten")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(asdict(plan), indent=1) + "\n")
+    (out / "runs").mkdir(exist_ok=True)
+    first = True
+    for seed in plan.seeds:
+        for name in plan.optimizers:
+            run = out / "runs" / run_name(name, seed)
+            steps = plan.steps[name]
+            if (run / "summary.json").is_file():
+                first = False
+                continue
+            if run.exists() and checkpoint.find(run / "checkpoints", checksums=False).path is None:
+                print(f"{run.name}: stopped before its first checkpoint; starting it again", flush=True)
+                shutil.rmtree(run)
+            every = max(1, steps // plan.evals)
+            args = [*run_overrides(plan, name), f"seed={seed}", f"steps={steps}", f"eval_every={every}",
+                    f"save_every={every}", "eval_test=true", "memory_profile=true",
+                    f"eval_before={'true' if first else 'false'}"]  # the zero-shot row: once
+            first = False
+            print(f"{run.name}: {steps} steps", flush=True)
+            _train(["--config", plan.config or str(QUICKSTART), "--out", str(run), "--auto-resume", *args],
+                   out / "runs" / f"{run.name}.log")
+    report = build_report(plan, out)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    plot(report, out / "curves.png")
+    return report
+
+
+class RunFailed(RuntimeError):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def _train(args: list[str], log: Path) -> None:
+    """One `zoscale train` in a child process; SIGTERM or SIGINT to this process is passed on, the
+    child checkpoints, and the comparison stops (the same command continues it)."""
+    with open(log, "a") as f:
+        child = subprocess.Popen([sys.executable, "-m", "zoscale", "train", *args], stdout=f, stderr=subprocess.STDOUT)
+        forward = lambda signum, frame: child.send_signal(signal.SIGTERM)  # noqa: E731
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = child.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    if code != 0:
+        raise RunFailed(f"compare: {log.stem} ended with exit code {code}; its output is in {log} (run the same "
+                        f"command again to continue)", code)
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_record(run: Path) -> dict:
+    """One finished run: its test curve against forward passes and training time, its losses, its summary."""
+    summary = json.loads((run / "summary.json").read_text())
+    metrics = _lines(run / "metrics.jsonl")
+    steps = [m for m in metrics if "loss" in m]
+    at = {m["step"] + 1: (m["forward_passes"], m["step_time"]) for m in steps}  # after that many steps
+    wall, elapsed = {}, 0.0
+    for m in steps:
+        elapsed += m["step_time"]
+        wall[m["step"] + 1] = elapsed
+    tests = [(m["step"], headline(m)) for m in metrics if m.get("split") == "test"]
+    tests.append((summary["steps"], headline(summary["eval_final"])))
+    memory = summary.get("memory", {})
+    return {"steps": summary["steps"], "forward_passes": summary["forward_passes"],
+            "test": [{"step": s, "forward_passes": at[s][0], "seconds": wall[s], "score": v} for s, v in tests],
+            "loss": [m["loss"] for m in steps], "loss_passes": [m["forward_passes"] for m in steps],
+            "loss_seconds": [wall[m["step"] + 1] for m in steps],
+            "final": headline(summary["eval_final"]), "best_dev_test": headline(summary["eval_after"]),
+            "best_dev": summary.get("best_dev", {}).get("score"), "eval_before": summary.get("eval_before"),
+            "step_time_median": statistics.median(m["step_time"] for m in steps),
+            "training_seconds": elapsed,
+            "peak_memory_gib": memory.get("memory/nvml_process_used_peak_gib", memory.get("memory/host_rss_peak_gib"))}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def build_report(plan: Plan, out: Path) -> dict:
+    runs = {name: [run_record(out / "runs" / run_name(name, s)) for s in plan.seeds] for name in plan.optimizers}
+    before = next((r["eval_before"] for rs in runs.values() for r in rs if r["eval_before"]), None)
+    reference = plan.optimizers[0] if "mezo" not in runs else "mezo"
+    target = _mean_sd([r["final"] for r in runs[reference]])[0]
+    rows = {}
+    for name, records in runs.items():
+        reached = [next((p["forward_passes"] for p in r["test"] if p["score"] >= target), None) for r in records]
+        hits = [p for p in reached if p is not None]
+        rows[name] = {"steps": plan.steps[name], "forward_passes": _mean_sd([r["forward_passes"] for r in records])[0],
+                      "final": _mean_sd([r["final"] for r in records]),
+                      "best_dev_test": _mean_sd([r["best_dev_test"] for r in records]),
+                      "best_dev": _mean_sd([r["best_dev"] for r in records if r["best_dev"] is not None] or [math.nan]),
+                      "passes_to_target": statistics.fmean(hits) if hits else None,
+                      "reached": f"{len(hits)}/{len(records)}",
+                      "step_time_median": statistics.median(r["step_time_median"] for r in records),
+                      "training_seconds": _mean_sd([r["training_seconds"] for r in records])[0],
+                      "peak_memory_gib": max((r["peak_memory_gib"] or 0.0) for r in records) or None}
+    base = rows[reference]["passes_to_target"]
+    for row in rows.values():
+        row["speedup"] = base / row["passes_to_target"] if base and row["passes_to_target"] else None
+    return {"plan": asdict(plan), "reference": reference, "target": target,
+            "zero_shot": headline(before) if before else None, "rows": rows, "runs": runs}
+
+
+def markdown(report: dict) -> str:
+    plan, rows = report["plan"], report["rows"]
+    lines = [f"# zoscale compare: {', '.join(plan['optimizers'])}", "",
+             f"Budget: {2 * plan['budget_steps']:g} forward passes over a training batch ({plan['budget_steps']} MeZO "
+             f"steps); seeds {plan['seeds']}; config {plan['config'] or 'the quickstart'}; overrides "
+             f"{plan['overrides'] or '-'}" + "".join(f"; {k}: {v}" for k, v in plan["per_optimizer"].items() if v) + ".",
+             f"Scores are the task's headline metric on the test sample (accuracy, or F1 for generation); "
+             f"mean ± sd over seeds. 'final': the last parameters; 'best dev': the test score of the best "
+             f"dev checkpoint (MeZO's protocol). Target: {report['reference']}'s mean final score, "
+             f"{report['target']:.3f}.", "",
+             "| optimizer | steps | forward passes | final test | best dev → test | dev (best) | passes to target "
+             "(reached) | speedup | step time (median) | training time | peak memory |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    if report["zero_shot"] is not None:
+        lines.append(f"| zero-shot | 0 | 0 | {report['zero_shot']:.3f} | - | - | - | - | - | - | - |")
+    for name, r in rows.items():
+        fmt = lambda pair: "-" if math.isnan(pair[0]) else f"{pair[0]:.3f} ± {pair[1]:.3f}"  # noqa: E731
+        to_target = f"{r['passes_to_target']:.0f} ({r['reached']})" if r["passes_to_target"] else f"- ({r['reached']})"
+        memory = f"{r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] else "-"
+        speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        lines.append(f"| {name} | {r['steps']} | {r['forward_passes']:.0f} | {fmt(r['final'])} | "
+                     f"{fmt(r['best_dev_test'])} | {fmt(r['best_dev'])} | {to_target} | {speedup} | "
+                     f"{r['step_time_median']:.3f} s | {r['training_seconds']:.1f} s | {memory} |")
+    lines += ["", "Peak memory: the process's GPU memory (NVML) where there is a GPU, else its host RSS. "
+              "Curves: curves.png; every run: runs/ and report.json.", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for name, records in report["runs"].items():
+        for column, x in ((0, "forward_passes"), (1, "seconds")):
+            points = list(zip(*[[p[x] for p in r["test"]] for r in records]))
+            scores = list(zip(*[[p["score"] for p in r["test"]] for r in records]))
+            xs = [statistics.fmean(p) for p in points]
+            mean = [statistics.fmean(s) for s in scores]
+            sd = [statistics.stdev(s) if len(s) > 1 else 0.0 for s in scores]
+            if report["zero_shot"] is not None:
+                xs, mean, sd = [0.0, *xs], [report["zero_shot"], *mean], [0.0, *sd]
+            line, = axes[0][column].plot(xs, mean, marker="o", label=name)
+            axes[0][column].fill_between(xs, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
+                                         color=line.get_color(), alpha=0.2)
+            key = "loss_passes" if column == 0 else "loss_seconds"
+            window = max(1, len(records[0]["loss"]) // 20)
+            smooth = [_moving_average(r["loss"], window) for r in records]
+            axes[1][column].plot([statistics.fmean(v) for v in zip(*[r[key] for r in records])],
+                                 [statistics.fmean(v) for v in zip(*smooth)], label=name, color=line.get_color())
+    for row, label in ((0, "test score (mean ± sd over seeds)"), (1, "training loss (moving average, mean)")):
+        for column, x in ((0, "forward passes (one training batch each)"), (1, "training time (s)")):
+            axes[row][column].set_xlabel(x)
+            axes[row][column].set_ylabel(label)
+            axes[row][column].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
