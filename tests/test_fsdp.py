@@ -21,7 +21,8 @@ def summary(run):
 
 
 def pgs(run):
-    return [json.loads(line)["projected_grads"][0] for line in (run / "seeds.jsonl").read_text().splitlines()]
+    entries = [json.loads(line) for line in (run / "seeds.jsonl").read_text().splitlines()]
+    return [e["projected_grads"][0] for e in entries if "step" in e]  # after the header
 
 
 def same_trajectory(a, b):

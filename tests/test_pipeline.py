@@ -45,7 +45,9 @@ def test_a_run_writes_its_directory(finished_run):
     train = [m for m in lines(finished_run / "metrics.jsonl") if "loss" in m]
     assert [m["step"] for m in train] == list(range(40))
     assert {"loss", "projected_grad", "lr", "step_time", "tokens_per_s"} <= set(train[0])
-    assert [e["step"] for e in lines(finished_run / "seeds.jsonl")] == list(range(40))
+    header, *entries = lines(finished_run / "seeds.jsonl")
+    assert header == {"header": {"stream": "v1", "distribution": "gaussian"}}
+    assert [e["step"] for e in entries] == list(range(40))
     assert checkpoint.latest(finished_run / "checkpoints").name == "step-00000040"
 
 

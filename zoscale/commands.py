@@ -159,11 +159,18 @@ def replay(args) -> int:
         raise ConfigError(f"{args.run} has no seeds.jsonl")
     master = torch.float32 if cfg.model.master_weights else None
     distribution = cfg.optim.options.get("distribution", "gaussian")
-    engine = PerturbationEngine(local_shards(model, master_dtype=master), distribution)
+    version = cfg.optim.options.get("stream", "v1")
+    engine = PerturbationEngine(local_shards(model, master_dtype=master), distribution, version=version)
     steps = 0
     with open(log) as f:
         for line in f:
             entry = json.loads(line)
+            if "header" in entry:  # runs of 2026-12-02 and before have none: v1
+                logged = entry["header"].get("stream", "v1")
+                if logged != version:
+                    raise ConfigError(f"{log} was written on perturbation stream {logged}, but config.yaml says "
+                                      f"{version}; restore config.yaml's optim.stream")
+                continue
             for update in entry["updates"]:
                 if update is None:
                     raise ConfigError(f"step {entry['step']} of {args.run} used a buffer ({cfg.optim.name}): "

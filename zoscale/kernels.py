@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from zoscale import rng
+
 try:
     import triton
     import triton.language as tl
@@ -34,6 +36,9 @@ except ImportError:  # CPU installs without triton use rng.py only
 
 BLOCK = 4096  # elements per program: 32 a thread at 4 warps, 8 Philox calls in flight each
 NUM_WARPS = 4
+# v2: a panel per program (rng.V2_SLOTS x rng.V2_CALLS elements); rows of slots per tile, warps
+V2_ROWS = {"gaussian": 8, "rademacher": 32}
+V2_WARPS = {"gaussian": 4, "rademacher": 1}
 
 
 def available() -> bool:
@@ -183,6 +188,130 @@ if triton is not None:
             value = _load(row, 0, base, tile, numel, X, ALIGNED, MASKED) * z
         tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.sum(value, axis=1), axis=0))
 
+    # -- stream v2: a program per panel of SLOTS x Q elements (rng.py); element (slot s, call j)
+    # sits at s * Q + j, so a tile of ROWS slots by Q calls gives each thread runs of contiguous
+    # elements whose values come from its own calls: no value moves between threads
+    @triton.jit
+    def _panel(table_ptr, owner_ptr, PANEL: tl.constexpr, Q: tl.constexpr):
+        """This program's row, the local offset of its panel's first element (negative for a
+        segment's first panel when it starts inside one), the panel's first call, stream, size."""
+        pid = tl.program_id(0)
+        row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * 8
+        numel, start, stream = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+        block = pid.to(tl.int64) - tl.load(row + 6) + tl.load(row + 7)
+        head = start % PANEL
+        return row, block * PANEL - head, ((start - head) // PANEL + block) * Q, stream, numel
+
+    @triton.jit
+    def _v2_words(key_ptr, t, call, stream, Q: tl.constexpr):
+        """Term t's four words for calls call + [0, Q): Q divides 2**32 and call, so no carry."""
+        seed = (tl.load(key_ptr + 2 * t + 1).to(tl.uint64) << 32) | tl.load(key_ptr + 2 * t).to(tl.uint64)
+        lo = (call & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, Q).to(tl.uint32)
+        return _philox(seed, lo, lo * 0 + (call >> 32).to(tl.uint32), stream.to(tl.uint32), lo * 0 + 2)
+
+    @triton.jit
+    def _v2_gaussian_pair(word, scale, FAST: tl.constexpr):
+        """scale * (r cos, r sin) from the 16-bit halves of one word (never 0: no floor needed)."""
+        u1 = ((word >> 16).to(tl.float32) + 0.5) * (1.0 / 65536.0)
+        t = ((word & 0xFFFF).to(tl.float32) + 0.5) * 9.587379924285257e-05  # 2 pi / 2**16
+        if FAST:
+            r = scale * tl.sqrt(-2.0 * libdevice.fast_logf(u1))
+            return r * libdevice.fast_cosf(t), r * libdevice.fast_sinf(t)
+        r = scale * tl.sqrt(-2.0 * tl.log(u1))
+        return r * tl.cos(t), r * tl.sin(t)
+
+    @triton.jit
+    def _v2_noise(w0, w1, w2, w3, scale, group, GAUSSIAN: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr):
+        """scale * z for slots group * ROWS + [0, ROWS) as a (ROWS, Q) tile. Gaussian: ROWS 8, the
+        whole panel, each slot picked by a constant row index; Rademacher: ROWS 32, the bits of one
+        word, each moved onto the sign of scale."""
+        rows = tl.arange(0, ROWS)[:, None]
+        if GAUSSIAN:
+            a0, a1 = _v2_gaussian_pair(w0, scale, FAST)
+            b0, b1 = _v2_gaussian_pair(w1, scale, FAST)
+            c0, c1 = _v2_gaussian_pair(w2, scale, FAST)
+            d0, d1 = _v2_gaussian_pair(w3, scale, FAST)
+            return tl.where(rows == 0, a0[None, :], tl.where(rows == 1, a1[None, :], tl.where(
+                rows == 2, b0[None, :], tl.where(rows == 3, b1[None, :], tl.where(
+                    rows == 4, c0[None, :], tl.where(rows == 5, c1[None, :], tl.where(
+                        rows == 6, d0[None, :], d1[None, :])))))))
+        if group == 0:
+            word = w0
+        elif group == 1:
+            word = w1
+        elif group == 2:
+            word = w2
+        else:
+            word = w3
+        bits = scale.to(tl.uint32, bitcast=True)
+        return (((word[None, :] << (31 - rows).to(tl.uint32)) & 0x80000000) ^ bits).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _v2_load(row, column, base, tile, numel, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+        pointer = (tl.load(row + column) + base * DTYPE.primitive_bitwidth // 8).to(tl.pointer_type(DTYPE))
+        if ALIGNED:
+            pointer = tl.multiple_of(pointer, DTYPE.primitive_bitwidth // 2)
+        if MASKED:
+            return tl.load(pointer + tile, mask=(tile >= -base) & (tile < numel - base), other=0.0).to(tl.float32)
+        return tl.load(pointer + tile).to(tl.float32)
+
+    @triton.jit(do_not_specialize=["alpha", "beta"])
+    def _affine_noise_v2_kernel(table_ptr, owner_ptr, key_ptr, coef_ptr, alpha, beta,
+                                OUT: tl.constexpr, SRC: tl.constexpr, BUF: tl.constexpr, HAS_BUF: tl.constexpr,
+                                UNIT: tl.constexpr, TERMS: tl.constexpr, ALIGNED: tl.constexpr,
+                                MASKED: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
+                                Q: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr):
+        """The v1 kernel's out = alpha * src + sum_i coef[i] * z(key[i]) (+ beta * buf) on the v2
+        stream, a panel per program, ROWS slots at a time. One seed term: its words are drawn once
+        for the whole panel; with more, once per group of rows."""
+        row, base, call, stream, numel = _panel(table_ptr, owner_ptr, SLOTS * Q, Q)
+        columns = tl.arange(0, Q)[None, :]
+        if TERMS == 1:
+            w0, w1, w2, w3 = _v2_words(key_ptr, 0, call, stream, Q)
+            coef = tl.load(coef_ptr)
+        for group in tl.static_range(SLOTS // ROWS):
+            tile = (group * ROWS + tl.arange(0, ROWS))[:, None] * Q + columns
+            y = _v2_load(row, 1, base, tile, numel, SRC, ALIGNED, MASKED)
+            if not UNIT:
+                y = alpha * y
+            if HAS_BUF:
+                y += beta * _v2_load(row, 2, base, tile, numel, BUF, ALIGNED, MASKED)
+            if TERMS == 1:
+                y += _v2_noise(w0, w1, w2, w3, coef, group, GAUSSIAN, ROWS, FAST)
+            else:
+                for t in tl.static_range(TERMS):
+                    v0, v1, v2, v3 = _v2_words(key_ptr, t, call, stream, Q)
+                    y += _v2_noise(v0, v1, v2, v3, tl.load(coef_ptr + t), group, GAUSSIAN, ROWS, FAST)
+            out = (tl.load(row) + base * OUT.primitive_bitwidth // 8).to(tl.pointer_type(OUT))
+            if ALIGNED:
+                out = tl.multiple_of(out, OUT.primitive_bitwidth // 2)
+            if MASKED:
+                tl.store(out + tile, y.to(OUT), mask=(tile >= -base) & (tile < numel - base))
+            else:
+                tl.store(out + tile, y.to(OUT))
+
+    @triton.jit
+    def _dot_noise_v2_kernel(partial_ptr, table_ptr, owner_ptr, key_ptr, X: tl.constexpr, SQUARE: tl.constexpr,
+                             ALIGNED: tl.constexpr, MASKED: tl.constexpr, GAUSSIAN: tl.constexpr,
+                             FAST: tl.constexpr, Q: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr):
+        """partial[program] = sum over its panel of x * z (SQUARE: z * z), on the v2 stream."""
+        row, base, call, stream, numel = _panel(table_ptr, owner_ptr, SLOTS * Q, Q)
+        columns = tl.arange(0, Q)[None, :]
+        w0, w1, w2, w3 = _v2_words(key_ptr, 0, call, stream, Q)
+        one = tl.full([], 1.0, tl.float32)
+        total = tl.zeros([], tl.float32)
+        for group in tl.static_range(SLOTS // ROWS):
+            tile = (group * ROWS + tl.arange(0, ROWS))[:, None] * Q + columns
+            z = _v2_noise(w0, w1, w2, w3, one, group, GAUSSIAN, ROWS, FAST)
+            if SQUARE:
+                value = z * z
+                if MASKED:
+                    value = tl.where((tile >= -base) & (tile < numel - base), value, 0.0)
+            else:
+                value = _v2_load(row, 0, base, tile, numel, X, ALIGNED, MASKED) * z
+            total += tl.sum(tl.sum(value, axis=1), axis=0)
+        tl.store(partial_ptr + tl.program_id(0), total)
+
     _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
                torch.float64: tl.float64}
 
@@ -236,35 +365,43 @@ def _layout(segments) -> tuple:
                   else seg.buf.dtype, str(seg.out.device)) for seg in segments)
 
 
-def _plan(segments) -> list[_Launch]:
-    key = _layout(segments)
+def _plan(segments, panel: int = 0) -> list[_Launch]:
+    key = (_layout(segments), panel)
     if key not in _plans:
         if len(_plans) >= 64:
             _plans.pop(next(iter(_plans)))
-        _plans[key] = _build_plan(segments)
+        _plans[key] = _build_plan(segments, panel)
     return _plans[key]
 
 
-def _build_plan(segments) -> list[_Launch]:
+def _panel_size(version: str, distribution: str) -> int:
+    """0 for v1 (blocks of BLOCK from a multiple of 4), else v2's panel."""
+    return 0 if version == "v1" else rng.V2_SLOTS[distribution] * rng.V2_CALLS[distribution]
+
+
+def _build_plan(segments, panel: int = 0) -> list[_Launch]:
     """Each segment's blocks as two launches per group of what the kernel specialises on (dtypes,
-    start mod 4, alignment): the interior blocks, unmasked, and the partial first and last ones."""
+    start mod 4, alignment): the interior blocks, unmasked, and the partial first and last ones.
+    v1 (``panel`` 0): blocks of BLOCK elements from the multiple of 4 at or below the segment's
+    start; v2: the panels it overlaps (its start within the first is read by the kernel)."""
     groups: dict = {}
     for seg in segments:
         src = seg.out if seg.src is None else seg.src
         tensors = [t for t in (seg.out, src, seg.buf) if t is not None]
         if any(not t.is_contiguous() or t.numel() != seg.out.numel() for t in tensors):
             raise ValueError("segments need contiguous tensors of equal size")
-        numel, head = seg.out.numel(), seg.start % 4
+        size = panel or BLOCK
+        numel, head = seg.out.numel(), seg.start % (panel or 4)
         if numel == 0:  # an empty shard (a rank with no rows of a small parameter)
             continue
-        # block k holds local elements [k * BLOCK - head, (k + 1) * BLOCK - head)
-        aligned = all((t.data_ptr() - head * t.element_size()) % (4 * t.element_size()) == 0 for t in tensors)
-        blocks = triton.cdiv(numel + head, BLOCK)
-        first_full, end_full = (1 if head else 0), (numel + head) // BLOCK
-        # masked: the partial first and last blocks, and those whose counters carry into the high word
-        first_quad, quads = (seg.start - head) // 4, BLOCK // 4
-        edges = sorted({k for k in (0, blocks - 1) if not first_full <= k < end_full}
-                       | set(_carry_blocks(first_quad, quads, blocks)))
+        # block k holds local elements [k * size - head, (k + 1) * size - head)
+        aligned = all((t.data_ptr() - head % 4 * t.element_size()) % (4 * t.element_size()) == 0 for t in tensors)
+        blocks = triton.cdiv(numel + head, size)
+        first_full, end_full = (1 if head else 0), (numel + head) // size
+        # masked: the partial first and last blocks, and (v1) those whose counters carry into the high word
+        carries = [] if panel else _carry_blocks((seg.start - head) // 4, BLOCK // 4, blocks)
+        edges = sorted({k for k in (0, blocks - 1) if not first_full <= k < end_full} | set(carries))
+        head = 0 if panel else head  # v2 kernels read it from the row: launches need not split by it
         # out, src, buf pointers; numel, global start, stream; first program (set below), first block
         row = [seg.out.data_ptr(), src.data_ptr(), 0 if seg.buf is None else seg.buf.data_ptr(), numel,
                seg.start, seg.stream, 0]
@@ -309,16 +446,25 @@ def _runs(begin: int, end: int, holes) -> list[tuple[int, int]]:
     return runs + ([(lo, end)] if end > lo else [])
 
 
-def affine_noise_(segments, *, distribution: str, terms, alpha: float = 1.0, beta: float = 0.0) -> None:
+def affine_noise_(segments, *, distribution: str, terms, alpha: float = 1.0, beta: float = 0.0,
+                  version: str = "v1") -> None:
     """out = alpha * src + sum(c * z(s) for s, c in terms) [+ beta * buf], for every segment, in
     two launches per group. ``out`` may be ``src``. ``terms`` is a list of (seed, coefficient) or a
-    ``Terms`` already on the device."""
+    ``Terms`` already on the device. ``version``: the stream (rng.py)."""
     segments = list(segments)
     if not segments:
         return
     staged = terms if isinstance(terms, Terms) else Terms(terms, segments[0].out.device)
-    for launch in _plan(segments):
+    panel = _panel_size(version, distribution)
+    for launch in _plan(segments, panel):
         out, src, buf = launch.dtypes
+        if panel:
+            _affine_noise_v2_kernel[(launch.owner.numel(),)](
+                launch.table, launch.owner, staged.keys, staged.coefs, float(alpha), float(beta),
+                OUT=_DTYPES[out], SRC=_DTYPES[src], BUF=_DTYPES[buf or out], HAS_BUF=buf is not None,
+                UNIT=alpha == 1.0, TERMS=staged.count, ALIGNED=launch.aligned, MASKED=launch.masked,
+                GAUSSIAN=distribution == "gaussian", FAST=_fast(), **_v2_shape(distribution))
+            continue
         _affine_noise_kernel[(launch.owner.numel(),)](
             launch.table, launch.owner, staged.keys, staged.coefs, float(alpha), float(beta),
             OUT=_DTYPES[out], SRC=_DTYPES[src], BUF=_DTYPES[buf or out], HAS_BUF=buf is not None,
@@ -326,15 +472,28 @@ def affine_noise_(segments, *, distribution: str, terms, alpha: float = 1.0, bet
             GAUSSIAN=distribution == "gaussian", FAST=_fast(), BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
-def dot_noise(segments, *, distribution: str, seed: int, square: bool = False) -> torch.Tensor:
+def _v2_shape(distribution: str) -> dict:
+    return {"Q": rng.V2_CALLS[distribution], "SLOTS": rng.V2_SLOTS[distribution], "ROWS": V2_ROWS[distribution],
+            "num_warps": V2_WARPS[distribution]}
+
+
+def dot_noise(segments, *, distribution: str, seed: int, square: bool = False, version: str = "v1") -> torch.Tensor:
     """sum(out * z(seed)) over all segments (``square``: sum(z**2), ``out`` only gives the size),
     as a float64 scalar tensor on the segments' device: no host synchronisation."""
     segments = list(segments)
     device = segments[0].out.device
     keys = Terms([(seed, 1.0)], device).keys
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for launch in _plan(segments):
+    panel = _panel_size(version, distribution)
+    for launch in _plan(segments, panel):
         partial = torch.empty(launch.owner.numel(), dtype=torch.float32, device=device)
+        if panel:
+            _dot_noise_v2_kernel[(launch.owner.numel(),)](
+                partial, launch.table, launch.owner, keys, X=_DTYPES[launch.dtypes[0]], SQUARE=square,
+                ALIGNED=launch.aligned, MASKED=launch.masked, GAUSSIAN=distribution == "gaussian", FAST=_fast(),
+                **_v2_shape(distribution))
+            total += partial.double().sum()
+            continue
         _dot_noise_kernel[(launch.owner.numel(),)](
             partial, launch.table, launch.owner, keys, X=_DTYPES[launch.dtypes[0]], SQUARE=square,
             HEAD=launch.head, ALIGNED=launch.aligned, MASKED=launch.masked, GAUSSIAN=distribution == "gaussian",
@@ -356,31 +515,41 @@ class SassTarget(NamedTuple):
 
 
 def sass_targets() -> list[SassTarget]:
-    """The interior-block specialisations a run launches: per distribution and dtype, the affine
-    pass with 1 to 3 seed terms (MeZO's passes: 1; its deferred update and n-SPSA: 2 and more),
-    with a buffer (ConMeZO's momentum), and the dot and square reductions."""
+    """The interior-block specialisations a run launches, for both stream versions: per
+    distribution and dtype, the affine pass with 1 to 3 seed terms (MeZO's passes: 1; its deferred
+    update and n-SPSA: 2 and more), with a buffer (ConMeZO's momentum), and the dot and square
+    reductions."""
     affine_args = {"table_ptr": "*i64", "owner_ptr": "*i32", "key_ptr": "*i64", "coef_ptr": "*fp32", "alpha": "fp32",
                    "beta": "fp32"}
     dot_args = {"partial_ptr": "*fp32", "table_ptr": "*i64", "owner_ptr": "*i32", "key_ptr": "*i64"}
-    common = {"HEAD": 0, "ALIGNED": True, "MASKED": False, "FAST": True, "BLOCK": BLOCK}
     names = {tl.bfloat16: "bfloat16", tl.float16: "float16", tl.float32: "float32"}
     targets = []
-    for distribution in ("gaussian", "rademacher"):
-        for dtype, dtype_name in names.items():
-            cases = [(terms, False) for terms in (1, 2, 3)] + [(1, True)]
-            for terms, buffer in cases:
-                constexprs = {"OUT": dtype, "SRC": dtype, "BUF": tl.float32, "HAS_BUF": buffer, "UNIT": True,
-                              "TERMS": terms, "GAUSSIAN": distribution == "gaussian", **common}
-                targets.append(SassTarget(
-                    f"affine-{distribution}-{dtype_name}-{terms}{'-buffer' if buffer else ''}", _affine_noise_kernel,
-                    {**affine_args, **{k: "constexpr" for k in constexprs}}, constexprs, NUM_WARPS, BLOCK,
-                    {"kernel": "affine", "stream": "v1", "distribution": distribution, "dtype": dtype_name,
-                     "terms": terms, "buffer": buffer}))
-            for square in (False, True):
-                constexprs = {"X": dtype, "SQUARE": square, "GAUSSIAN": distribution == "gaussian", **common}
-                targets.append(SassTarget(
-                    f"{'square' if square else 'dot'}-{distribution}-{dtype_name}", _dot_noise_kernel,
-                    {**dot_args, **{k: "constexpr" for k in constexprs}}, constexprs, NUM_WARPS, BLOCK,
-                    {"kernel": "square" if square else "dot", "stream": "v1", "distribution": distribution,
-                     "dtype": dtype_name, "terms": 1, "buffer": False}))
+    for version in rng.STREAMS:
+        for distribution in ("gaussian", "rademacher"):
+            if version == "v1":
+                affine, dot, warps, elements = _affine_noise_kernel, _dot_noise_kernel, NUM_WARPS, BLOCK
+                common = {"HEAD": 0, "ALIGNED": True, "MASKED": False, "FAST": True, "BLOCK": BLOCK}
+            else:
+                shape = _v2_shape(distribution)
+                affine, dot, warps = _affine_noise_v2_kernel, _dot_noise_v2_kernel, shape.pop("num_warps")
+                elements = _panel_size(version, distribution)
+                common = {"ALIGNED": True, "MASKED": False, "FAST": True, **shape}
+            suffix = "" if version == "v1" else "-v2"
+            for dtype, dtype_name in names.items():
+                cases = [(terms, False) for terms in (1, 2, 3)] + [(1, True)]
+                for terms, buffer in cases:
+                    constexprs = {"OUT": dtype, "SRC": dtype, "BUF": tl.float32, "HAS_BUF": buffer, "UNIT": True,
+                                  "TERMS": terms, "GAUSSIAN": distribution == "gaussian", **common}
+                    targets.append(SassTarget(
+                        f"affine-{distribution}-{dtype_name}-{terms}{'-buffer' if buffer else ''}{suffix}", affine,
+                        {**affine_args, **{k: "constexpr" for k in constexprs}}, constexprs, warps, elements,
+                        {"kernel": "affine", "stream": version, "distribution": distribution, "dtype": dtype_name,
+                         "terms": terms, "buffer": buffer}))
+                for square in (False, True):
+                    constexprs = {"X": dtype, "SQUARE": square, "GAUSSIAN": distribution == "gaussian", **common}
+                    targets.append(SassTarget(
+                        f"{'square' if square else 'dot'}-{distribution}-{dtype_name}{suffix}", dot,
+                        {**dot_args, **{k: "constexpr" for k in constexprs}}, constexprs, warps, elements,
+                        {"kernel": "square" if square else "dot", "stream": version, "distribution": distribution,
+                         "dtype": dtype_name, "terms": 1, "buffer": False}))
     return targets

@@ -1,7 +1,10 @@
 """Counter-based perturbations: the reference definition, in pure torch.
 
 Element ``i`` of the stream keyed by ``(seed, stream)`` is a pure function of those three numbers,
-so any rank can generate exactly the slice ``[a, b)`` it owns:
+so any rank can generate exactly the slice ``[a, b)`` it owns. Two versions exist; a run keeps the
+one it started with (optimizer option ``stream``, recorded with the run).
+
+v1 (four values per Philox call):
 
     block j = i // 4, lane = i % 4
     words   = Philox4x32-10(counter=(j_lo, j_hi, stream, 0), key=(seed_lo, seed_hi))
@@ -10,6 +13,20 @@ so any rank can generate exactly the slice ``[a, b)`` it owns:
 
 With ``stream == 0`` this is Triton's ``tl.randint4x`` / ``tl.randn4x`` at offset ``j`` (element
 ``4j + k`` is output ``k``), which ``tests/test_rng.py`` checks against vectors recorded on an H100.
+
+v2 (every bit of a call used: 8 normals or 128 signs), in panels of SLOTS x Q elements:
+
+    panel P = i // (SLOTS * Q), slot s = (i % (SLOTS * Q)) // Q, j = i % Q
+    words   = Philox4x32-10(counter=(c_lo, c_hi, stream, 2), key=seed), c = P * Q + j
+    gaussian (SLOTS 8, Q 512): word s // 2 gives u1 = (high 16 bits + 0.5) / 2**16 and u2 from its
+                low 16 bits; slot s is sqrt(-2 ln u1) times cos(2 pi u2) (s even) or sin (s odd)
+    rademacher (SLOTS 128, Q 128): +1 if bit s % 32 of word s // 32 is 0, else -1
+
+Consecutive elements come from consecutive calls, so a GPU thread's contiguous elements share no
+call and every call's values are used without moving them between threads. The counter's last
+word (v1: 0, v2: 2) keeps the two versions' values apart. The v2 normals are exactly those of
+16-bit uniforms: |z| <= 4.85 and E z^2 = 1 - 5e-6 (docs/numerics.md).
+
 ``zoscale.kernels`` generates the same integers on the GPU (and normals within a few 1e-6: it uses
 the fast approximate log/cos/sin there).
 
@@ -36,6 +53,10 @@ _U1_FLOOR = 1.0e-7
 _TWO_PI_F32 = torch.tensor(_TWO_PI, dtype=torch.float32)
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
+STREAMS = ("v1", "v2")
+V2_DOMAIN = 2  # the counter's last word under v2 (v1: 0)
+V2_SLOTS = {"gaussian": 8, "rademacher": 128}  # values per Philox call
+V2_CALLS = {"gaussian": 512, "rademacher": 128}  # Q: calls per panel
 
 
 def stream_id(name: str) -> int:
@@ -147,15 +168,21 @@ def _box_muller(w1: torch.Tensor, w2: torch.Tensor, out1: torch.Tensor | None = 
 
 
 def generate_segments(distribution: str, seed: int, segments, device=None,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                      dtype: torch.dtype = torch.float32, version: str = "v1") -> torch.Tensor:
     """The concatenation of several (stream, start, numel) slices of one seed's streams, generated
     in one vectorised pass over all their counters, a cache-sized chunk at a time (what the engine
-    uses: per-tensor calls cost too many small ops)."""
+    uses: per-tensor calls cost too many small ops). ``version``: the stream version, v1 or v2."""
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
-    key = (distribution, seed, tuple(segments), str(device))
+    if version not in STREAMS:
+        raise ValueError(f"unknown stream version {version!r}; choose one of {STREAMS}")
+    key = (distribution, seed, tuple(segments), str(device), version)
     if key in _recent:  # a MeZO step reads the same small z three times
         return _recent[key].to(dtype, copy=True)
+    if version == "v2":
+        values = torch.cat([_v2_slice(distribution, seed, *segment, device) for segment in segments]) \
+            if segments else torch.empty(0, device=device)
+        return _remember(key, values, values.numel() <= 4 * _CHUNK_COUNTERS, dtype)
     counters, streams, picks = _segment_counters(segments, device)
     values = torch.empty((counters.numel(), 4), dtype=torch.float32, device=device)
     lanes = torch.empty((4, min(counters.numel(), _CHUNK_COUNTERS)), dtype=torch.float32, device=device)
@@ -176,21 +203,70 @@ def generate_segments(distribution: str, seed: int, segments, device=None,
         values = flat[skip : skip + picks.numel()]
     else:
         values = flat[picks]
-    if counters.numel() <= _CHUNK_COUNTERS:
-        if len(_recent) >= 4:  # a step's z, for each weight-decay group of shards
-            _recent.pop(next(iter(_recent)))
-        _recent[key] = values
-        return values.to(dtype, copy=True)
-    return values.to(dtype)
+    return _remember(key, values, counters.numel() <= _CHUNK_COUNTERS, dtype)
+
+
+def _remember(key, values: torch.Tensor, small: bool, dtype: torch.dtype) -> torch.Tensor:
+    if not small:
+        return values.to(dtype)
+    if len(_recent) >= 4:  # a step's z, for each weight-decay group of shards
+        _recent.pop(next(iter(_recent)))
+    _recent[key] = values
+    return values.to(dtype, copy=True)
+
+
+def _v2_values(distribution: str, words: tuple[torch.Tensor, ...], slot: int | None = None) -> torch.Tensor:
+    """(calls, SLOTS) values of v2 calls, or the (calls,) values of one slot."""
+    if distribution == "rademacher":
+        if slot is not None:
+            return 1.0 - 2.0 * ((words[slot // 32] >> (slot % 32)) & 1).to(torch.float32)
+        bits = torch.stack(words, 1).unsqueeze(2) >> torch.arange(32, device=words[0].device)  # (calls, 4, 32)
+        return (1.0 - 2.0 * (bits & 1).to(torch.float32)).flatten(1)
+    chosen = range(4) if slot is None else [slot // 2]
+    pairs = []
+    for k in chosen:
+        u1 = ((words[k] >> 16).to(torch.float32) + 0.5).mul_(1.0 / 65536.0)
+        u2 = ((words[k] & 0xFFFF).to(torch.float32) + 0.5).mul_(1.0 / 65536.0)
+        radius = u1.log_().mul_(-2.0).sqrt_()
+        theta = u2.mul_(_TWO_PI_F32)
+        if slot is not None:
+            return radius.mul_(torch.cos(theta) if slot % 2 == 0 else torch.sin(theta))
+        pairs += [torch.cos(theta).mul_(radius), torch.sin(theta).mul_(radius)]
+    return torch.stack(pairs, 1)
+
+
+def _v2_slice(distribution: str, seed: int, stream: int, start: int, numel: int, device) -> torch.Tensor:
+    """Elements [start, start + numel) of a v2 stream: a range inside one slot takes one call per
+    element; longer ranges generate whole panels (a cache-sized chunk of calls at a time) and cut."""
+    _check_range(stream, start, numel)
+    slots, q = V2_SLOTS[distribution], V2_CALLS[distribution]
+    panel = slots * q
+    if numel == 0:
+        return torch.empty(0, device=device)
+    first, last = start // panel, (start + numel - 1) // panel
+    if first == last and (start % panel) // q == ((start + numel - 1) % panel) // q:
+        call = first * q + start % q + torch.arange(numel, dtype=torch.int64, device=device)
+        words = philox4x32(seed, call & _MASK32, call >> 32, stream, V2_DOMAIN)
+        return _v2_values(distribution, words, (start % panel) // q)
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    per_chunk = max(1, _CHUNK_COUNTERS // q)  # panels a chunk
+    for lo in range(first, last + 1, per_chunk):
+        hi = min(last + 1, lo + per_chunk)
+        call = torch.arange(lo * q, hi * q, dtype=torch.int64, device=device)
+        words = philox4x32(seed, call & _MASK32, call >> 32, stream, V2_DOMAIN)
+        ordered = _v2_values(distribution, words).view(hi - lo, q, slots).transpose(1, 2).reshape(-1)
+        begin, end = max(start, lo * panel), min(start + numel, hi * panel)
+        out[begin - start : end - start] = ordered[begin - lo * panel : end - lo * panel]
+    return out
 
 
 def gaussian(seed: int, stream: int, start: int, numel: int, device=None,
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+             dtype: torch.dtype = torch.float32, version: str = "v1") -> torch.Tensor:
     """Elements [start, start+numel) of the N(0, 1) stream keyed by (seed, stream)."""
-    return generate_segments("gaussian", seed, [(stream, start, numel)], device, dtype)
+    return generate_segments("gaussian", seed, [(stream, start, numel)], device, dtype, version)
 
 
 def rademacher(seed: int, stream: int, start: int, numel: int, device=None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, version: str = "v1") -> torch.Tensor:
     """Elements [start, start+numel) of the +-1 stream keyed by (seed, stream)."""
-    return generate_segments("rademacher", seed, [(stream, start, numel)], device, dtype)
+    return generate_segments("rademacher", seed, [(stream, start, numel)], device, dtype, version)

@@ -3,7 +3,8 @@
 Run directory:
     config.yaml        the resolved config (what `--resume` reloads)
     metrics.jsonl      one line per step (and per evaluation)
-    seeds.jsonl        the update of every step as seeds and coefficients (`zoscale replay`)
+    seeds.jsonl        a header (the perturbation stream), then the update of every step as seeds and
+                       coefficients (`zoscale replay`)
     checkpoints/       resumable state, written atomically; best/ holds the best dev parameters
     summary.json       evaluations and parameter statistics at the end
 """
@@ -106,6 +107,8 @@ class Trainer:
         elif self.comm.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            header = {"stream": self.optimizer.config.stream, "distribution": self.optimizer.config.distribution}
+            (run_dir / "seeds.jsonl").write_text(json.dumps({"header": header}) + "\n")
         self.writer = self._tensorboard() if cfg.tensorboard else None
         self.memory = None
         if cfg.memory_profile:
@@ -383,7 +386,8 @@ def _truncate_log(path: Path, step: int) -> None:
                 raise ConfigError(f"--resume: {path} line {number} is not valid JSON (only a torn last line is "
                                   f"dropped)") from None
             print0(f"--resume: dropped a torn last line of {path}")
-    keep = [line for line, r in records if r["step"] < step or (r.get("split") and r["step"] <= step)]
+    keep = [line for line, r in records
+            if "step" not in r or r["step"] < step or (r.get("split") and r["step"] <= step)]  # a header stays
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)

@@ -59,6 +59,7 @@ class ZOConfig:
     eps: float = 1e-3
     weight_decay: float = 0.0
     distribution: str = "gaussian"  # gaussian | rademacher
+    stream: str = "v1"  # the perturbation stream's version (rng.py): v2 uses every bit of each Philox call
     schedule: str = "constant"  # constant | linear | cosine
     warmup_steps: int = 0
     total_steps: int | None = None  # needed by linear and cosine
@@ -71,6 +72,7 @@ class ZOConfig:
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.distribution in rng.DISTRIBUTIONS, "distribution",
                f"must be one of {list(rng.DISTRIBUTIONS)}, got {self.distribution!r}")
+        _check(self.stream in rng.STREAMS, "stream", f"must be one of {list(rng.STREAMS)}, got {self.stream!r}")
         _check(self.schedule in SCHEDULES, "schedule", f"must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.schedule == "constant" or (self.total_steps or 0) > self.warmup_steps, "total_steps",
@@ -127,7 +129,7 @@ class ZOOptimizer:
             sharded = self.comm.all_reduce_sum([0.0 if whole else 1.0])[0] > 0  # every rank decides the same
             shard_comm = self.comm if sharded else Comm(distributed=False)
         self.shard_comm = shard_comm
-        self.engine = PerturbationEngine(shards, config.distribution)
+        self.engine = PerturbationEngine(shards, config.distribution, version=config.stream)
         self.step_count = 0
         self.lr_source: Callable[[int], float] | None = None  # an outside schedule (a Trainer's) replaces lr_at's
 
@@ -207,6 +209,10 @@ class ZOOptimizer:
             raise ValueError(f"state is for optimizer {state.get('optimizer')!r}, not {self.name!r}")
         if state["config"]["seed"] != self.config.seed:
             raise ValueError(f"state was saved with seed {state['config']['seed']}, this run has {self.config.seed}")
+        saved = state["config"].get("stream", "v1")  # states of 2026-12-02 and before: v1
+        if saved != self.config.stream:
+            raise ValueError(f"state was saved on perturbation stream {saved}, this run uses {self.config.stream}: "
+                             f"a run keeps its stream")
         self.flush()
         self.step_count = int(state["step"])
         for kind, buffer in self.shard_buffers().items() if "buffers" in state else ():
