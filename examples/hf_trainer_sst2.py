@@ -2,10 +2,13 @@
 
 On a CPU, with the quickstart's tiny OPT (random weights) and its reviews (a minute or two):
     python examples/hf_trainer_sst2.py --output_dir /tmp/zo-sst2 --max_steps 2000
-On GPUs, OPT-13B sharded by ZeRO-3 (or --zo_backend fsdp), with SST-2 as JSON lines:
-    torchrun --nproc_per_node 8 examples/hf_trainer_sst2.py --model_name_or_path facebook/opt-13b \
-        --zo_backend deepspeed --zo_deepspeed_config configs/deepspeed/zero3.json --bf16 \
+On GPUs, OPT-13B partitioned by the Trainer's own ZeRO-3 integration (loaded straight into the
+partitions), with SST-2 as JSON lines; deepspeed or torchrun launches it:
+    deepspeed --num_gpus 8 examples/hf_trainer_sst2.py --model_name_or_path facebook/opt-13b \
+        --deepspeed configs/deepspeed/zero3.json --bf16 \
         --data_dir DIR --learning_rate 1e-7 --max_steps 20000 --output_dir runs/opt13b-sst2
+The Trainer's FSDP2 works too (--fsdp full_shard --fsdp_config with version 2 and
+reshard_after_forward), and so does zoscale's own sharding: --zo_backend fsdp | deepspeed.
 """
 
 from dataclasses import dataclass
@@ -14,7 +17,7 @@ from pathlib import Path
 import torch
 from datasets import load_dataset
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, HfArgumentParser,
-                          OPTConfig, TrainingArguments)
+                          OPTConfig, OPTForCausalLM, TrainingArguments)
 
 from zoscale.integrations.transformers import ZOTrainer
 
@@ -27,7 +30,7 @@ class ZOArguments:
     data_dir: str = str(QUICKSTART / "sst2")  # train.jsonl and validation.jsonl: {"sentence", "label"}
     zo_optimizer: str = "mezo"
     zo_eps: float = 1e-3
-    zo_backend: str | None = None  # fsdp | deepspeed: zoscale shards the model
+    zo_backend: str | None = None  # fsdp | deepspeed: zoscale shards the model (instead of --deepspeed / --fsdp)
     zo_deepspeed_config: str | None = None
 
 
@@ -38,9 +41,9 @@ def main():
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     if zo.model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(zo.model_name_or_path, dtype=dtype)
-    else:
+    else:  # tiny: built whole on every rank (a pretrained model above loads straight into ZeRO-3 partitions)
         torch.manual_seed(args.seed)
-        model = AutoModelForCausalLM.from_config(OPTConfig(
+        model = OPTForCausalLM(OPTConfig(
             vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
             max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0,
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,

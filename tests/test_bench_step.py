@@ -30,6 +30,19 @@ def test_step_benchmark_on_cpu_writes_json_and_markdown(tmp_path, cli):
     assert "(deferred update)" in (tmp_path / "step-opt-tiny-local-mezo-deferred.md").read_text()
 
 
+def test_bytes_per_parameter_per_step_follow_the_passes(tmp_path, cli):
+    """fp32 weights: MeZO reads and writes them 3 times a step (2 when deferred); ConMeZO's 3 passes
+    also read its fp32 momentum, and the last writes it: 24, 16 and 40 bytes per parameter."""
+    expected = {("mezo", ()): 24.0, ("mezo", ("--defer-update",)): 16.0, ("conmezo", ("--stream", "v2")): 40.0}
+    for (optimizer, extra), bytes_per_parameter in expected.items():
+        done = cli(*ARGS, "--optimizer", optimizer, *extra, "--out", tmp_path)
+        assert done.returncode == 0, done.stderr
+    for name, (key, bytes_per_parameter) in zip(("mezo", "mezo-deferred", "conmezo-v2"), expected.items()):
+        report = json.loads((tmp_path / f"step-opt-tiny-local-{name}.json").read_text())
+        assert report["bytes_per_parameter_per_step"] == bytes_per_parameter, name
+    assert "stream v2" in (tmp_path / "step-opt-tiny-local-conmezo-v2.md").read_text()
+
+
 def test_step_benchmark_under_fsdp_on_2_ranks(tmp_path):
     done = launch(2, "-m", "zoscale", *ARGS, "--backend", "fsdp", "--out", str(tmp_path), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]

@@ -7,7 +7,7 @@ import torch
 
 import zoscale
 from zoscale import rng
-from zoscale.shards import Shard
+from zoscale.shards import PerturbationEngine, Shard
 
 
 def diagonal_quadratic(d=40, seed=0):
@@ -92,9 +92,9 @@ def test_cone_geometry(noise):
     other /= other.norm()
     for t in range(samples):
         seed = opt.seed_for(t, 0)
-        direction = opt._prepare(t, seed)
-        z = direction[opt.buffer] * opt.buffer.tensors[0].clone()
-        opt._unprepare(seed)
+        direction = opt._direction(seed)  # z = a m + b u, formed by the passes that use it
+        u = rng.gaussian(seed, rng.stream_id("x"), 0, d).double()
+        z = direction[opt.buffer] * opt.buffer.tensors[0] + direction[seed] * u
         along.append((z @ axis).item())
         across.append((z @ other).item())
         sq_norm.append((z @ z).item() / d)
@@ -148,18 +148,34 @@ def test_sharded_shards_match_whole_parameters():
     torch.testing.assert_close(flat, whole[1], rtol=0, atol=1e-12)
 
 
-def test_one_buffer_and_two_rng_passes_per_step(monkeypatch):
-    model, _, value = diagonal_quadratic()
-    opt = zoscale.build_optimizer("conmezo", model, lr=0.05, eps=1e-3, buffer_dtype="bfloat16")
-    assert len(opt.buffer.tensors) == 1 and opt.buffer.tensors[0].dtype == torch.bfloat16
-    assert opt.buffer.tensors[0].shape == model.x.shape
-    opt.step(lambda: value(model.x.detach()))  # step 0 has no momentum yet: a plain seeded step
-    calls = []
-    real = rng.generate_segments
-    monkeypatch.setattr(rng, "generate_segments", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+@pytest.mark.parametrize("buffer_dtype,ratio", [("bfloat16", 5 / 3), ("float32", 7 / 3)])
+def test_three_passes_per_step_over_parameters_and_momentum(buffer_dtype, ratio, monkeypatch):
+    """Perturb, perturb, restore+update+advance: u drawn once a pass, the momentum read by all
+    three and written by the last, its norm summed there (no norm pass). Bytes per parameter per
+    step on bf16 weights: 6 for each perturbation (weights read and written, momentum read) and
+    the last pass's momentum write: (6 + 2b) / 6 of MeZO's three weight passes (b: 2 or 4 bytes)."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.x = torch.nn.Parameter(torch.randn(3000, dtype=torch.bfloat16))
+    value = lambda: float((model.x.detach().float() ** 2).sum())  # noqa: E731
+    opt = zoscale.build_optimizer("conmezo", model, lr=1e-3, eps=1e-3, buffer_dtype=buffer_dtype)
+    assert len(opt.buffer.tensors) == 1 and opt.buffer.tensors[0].dtype == getattr(torch, buffer_dtype)
+    opt.step(value)  # step 0 has no momentum yet: a plain seeded step
+    draws, passes = [], []
+    real_draw, real_apply = rng.generate_segments, PerturbationEngine.apply
+    monkeypatch.setattr(rng, "generate_segments", lambda *a, **k: draws.append(a[1]) or real_draw(*a, **k))
+    monkeypatch.setattr(PerturbationEngine, "apply", lambda self, *a, **k: passes.append(1) or real_apply(self, *a, **k))
+    monkeypatch.setattr(PerturbationEngine, "norm2", lambda *a: pytest.fail("a separate norm pass"))
+    before = opt.engine.traffic
     for _ in range(5):
-        opt.step(lambda: value(model.x.detach()))
-    assert len(calls) == 2 * 5  # u_t out of the buffer, u_{t+1} in; the parameter passes only read D
+        opt.step(value)
+    assert len(passes) == len(draws) == 3 * 5
+    conmezo = (opt.engine.traffic - before) / (5 * 3000)
+    assert opt.momentum_norm == pytest.approx(opt.buffer.tensors[0].double().norm().item(), rel=1e-6)
+    mezo = zoscale.build_optimizer("mezo", model, lr=1e-3, eps=1e-3)
+    before = mezo.engine.traffic
+    mezo.step(value)
+    assert conmezo / ((mezo.engine.traffic - before) / 3000) == pytest.approx(ratio)
 
 
 def test_beta_warmup_schedule():

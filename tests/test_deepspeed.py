@@ -46,12 +46,14 @@ def test_zero3_ranks_follow_the_local_trajectory(world, optimizer, offload, tmp_
 
 
 def test_the_shipped_zero3_config_is_the_generated_one():
+    """It is written for the Trainer too ("auto" values); zoscale resolves them by the model's dtype."""
     import torch
 
-    from zoscale.backends.deepspeed import zero3_config
+    from zoscale.backends.deepspeed import resolve_auto, zero3_config
 
     shipped = json.loads((CONFIGS / "zero3.json").read_text())
-    assert shipped == zero3_config(torch.float32)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert resolve_auto(shipped, dtype) == zero3_config(dtype)
 
 
 def test_a_fsdp_run_on_2_ranks_resumes_under_zero3_on_3(tmp_path):

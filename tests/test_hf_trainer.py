@@ -108,11 +108,13 @@ def test_save_model_output_loads_in_plain_transformers(single):
     assert loaded_sum(single["dir"] / "model") == pytest.approx(single["param_sum"], rel=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["none", "fsdp", "deepspeed"])
+@pytest.mark.parametrize("backend", ["none", "fsdp", "deepspeed", "trainer-deepspeed"])
 def test_two_gloo_ranks_follow_the_single_process_trajectory(tmp_path, single, backend):
     """Replicas (no DDP), FSDP2 shards and ZeRO-3 partitions by zoscale's backends, the Trainer
-    running the loop; the ZeRO-3 run resumes the single-process checkpoint at step 3."""
-    resume = (f"resume={single['dir'] / 'run' / 'checkpoint-3'}",) if backend == "deepspeed" else ()
+    running the loop; and ZeRO-3 by the Trainer's own DeepSpeed integration
+    (TrainingArguments(deepspeed="configs/deepspeed/zero3.json")). The ZeRO-3 runs resume the
+    single-process checkpoint at step 3."""
+    resume = (f"resume={single['dir'] / 'run' / 'checkpoint-3'}",) if "deepspeed" in backend else ()
     ranks = torchrun(SCRIPT, 2, tmp_path, "steps=6", f"backend={backend}", "save_model=1", *resume, timeout=240)
     assert steps(ranks[0]) == steps(ranks[1])
     for (step, loss, pg), (_, loss_2, pg_2) in zip(steps(single), steps(ranks[0]), strict=True):
@@ -127,7 +129,11 @@ def test_two_gloo_ranks_follow_the_single_process_trajectory(tmp_path, single, b
 @pytest.mark.parametrize("change, message", [
     ({"optim": "adafactor"}, "TrainingArguments.optim=adafactor"),
     ({"gradient_checkpointing": True}, "TrainingArguments.gradient_checkpointing"),
-    ({"fsdp": "full_shard"}, "TrainingArguments.fsdp"),
+    ({"fsdp": "full_shard"}, "TrainingArguments.fsdp_config: ZOTrainer needs FSDP2"),
+    ({"fsdp": "full_shard", "fsdp_config": {"version": 2, "reshard_after_forward": True}}, "needs CUDA"),
+    ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "ZeRO stage 2"),
+    ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "stage3_param_persistence_threshold"),
+    ({"deepspeed": str(hf_trainer.ZERO3), "zo_backend": "deepspeed"}, "both shard the model"),
     ({"gradient_accumulation_steps": 2, "zo": "pseuzo"}, "gradient_accumulation_steps"),
     ({"zo_options": {"epsilon": 1}}, "unknown option"),
     ({"zo_backend": "megatron"}, "zo_backend"),
@@ -151,3 +157,15 @@ def test_combinations_a_zo_step_cannot_honour_are_refused(tmp_path, change, mess
         ZOTrainer(model=hf_trainer.model(len(tok)), args=args, train_dataset=hf_trainer.dataset(tok, 8),
                   zo_optimizer=name, **trainer_keys)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_trainers_fsdp2_on_a_gpu_follows_the_single_process_trajectory(tmp_path, single):
+    """TrainingArguments(fsdp=..., fsdp_config={"version": 2, ...}): the Trainer's accelerate
+    plugin shards the model (on CUDA: on CPU it would fall back to DDP), the ZO optimizer takes
+    the shards it made."""
+    ranks = torchrun(SCRIPT, 1, tmp_path, "steps=6", "backend=trainer-fsdp", "save_model=1", timeout=300)
+    for (step, loss, pg), (_, loss_gpu, pg_gpu) in zip(steps(single), steps(ranks[0]), strict=True):
+        assert loss_gpu == pytest.approx(loss, rel=1e-4) and pg_gpu == pytest.approx(pg, rel=2e-2, abs=2e-2), step
+    assert loaded_sum(tmp_path / "model") == pytest.approx(ranks[0]["param_sum"], rel=1e-6)

@@ -145,11 +145,12 @@ def test_engine_kernel_paths_equal_its_rng_path(distribution, version, monkeypat
         engine.apply(shards, second.tensors, first.tensors, -1.0, {4: 0.5})
         engine.perturb({5: 0.1, first: 0.3, second: -0.2})
         perturbed = [t.cpu().clone() for t in tensors]
-        engine.update({5: -0.01})
-        engine.flush()
-        results.append(([*perturbed, *(t.cpu().clone() for t in tensors)], engine.dot(7), engine.dot(7, first.tensors),
-                        engine.noise_norm2(8)))
+        engine.update({5: -0.01, first: 0.02})
+        squares = engine.flush(advance=(first, 0.7, {5: 0.2, 6: -0.5}))  # the momentum rides on the pass
+        results.append(([*perturbed, *(t.cpu().clone() for t in tensors), *(b.cpu().clone() for b in first.tensors)],
+                        engine.dot(7), engine.dot(7, first.tensors), engine.noise_norm2(8), squares))
     (expected, *scalars), *others = results
+    assert scalars[-1] == pytest.approx(sum(float((b.double() ** 2).sum()) for b in expected[-len(shapes):]), rel=1e-6)
     for got, *got_scalars in others:
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=4 * GAUSS_TOL)

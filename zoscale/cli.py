@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     quad.add_argument("--trials", type=_positive_int, default=5)
     quad.add_argument("--workers", type=_positive_int, default=min(2, os.cpu_count() or 1),
                       help="processes running trials in parallel")
+    quad.add_argument("--buffer-dtype", choices=("float64", "float32", "bfloat16"), default="float64",
+                      help="ConMeZO's momentum buffer")
     quad.add_argument("--out", type=Path, required=True, help="report directory (DIR/quadratic.{json,md,png})")
     quad.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
     step = bench.add_parser("step", help="ZO step vs two forwards; perturbation pass vs the bandwidth floor")
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
     step.add_argument("--defer-update", action="store_true",
                       help="MeZO's defer_update: two passes a step, the update folded into the next perturbation")
+    step.add_argument("--stream", choices=("v1", "v2"), default="v1", help="the perturbation stream's version")
     return parser
 
 
@@ -201,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"--model {args.model}: {str(e).splitlines()[0]}")
         if args.defer_update and args.optimizer != "mezo":
             return _fail("--defer-update: a MeZO option (--optimizer mezo)")
-        name = step.report_name(args.model, args.backend, args.optimizer, args.deepspeed_config, args.defer_update)
+        name = step.report_name(args.model, args.backend, args.optimizer, args.deepspeed_config, args.defer_update,
+                                args.stream)
         report = args.out / f"{name}.json"
         if report.exists() and not args.force:
             return _fail(f"{report} exists; pass --force to overwrite it")
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _fail("--deepspeed-config: the step benchmark times passes over partitions in memory, not "
                              "on NVMe")
         r = step.run(args.model, args.batch, args.seq, args.optimizer, args.backend, args.dtype, args.repeats, args.out,
-                     args.deepspeed_config, args.defer_update)
+                     args.deepspeed_config, args.defer_update, args.stream)
         print(step.markdown(r))
         return 0
     if args.command == "bench" and args.bench == "quadratic":
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"--out {args.out} is not a directory")
         from zoscale.bench import quadratic
 
-        cfg = quadratic.QuadraticConfig(dim=args.dim, iters=args.iters, trials=args.trials)
+        cfg = quadratic.QuadraticConfig(dim=args.dim, iters=args.iters, trials=args.trials, buffer_dtype=args.buffer_dtype)
         summary = quadratic.run(cfg, args.out, workers=args.workers)
         speedup = summary["speedup"]
         print(f"speedup {speedup:.2f}x" if speedup else "ConMeZO did not reach MeZO's final value",

@@ -143,30 +143,58 @@ if triton is not None:
             return tl.load(pointer, mask=(tile >= -base) & (tile < numel - base), other=0.0).to(tl.float32)
         return tl.load(pointer).to(tl.float32)
 
-    @triton.jit(do_not_specialize=["alpha", "beta"])
-    def _affine_noise_kernel(table_ptr, owner_ptr, key_ptr, coef_ptr, alpha, beta,
+    @triton.jit
+    def _store_advanced(row, base, tile, numel, m, partial_ptr, BUF: tl.constexpr, ALIGNED: tl.constexpr,
+                        MASKED: tl.constexpr):
+        """Write the advanced buffer and this program's sum of its squares, as stored (rounded)."""
+        stored = m.to(BUF)
+        pointer = _pointer(row, 2, base, BUF, ALIGNED) + tile
+        square = stored.to(tl.float32) * stored.to(tl.float32)
+        if MASKED:
+            inside = (tile >= -base) & (tile < numel - base)
+            tl.store(pointer, stored, mask=inside)
+            square = tl.where(inside, square, 0.0)
+        else:
+            tl.store(pointer, stored)
+        tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.sum(square, axis=1), axis=0))
+
+    @triton.jit(do_not_specialize=["alpha", "beta", "gamma"])
+    def _affine_noise_kernel(table_ptr, owner_ptr, key_ptr, coef_ptr, alpha, beta, advance_ptr, gamma, partial_ptr,
                              OUT: tl.constexpr, SRC: tl.constexpr, BUF: tl.constexpr, HAS_BUF: tl.constexpr,
                              UNIT: tl.constexpr, TERMS: tl.constexpr, HEAD: tl.constexpr, ALIGNED: tl.constexpr,
                              MASKED: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
-                             BLOCK: tl.constexpr):
+                             BLOCK: tl.constexpr, ADVANCE: tl.constexpr):
         """out = alpha * src + sum_i coef[i] * z(key[i]) (+ beta * buf): one read and one write.
         Interior blocks run unmasked; a segment's partial first and last blocks, MASKED. UNIT:
-        alpha is 1 (every pass without weight decay), so src needs no multiply."""
+        alpha is 1 (every pass without weight decay), so src needs no multiply. ADVANCE: in the same
+        pass, buf = gamma * buf + sum_i advance[i] * z(key[i]) and partial[program] = sum(buf**2)
+        (ConMeZO's momentum and its norm, from the noise the parameters get)."""
         row, base, quad, stream, numel = _block(table_ptr, owner_ptr, HEAD, BLOCK)
         tile = _tile(BLOCK)
         y = _load(row, 1, base, tile, numel, SRC, ALIGNED, MASKED)
         if not UNIT:
             y = alpha * y
         if HAS_BUF:
-            y += beta * _load(row, 2, base, tile, numel, BUF, ALIGNED, MASKED)
+            b = _load(row, 2, base, tile, numel, BUF, ALIGNED, MASKED)
+            y += beta * b
+            if ADVANCE:
+                m = gamma * b
+        one = tl.full([], 1.0, tl.float32)
         for t in tl.static_range(TERMS):
             seed = (tl.load(key_ptr + 2 * t + 1).to(tl.uint64) << 32) | tl.load(key_ptr + 2 * t).to(tl.uint64)
-            y += _noise(seed, quad, stream, tl.load(coef_ptr + t), BLOCK // 4, GAUSSIAN, FAST, MASKED)
+            if ADVANCE:
+                z = _noise(seed, quad, stream, one, BLOCK // 4, GAUSSIAN, FAST, MASKED)
+                y += tl.load(coef_ptr + t) * z
+                m += tl.load(advance_ptr + t) * z
+            else:
+                y += _noise(seed, quad, stream, tl.load(coef_ptr + t), BLOCK // 4, GAUSSIAN, FAST, MASKED)
         out = _pointer(row, 0, base, OUT, ALIGNED) + tile
         if MASKED:
             tl.store(out, y.to(OUT), mask=(tile >= -base) & (tile < numel - base))
         else:
             tl.store(out, y.to(OUT))
+        if ADVANCE:
+            _store_advanced(row, base, tile, numel, m, partial_ptr, BUF, ALIGNED, MASKED)
 
     @triton.jit
     def _dot_noise_kernel(partial_ptr, table_ptr, owner_ptr, key_ptr, X: tl.constexpr, SQUARE: tl.constexpr,
@@ -255,28 +283,44 @@ if triton is not None:
             return tl.load(pointer + tile, mask=(tile >= -base) & (tile < numel - base), other=0.0).to(tl.float32)
         return tl.load(pointer + tile).to(tl.float32)
 
-    @triton.jit(do_not_specialize=["alpha", "beta"])
-    def _affine_noise_v2_kernel(table_ptr, owner_ptr, key_ptr, coef_ptr, alpha, beta,
-                                OUT: tl.constexpr, SRC: tl.constexpr, BUF: tl.constexpr, HAS_BUF: tl.constexpr,
-                                UNIT: tl.constexpr, TERMS: tl.constexpr, ALIGNED: tl.constexpr,
-                                MASKED: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
-                                Q: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr):
-        """The v1 kernel's out = alpha * src + sum_i coef[i] * z(key[i]) (+ beta * buf) on the v2
-        stream, a panel per program, ROWS slots at a time. One seed term: its words are drawn once
-        for the whole panel; with more, once per group of rows."""
+    @triton.jit(do_not_specialize=["alpha", "beta", "gamma"])
+    def _affine_noise_v2_kernel(table_ptr, owner_ptr, key_ptr, coef_ptr, alpha, beta, advance_ptr, gamma,
+                                partial_ptr, OUT: tl.constexpr, SRC: tl.constexpr, BUF: tl.constexpr,
+                                HAS_BUF: tl.constexpr, UNIT: tl.constexpr, TERMS: tl.constexpr,
+                                ALIGNED: tl.constexpr, MASKED: tl.constexpr, GAUSSIAN: tl.constexpr,
+                                FAST: tl.constexpr, Q: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr,
+                                ADVANCE: tl.constexpr):
+        """The v1 kernel (ADVANCE included) on the v2 stream, a panel per program, ROWS slots at a
+        time. One seed term: its words are drawn once for the whole panel; with more, once per
+        group of rows."""
         row, base, call, stream, numel = _panel(table_ptr, owner_ptr, SLOTS * Q, Q)
         columns = tl.arange(0, Q)[None, :]
+        one = tl.full([], 1.0, tl.float32)
         if TERMS == 1:
             w0, w1, w2, w3 = _v2_words(key_ptr, 0, call, stream, Q)
             coef = tl.load(coef_ptr)
+        square = tl.zeros([], tl.float32)
         for group in tl.static_range(SLOTS // ROWS):
             tile = (group * ROWS + tl.arange(0, ROWS))[:, None] * Q + columns
             y = _v2_load(row, 1, base, tile, numel, SRC, ALIGNED, MASKED)
             if not UNIT:
                 y = alpha * y
             if HAS_BUF:
-                y += beta * _v2_load(row, 2, base, tile, numel, BUF, ALIGNED, MASKED)
-            if TERMS == 1:
+                b = _v2_load(row, 2, base, tile, numel, BUF, ALIGNED, MASKED)
+                y += beta * b
+                if ADVANCE:
+                    m = gamma * b
+            if ADVANCE and TERMS == 1:
+                z = _v2_noise(w0, w1, w2, w3, one, group, GAUSSIAN, ROWS, FAST)
+                y += coef * z
+                m += tl.load(advance_ptr) * z
+            elif ADVANCE:
+                for t in tl.static_range(TERMS):
+                    v0, v1, v2, v3 = _v2_words(key_ptr, t, call, stream, Q)
+                    z = _v2_noise(v0, v1, v2, v3, one, group, GAUSSIAN, ROWS, FAST)
+                    y += tl.load(coef_ptr + t) * z
+                    m += tl.load(advance_ptr + t) * z
+            elif TERMS == 1:
                 y += _v2_noise(w0, w1, w2, w3, coef, group, GAUSSIAN, ROWS, FAST)
             else:
                 for t in tl.static_range(TERMS):
@@ -285,10 +329,25 @@ if triton is not None:
             out = (tl.load(row) + base * OUT.primitive_bitwidth // 8).to(tl.pointer_type(OUT))
             if ALIGNED:
                 out = tl.multiple_of(out, OUT.primitive_bitwidth // 2)
+            inside = (tile >= -base) & (tile < numel - base)
             if MASKED:
-                tl.store(out + tile, y.to(OUT), mask=(tile >= -base) & (tile < numel - base))
+                tl.store(out + tile, y.to(OUT), mask=inside)
             else:
                 tl.store(out + tile, y.to(OUT))
+            if ADVANCE:
+                stored = m.to(BUF)
+                pointer = (tl.load(row + 2) + base * BUF.primitive_bitwidth // 8).to(tl.pointer_type(BUF))
+                if ALIGNED:
+                    pointer = tl.multiple_of(pointer, BUF.primitive_bitwidth // 2)
+                value = stored.to(tl.float32) * stored.to(tl.float32)
+                if MASKED:
+                    tl.store(pointer + tile, stored, mask=inside)
+                    value = tl.where(inside, value, 0.0)
+                else:
+                    tl.store(pointer + tile, stored)
+                square += tl.sum(tl.sum(value, axis=1), axis=0)
+        if ADVANCE:
+            tl.store(partial_ptr + tl.program_id(0), square)
 
     @triton.jit
     def _dot_noise_v2_kernel(partial_ptr, table_ptr, owner_ptr, key_ptr, X: tl.constexpr, SQUARE: tl.constexpr,
@@ -447,29 +506,42 @@ def _runs(begin: int, end: int, holes) -> list[tuple[int, int]]:
 
 
 def affine_noise_(segments, *, distribution: str, terms, alpha: float = 1.0, beta: float = 0.0,
-                  version: str = "v1") -> None:
+                  version: str = "v1", advance: tuple[float, list[float]] | None = None) -> torch.Tensor | None:
     """out = alpha * src + sum(c * z(s) for s, c in terms) [+ beta * buf], for every segment, in
     two launches per group. ``out`` may be ``src``. ``terms`` is a list of (seed, coefficient) or a
-    ``Terms`` already on the device. ``version``: the stream (rng.py)."""
+    ``Terms`` already on the device. ``version``: the stream (rng.py).
+
+    ``advance`` = (gamma, [e_i per term]): every segment's ``buf`` becomes gamma * buf + sum_i
+    e_i z(s_i) in the same pass (the noise drawn once for both), and the sum of its squares comes
+    back as a float64 scalar tensor on the device."""
     segments = list(segments)
     if not segments:
-        return
-    staged = terms if isinstance(terms, Terms) else Terms(terms, segments[0].out.device)
+        return None
+    device = segments[0].out.device
+    staged = terms if isinstance(terms, Terms) else Terms(terms, device)
+    gamma, advance_coefs = (0.0, staged.coefs) if advance is None else \
+        (float(advance[0]), torch.tensor([float(e) for e in advance[1]], dtype=torch.float32, device=device))
+    if advance is not None and any(seg.buf is None for seg in segments):
+        raise ValueError("advance needs every segment's buf")
+    total = None if advance is None else torch.zeros((), dtype=torch.float64, device=device)
     panel = _panel_size(version, distribution)
     for launch in _plan(segments, panel):
         out, src, buf = launch.dtypes
+        programs = launch.owner.numel()
+        partial = staged.coefs if advance is None else torch.empty(programs, dtype=torch.float32, device=device)
+        common = dict(OUT=_DTYPES[out], SRC=_DTYPES[src], BUF=_DTYPES[buf or out], HAS_BUF=buf is not None,
+                      UNIT=alpha == 1.0, TERMS=staged.count, ALIGNED=launch.aligned, MASKED=launch.masked,
+                      GAUSSIAN=distribution == "gaussian", FAST=_fast(), ADVANCE=advance is not None)
+        arguments = (launch.table, launch.owner, staged.keys, staged.coefs, float(alpha), float(beta), advance_coefs,
+                     gamma, partial)
         if panel:
-            _affine_noise_v2_kernel[(launch.owner.numel(),)](
-                launch.table, launch.owner, staged.keys, staged.coefs, float(alpha), float(beta),
-                OUT=_DTYPES[out], SRC=_DTYPES[src], BUF=_DTYPES[buf or out], HAS_BUF=buf is not None,
-                UNIT=alpha == 1.0, TERMS=staged.count, ALIGNED=launch.aligned, MASKED=launch.masked,
-                GAUSSIAN=distribution == "gaussian", FAST=_fast(), **_v2_shape(distribution))
-            continue
-        _affine_noise_kernel[(launch.owner.numel(),)](
-            launch.table, launch.owner, staged.keys, staged.coefs, float(alpha), float(beta),
-            OUT=_DTYPES[out], SRC=_DTYPES[src], BUF=_DTYPES[buf or out], HAS_BUF=buf is not None,
-            UNIT=alpha == 1.0, TERMS=staged.count, HEAD=launch.head, ALIGNED=launch.aligned, MASKED=launch.masked,
-            GAUSSIAN=distribution == "gaussian", FAST=_fast(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+            _affine_noise_v2_kernel[(programs,)](*arguments, **common, **_v2_shape(distribution))
+        else:
+            _affine_noise_kernel[(programs,)](*arguments, **common, HEAD=launch.head, BLOCK=BLOCK,
+                                              num_warps=NUM_WARPS)
+        if total is not None:
+            total += partial.double().sum()
+    return total
 
 
 def _v2_shape(distribution: str) -> dict:
@@ -520,7 +592,7 @@ def sass_targets() -> list[SassTarget]:
     update and n-SPSA: 2 and more), with a buffer (ConMeZO's momentum), and the dot and square
     reductions."""
     affine_args = {"table_ptr": "*i64", "owner_ptr": "*i32", "key_ptr": "*i64", "coef_ptr": "*fp32", "alpha": "fp32",
-                   "beta": "fp32"}
+                   "beta": "fp32", "advance_ptr": "*fp32", "gamma": "fp32", "partial_ptr": "*fp32"}
     dot_args = {"partial_ptr": "*fp32", "table_ptr": "*i64", "owner_ptr": "*i32", "key_ptr": "*i64"}
     names = {tl.bfloat16: "bfloat16", tl.float16: "float16", tl.float32: "float32"}
     targets = []
@@ -536,15 +608,17 @@ def sass_targets() -> list[SassTarget]:
                 common = {"ALIGNED": True, "MASKED": False, "FAST": True, **shape}
             suffix = "" if version == "v1" else "-v2"
             for dtype, dtype_name in names.items():
-                cases = [(terms, False) for terms in (1, 2, 3)] + [(1, True)]
-                for terms, buffer in cases:
+                # ConMeZO's passes: a buffer read (the direction), then also written (the momentum's advance)
+                cases = [(terms, False, False) for terms in (1, 2, 3)] + [(1, True, False), (1, True, True)]
+                for terms, buffer, advance in cases:
                     constexprs = {"OUT": dtype, "SRC": dtype, "BUF": tl.float32, "HAS_BUF": buffer, "UNIT": True,
-                                  "TERMS": terms, "GAUSSIAN": distribution == "gaussian", **common}
+                                  "TERMS": terms, "GAUSSIAN": distribution == "gaussian", "ADVANCE": advance, **common}
+                    kind = "-advance" if advance else "-buffer" if buffer else ""
                     targets.append(SassTarget(
-                        f"affine-{distribution}-{dtype_name}-{terms}{'-buffer' if buffer else ''}{suffix}", affine,
+                        f"affine-{distribution}-{dtype_name}-{terms}{kind}{suffix}", affine,
                         {**affine_args, **{k: "constexpr" for k in constexprs}}, constexprs, warps, elements,
-                        {"kernel": "affine", "stream": version, "distribution": distribution, "dtype": dtype_name,
-                         "terms": terms, "buffer": buffer}))
+                        {"kernel": "affine-advance" if advance else "affine", "stream": version,
+                         "distribution": distribution, "dtype": dtype_name, "terms": terms, "buffer": buffer}))
                 for square in (False, True):
                     constexprs = {"X": dtype, "SQUARE": square, "GAUSSIAN": distribution == "gaussian", **common}
                     targets.append(SassTarget(

@@ -150,6 +150,8 @@ class ShardBuffer:
 
 # seed -> coefficient of z(seed); a ShardBuffer key adds coefficient * buffer instead.
 Terms = Mapping["int | ShardBuffer", float]
+# (buffer, gamma, {seed: e}): buffer <- gamma * buffer + sum e z(seed), in the pass that reads it
+Advance = tuple["ShardBuffer", float, Mapping[int, float]]
 
 
 @dataclass
@@ -201,6 +203,7 @@ class PerturbationEngine:
         self._groups = {wd: [s for s in self.shards if s.weight_decay == wd] for wd in (True, False)}
         self._state = {wd: _Affine() for wd in (True, False)}
         self._perturbed = False  # master mode: the forward currently reads a perturbed copy
+        self.traffic = 0  # bytes the passes read and wrote in memory (bench step reports them per parameter)
         # When a list, every update is appended as (seed terms, decay), or None when it used a
         # buffer: the trainer's seed log, from which `zoscale replay` rebuilds the parameters.
         self.journal: list | None = None
@@ -238,31 +241,39 @@ class PerturbationEngine:
             decayed = _Affine(1.0, {s: d * c for s, c in state.terms.items()})
             self._state[wd] = _Affine(state.alpha * d, decayed.plus(terms))
 
-    def flush(self) -> None:
+    def flush(self, advance: Advance | None = None) -> float:
+        """``advance``: also advance a buffer in the same pass (see ``apply``); returns this rank's
+        sum of its squares."""
         with self.phase("update"):
-            self._flush()
+            return self._flush(advance)
 
-    def _flush(self) -> None:
+    def _flush(self, advance: Advance | None = None) -> float:
+        squares = 0.0
         for wd, group in self._groups.items():
             if self.has_master:
-                if self._fold_into_master(wd) or self._perturbed:
+                folded, squares_group = self._fold_into_master(wd, advance)
+                squares += squares_group
+                if folded or self._perturbed:
                     for batch in resident(group):
                         for s in batch:
                             s.tensor.copy_(s.master)
-            elif not self._state[wd].identity:
+            elif not self._state[wd].identity or advance is not None:
                 state = self._state[wd]
                 for batch in resident(group):
-                    self.apply(batch, [s.tensor for s in batch], [s.tensor for s in batch], state.alpha, state.terms)
+                    squares += self.apply(batch, [s.tensor for s in batch], [s.tensor for s in batch], state.alpha,
+                                          state.terms, advance)
                 self._state[wd] = _Affine()
         self._perturbed = False
+        return squares
 
-    def _fold_into_master(self, wd: bool) -> bool:
+    def _fold_into_master(self, wd: bool, advance: Advance | None = None) -> tuple[bool, float]:
         state, group = self._state[wd], self._groups[wd]
-        if state.identity:
-            return False
-        self.apply(group, [s.master for s in group], [s.master for s in group], state.alpha, state.terms)
+        if state.identity and advance is None:
+            return False, 0.0
+        squares = self.apply(group, [s.master for s in group], [s.master for s in group], state.alpha, state.terms,
+                             advance)
         self._state[wd] = _Affine()
-        return True
+        return True, squares
 
     @property
     def pending(self) -> bool:
@@ -271,19 +282,30 @@ class PerturbationEngine:
 
     # -- primitives over any tensors laid out like the shards (parameters, momentum, anchors) ----
     def apply(self, shards: Sequence[Shard], outs: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
-              alpha: float, terms: Terms) -> None:
-        """outs[i] = alpha * srcs[i] + sum_j c_j z_i(seed_j) + sum_k b_k buffer_k[i], per shard i."""
+              alpha: float, terms: Terms, advance: Advance | None = None) -> float:
+        """outs[i] = alpha * srcs[i] + sum_j c_j z_i(seed_j) + sum_k b_k buffer_k[i], per shard i.
+
+        ``advance`` = (buffer, gamma, seed terms): in the same pass, buffer <- gamma * buffer +
+        sum_j e_j z(seed_j), the noise drawn once for both (ConMeZO's momentum rides on the pass
+        that updates the parameters). Returns this rank's sum of the advanced buffer's squares (as
+        stored), else 0."""
         seeds = {k: c for k, c in terms.items() if isinstance(k, int) and c != 0.0}
         buffers = [(k, c) for k, c in terms.items() if isinstance(k, ShardBuffer) and c != 0.0]
-        if alpha == 1.0 and not seeds and not buffers and all(o is s for o, s in zip(outs, srcs)):
-            return
+        if advance is not None:  # its buffer is the one the pass reads (coefficient 0 if unused), its seeds drawn
+            buffers = [(advance[0], terms.get(advance[0], 0.0)), *((b, c) for b, c in buffers if b is not advance[0])]
+            seeds.update({k: seeds.get(k, 0.0) for k, e in advance[2].items() if e != 0.0})
+        elif alpha == 1.0 and not seeds and not buffers and all(o is s for o, s in zip(outs, srcs)):
+            return 0.0
+        self.traffic += sum(o.numel() * o.element_size() + s.numel() * s.element_size() for o, s in zip(outs, srcs))
         on_kernels, host = [], []
         for shard, out, src in zip(shards, outs, srcs):
             extra = [(b.tensors[self._index[id(shard)]].view(-1), c) for b, c in buffers]
+            self.traffic += sum(b.numel() * b.element_size() for b, _ in extra) * (1 + (advance is not None))
             (on_kernels if self._on_kernels(out) else host).append((shard, out.view(-1), src.view(-1), extra))
         beta = buffers[0][1] if buffers else 0.0
-        self._kernel_pass([(s.offset, s.stream, out, src, extra) for s, out, src, extra in on_kernels],
-                          alpha, seeds.items(), beta)
+        coefs = None if advance is None else (advance[1], [advance[2].get(k, 0.0) for k in seeds])
+        squares = self._kernel_pass([(s.offset, s.stream, out, src, extra) for s, out, src, extra in on_kernels],
+                                    alpha, seeds.items(), beta, coefs)
         if self.stage_device is not None:  # host shards (offload): a chunk at a time through the kernels
             device = self.stage_device
             staged_terms = kernels.Terms(seeds.items(), device)  # once, not once per chunk
@@ -291,15 +313,22 @@ class PerturbationEngine:
                 staged = [(shard.offset + lo, shard.stream, torch.empty(hi - lo, dtype=out.dtype, device=device),
                            src[lo:hi].to(device), [(b[lo:hi].to(device), c) for b, c in extra])
                           for shard, out, src, extra, lo, hi in chunk]
-                self._kernel_pass(staged, alpha, staged_terms, beta)
-                for (shard, out, _, _, lo, hi), (_, _, result, _, _) in zip(chunk, staged):
+                squares += self._kernel_pass(staged, alpha, staged_terms, beta, coefs)
+                for (shard, out, _, extra, lo, hi), (_, _, result, _, moved) in zip(chunk, staged):
                     out[lo:hi].copy_(result)
-            return
+                    if advance is not None:
+                        extra[0][0][lo:hi].copy_(moved[0][0])
+            return squares
         for chunk in self._chunks(host):
             wide = any(src.dtype == torch.float64 for _, _, src, _, _, _ in chunk)
-            noise = self._noise(chunk, seeds, torch.float64 if wide else torch.float32)
-            if noise is not None and all(out.data_ptr() == src.data_ptr() and out.dtype == noise.dtype and not extra
-                                         for _, out, src, extra, _, _ in chunk):
+            compute_noise = torch.float64 if wide else torch.float32
+            if advance is None:
+                noise, moved = self._noise(chunk, seeds, compute_noise), None
+            else:
+                noise, moved = self._noise(chunk, seeds, compute_noise, advance[2])
+            if advance is None and noise is not None and all(
+                    out.data_ptr() == src.data_ptr() and out.dtype == noise.dtype and not extra
+                    for _, out, src, extra, _, _ in chunk):
                 # in place, one dtype: two batched ops for the whole chunk (small models are bound by
                 # per-op dispatch on the CPU)
                 views = [out[lo:hi] for _, out, _, _, lo, hi in chunk]
@@ -317,22 +346,31 @@ class PerturbationEngine:
                     value = value + noise[pos : pos + hi - lo].to(compute)
                 for buffer, coef in extra:
                     value = value + coef * buffer[lo:hi].to(compute)
+                if advance is not None:  # after the parameters read the buffer's old values
+                    buffer = extra[0][0][lo:hi]
+                    step = buffer.to(compute) * advance[1]
+                    if moved is not None:
+                        step = step + moved[pos : pos + hi - lo].to(compute)
+                    buffer.copy_(step)
+                    squares += float(torch.linalg.vector_norm(buffer, dtype=torch.float64) ** 2)
                 out[lo:hi].copy_(value)
                 pos += hi - lo
+        return squares
 
-    def _kernel_pass(self, items, alpha: float, terms, beta: float) -> None:
+    def _kernel_pass(self, items, alpha: float, terms, beta: float, advance=None) -> float:
         """One launch over (start, stream, out, src, extra buffers) items; the first buffer is read in
-        the same pass, any further ones are added after. ``terms``: (seed, coefficient) pairs or
-        ``kernels.Terms`` already on the device."""
+        the same pass (and with ``advance``, written), any further ones are added after. ``terms``:
+        (seed, coefficient) pairs or ``kernels.Terms`` already on the device."""
         if not items:
-            return
-        kernels.affine_noise_([kernels.Segment(out, start, stream, src, extra[0][0] if extra else None)
-                               for start, stream, out, src, extra in items],
-                              distribution=self.distribution, terms=terms, alpha=alpha, beta=beta,
-                              version=self.version)
+            return 0.0
+        squares = kernels.affine_noise_([kernels.Segment(out, start, stream, src, extra[0][0] if extra else None)
+                                         for start, stream, out, src, extra in items],
+                                        distribution=self.distribution, terms=terms, alpha=alpha, beta=beta,
+                                        version=self.version, advance=advance)
         for _, _, out, _, extra in items:
             for buffer, coef in extra[1:]:
                 out.add_(buffer, alpha=coef)
+        return 0.0 if squares is None else float(squares)
 
     def new_buffer(self, dtype: torch.dtype | None = None) -> ShardBuffer:
         """Zeros laid out like the shards (dtype defaults to that of the parameters' values), in host
@@ -425,14 +463,16 @@ class PerturbationEngine:
         if chunk:
             yield chunk
 
-    def _noise(self, chunk, terms: Terms, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        if not terms:
-            return None
+    def _noise(self, chunk, terms: Terms, dtype: torch.dtype = torch.float32, second: Terms | None = None):
+        """sum_j c_j z_j over the chunk, or with ``second`` (other coefficients of the same seeds)
+        the pair of sums, each z drawn once."""
         segments = [(shard.stream, shard.offset + lo, hi - lo) for shard, _, _, _, lo, hi in chunk]
         device = chunk[0][1].device if chunk[0][1].device.type != "meta" else "cpu"  # an NVMe placeholder
-        total = None
-        for seed, coef in terms.items():
+        totals = [None, None]
+        for seed in terms:
             z = rng.generate_segments(self.distribution, seed, segments, device=device, dtype=dtype,
                                       version=self.version)
-            total = z * coef if total is None else total.add_(z, alpha=coef)
-        return total
+            for i, coef in enumerate((terms[seed], (second or {}).get(seed, 0.0))):
+                if coef != 0.0:
+                    totals[i] = z * coef if totals[i] is None else totals[i].add_(z, alpha=coef)
+        return totals[0] if second is None else tuple(totals)

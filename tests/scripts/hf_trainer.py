@@ -2,7 +2,9 @@
 
     python tests/scripts/hf_trainer.py OUT [key=value ...]          (one process, or under torchrun)
 
-Keys: optimizer, backend (none | fsdp | deepspeed), steps, batch (the global batch), accumulation,
+Keys: optimizer, backend (none | fsdp | deepspeed: zoscale shards the model; trainer-deepspeed,
+trainer-fsdp: the Trainer's own integrations, TrainingArguments(deepspeed=...) or fsdp=..., the
+latter on CUDA), steps, batch (the global batch), accumulation,
 save_steps, resume (a checkpoint directory), lr, dtype, master (fp32 master weights), save_model.
 Every rank writes OUT/rank{r}.json: the Trainer's log history, the parameter checksum and the files
 of OUT/run.
@@ -20,6 +22,10 @@ import torch.distributed as dist
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "zoscale" / "quickstart" / "tokenizer"
 REVIEWS = Path(__file__).resolve().parents[2] / "zoscale" / "quickstart" / "sst2" / "train.jsonl"
+ZERO3 = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "zero3.json"
+TRAINER_SHARDING = {"trainer-deepspeed": {"deepspeed": str(ZERO3), "use_cpu": True},
+                    "trainer-fsdp": {"fsdp": "full_shard", "fsdp_config": {
+                        "version": 2, "reshard_after_forward": True, "transformer_layer_cls_to_wrap": ["OPTDecoderLayer"]}}}
 TINY_OPT = dict(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4, max_position_embeddings=64,
                 word_embed_proj_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=1, dropout=0.0,
                 attention_dropout=0.0)
@@ -62,13 +68,14 @@ def main(out: Path, options: dict) -> None:
                              gradient_accumulation_steps=accumulation, learning_rate=float(options.get("lr", 1e-3)),
                              lr_scheduler_type=options.get("schedule", "constant"), logging_steps=1,
                              save_steps=int(options.get("save_steps", 1000)), save_strategy="steps", report_to=[],
-                             train_sampling_strategy="sequential", use_cpu=True, seed=0,
-                             dataloader_drop_last=True, disable_tqdm=True)
+                             train_sampling_strategy="sequential", seed=0, dataloader_drop_last=True,
+                             disable_tqdm=True, **TRAINER_SHARDING.get(options.get("backend", "none"), {"use_cpu": True}))
+    backend = options.get("backend", "none")
     trainer = ZOTrainer(model=model(len(tok), dtype=options.get("dtype", "float32")), args=args,
                         train_dataset=dataset(tok), processing_class=tok,
                         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
                         zo_optimizer=options.get("optimizer", "mezo"), zo_options={"eps": 1e-3},
-                        zo_backend=None if options.get("backend", "none") == "none" else options["backend"],
+                        zo_backend=backend if backend in ("fsdp", "deepspeed") else None,
                         zo_master_weights=bool(int(options.get("master", 0))))
     trainer.train(resume_from_checkpoint=options.get("resume"))
     if options.get("save_model"):

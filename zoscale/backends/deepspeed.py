@@ -39,13 +39,32 @@ def offload_device(config_path: str | None) -> str | None:
 
 
 def zero3_config(dtype: torch.dtype) -> dict:
-    """The DeepSpeed config zoscale generates (configs/deepspeed/zero3.json is the same, as a file)."""
+    """The DeepSpeed config zoscale generates (configs/deepspeed/zero3.json, resolved)."""
     return {
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16},
     }
+
+
+def resolve_auto(config: dict, dtype: torch.dtype) -> dict:
+    """A config written for the Trainer ("auto" values, which transformers fills from
+    TrainingArguments) as zoscale's own deepspeed.initialize takes it: one micro-batch, bf16 and
+    fp16 by the model's dtype, and DeepSpeed's defaults for any other "auto"."""
+    def fill(node: dict, section: str) -> dict:
+        out = {}
+        for key, value in node.items():
+            if isinstance(value, dict):
+                out[key] = fill(value, key)
+            elif value != "auto":
+                out[key] = value
+            elif key == "train_micro_batch_size_per_gpu":
+                out[key] = 1
+            elif key == "enabled" and section in ("bf16", "fp16"):
+                out[key] = dtype == (torch.bfloat16 if section == "bf16" else torch.float16)
+        return out
+    return fill(config, "")
 
 
 class DeepSpeedBackend(DDPBackend):
@@ -89,8 +108,11 @@ class DeepSpeedBackend(DDPBackend):
         print0(f"built {cfg.name_or_path or 'random weights'} in ZeRO-3 partitions (no rank holds the whole model)")
         return self.prepare(model, device)
 
-    def _config(self, dtype: torch.dtype):
-        return self.config_path or zero3_config(dtype)  # a path is validated by zoscale.config
+    def _config(self, dtype: torch.dtype) -> dict:
+        if self.config_path is None:
+            return zero3_config(dtype)
+        with open(self.config_path) as f:  # validated by zoscale.config
+            return resolve_auto(json.load(f), dtype)
 
     def prepare(self, model, device):
         dtype = next(model.parameters()).dtype

@@ -39,6 +39,7 @@ class QuadraticConfig:
     x0_seed: int = 42
     first_trial_seed: int = 43
     curve_points: int = 400
+    buffer_dtype: str = "float64"  # ConMeZO's momentum (x is float64)
 
 
 def _problem(cfg: QuadraticConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,8 +55,8 @@ def run_trial(cfg: QuadraticConfig, method: str, trial: int, progress: bool = Tr
     model = torch.nn.Module()
     model.x = torch.nn.Parameter(x0.clone())
     x = model.x.data
-    opt = zoscale.build_optimizer(method, model, lr=cfg.lr, eps=cfg.eps, seed=cfg.first_trial_seed + trial,
-                                  **METHODS[method])
+    options = {**METHODS[method], **({"buffer_dtype": cfg.buffer_dtype} if method == "conmezo" else {})}
+    opt = zoscale.build_optimizer(method, model, lr=cfg.lr, eps=cfg.eps, seed=cfg.first_trial_seed + trial, **options)
     value = lambda: 0.5 * torch.dot(eigenvalues, x * x).item()  # noqa: E731
     values = [value()]
     report_every = max(1, cfg.iters // 10)
@@ -118,11 +119,11 @@ def write_report(summary: dict, out: Path) -> None:
     (out / "quadratic.md").write_text(f"""# Quadratic benchmark: MeZO vs ConMeZO
 
 {summary['date']}, {summary['hardware']}; `zoscale bench quadratic --dim {cfg['dim']} --iters {cfg['iters']} \
---trials {cfg['trials']}`.
+--trials {cfg['trials']} --buffer-dtype {cfg['buffer_dtype']}`.
 
 f(x) = x^T A x / 2, A diagonal with eigenvalues geometric from 1/d^3 to 1, |x_0| = 10 (f_0 = \
 {summary['initial_value']:.3f}), eps = {cfg['eps']}, lr = {cfg['lr']}; ConMeZO theta = 1.30, beta = 0.99, \
-zero initial momentum. Trial seeds {cfg['first_trial_seed']}..{cfg['first_trial_seed'] + cfg['trials'] - 1} \
+zero initial momentum, momentum in {cfg['buffer_dtype']}. Trial seeds {cfg['first_trial_seed']}..{cfg['first_trial_seed'] + cfg['trials'] - 1} \
 (zoscale's Philox streams, not the paper's numpy seeds).
 
 | method | final mean f | iterations to reach MeZO's final mean |

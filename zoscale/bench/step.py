@@ -62,7 +62,8 @@ def reference_mezo_step(model, loss, eps: float, lr: float, seed: int) -> None:
 
 
 def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: str, dtype: str,
-        repeats: int, out: Path, deepspeed_config: str | None = None, defer_update: bool = False) -> dict:
+        repeats: int, out: Path, deepspeed_config: str | None = None, defer_update: bool = False,
+        stream: str = "v1") -> dict:
     from zoscale import backends
     from zoscale.config import ModelConfig
     from zoscale.plan import load_model_config
@@ -74,7 +75,8 @@ def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: s
     model = backend.build(cfg, fields["vocab_size"], device)
     shards, shard_comm = backend.shards(model, None)
     options = {"defer_update": True} if defer_update else {}  # MeZO: the update rides on the next step's first pass
-    opt = zoscale.build_optimizer(optimizer, shards, comm=comm, shard_comm=shard_comm, lr=1e-7, eps=1e-3, **options)
+    opt = zoscale.build_optimizer(optimizer, shards, comm=comm, shard_comm=shard_comm, lr=1e-7, eps=1e-3,
+                                  stream=stream, **options)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, fields["vocab_size"], (batch, seq), generator=generator).to(device)
 
@@ -85,12 +87,17 @@ def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: s
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     forward = _timed(loss, repeats)
+    opt.step(loss)  # ConMeZO's first step has no momentum to read yet
+    traffic = opt.engine.traffic
     zo_step = _timed(lambda: opt.step(loss), repeats)
+    local_numel = sum(s.tensor.numel() for s in shards)
+    # in steady state: a deferred update still pending rides on the next step's first pass
+    bytes_per_parameter = (opt.engine.traffic - traffic) / (repeats + 1) / local_numel
     opt.flush()
     seeds = iter(range(10**6, 2 * 10**6))  # a fresh seed each time: one generated stream per pass
     tensors = [s.tensor for s in shards]
     perturb_pass = _timed(lambda: opt.engine.apply(shards, tensors, tensors, 1.0, {next(seeds): 1e-3}), repeats)
-    signs = PerturbationEngine(shards, "rademacher")
+    signs = PerturbationEngine(shards, "rademacher", version=stream)
     rademacher_pass = _timed(lambda: signs.apply(shards, tensors, tensors, 1.0, {next(seeds): 1e-3}), repeats)
     in_place = _timed(lambda: [s.tensor.add_(1e-3) for s in shards], repeats)
     local_bytes = sum(s.tensor.numel() * s.tensor.element_size() for s in shards)
@@ -98,7 +105,9 @@ def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: s
         "date": datetime.date.today().isoformat(), "device": device_description(device), "world_size": comm.world_size,
         "model": Path(model_config).stem, "backend": backend_name, "deepspeed_config": deepspeed_config,
         "dtype": dtype, "batch": batch, "seq": seq,
-        "optimizer": optimizer, "defer_update": defer_update, "parameters": sum(s.global_numel for s in shards),
+        "optimizer": optimizer, "defer_update": defer_update, "stream": stream,
+        "parameters": sum(s.global_numel for s in shards), "bytes_per_parameter_per_step": bytes_per_parameter,
+        "perturbation_elements_per_s": local_numel / perturb_pass,
         "forward_ms": forward * 1e3, "zo_step_ms": zo_step * 1e3, "zo_step_over_two_forwards": zo_step / (2 * forward),
         "perturbation_pass_ms": perturb_pass * 1e3, "in_place_pass_ms": in_place * 1e3,
         "perturbation_over_in_place": perturb_pass / in_place,
@@ -117,7 +126,7 @@ def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: s
         result["peak_host_rss_gib"] = psutil.Process().memory_info().rss / GIB
     if comm.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        name = report_name(model_config, backend_name, optimizer, deepspeed_config, defer_update)
+        name = report_name(model_config, backend_name, optimizer, deepspeed_config, defer_update, stream)
         (out / f"{name}.json").write_text(json.dumps(result, indent=1))
         (out / f"{name}.md").write_text(markdown(result))
     backend.teardown()
@@ -125,17 +134,20 @@ def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: s
 
 
 def report_name(model: str, backend: str, optimizer: str, deepspeed_config: str | None = None,
-                defer_update: bool = False) -> str:
+                defer_update: bool = False, stream: str = "v1") -> str:
     variant = f"-{Path(deepspeed_config).stem}" if deepspeed_config else ""
-    return f"step-{Path(model).stem}-{backend}{variant}-{optimizer}{'-deferred' if defer_update else ''}"
+    return (f"step-{Path(model).stem}-{backend}{variant}-{optimizer}{'-deferred' if defer_update else ''}"
+            f"{'' if stream == 'v1' else '-' + stream}")
 
 
 def markdown(r: dict) -> str:
     rows = [("forward", f"{r['forward_ms']:.2f} ms"),
             (f"{r['optimizer']} step{' (deferred update)' if r.get('defer_update') else ''}",
              f"{r['zo_step_ms']:.2f} ms = {r['zo_step_over_two_forwards']:.2f} x two forwards"),
-            ("perturbation pass", f"{r['perturbation_pass_ms']:.2f} ms = {r['perturbation_over_in_place']:.2f} x "
-                                  f"in-place ({r['perturbation_bandwidth_gb_s']:.1f} GB/s)"),
+            ("memory the step's passes read and write", f"{r['bytes_per_parameter_per_step']:.1f} bytes per parameter"),
+            (f"perturbation pass (stream {r['stream']})",
+             f"{r['perturbation_pass_ms']:.2f} ms = {r['perturbation_over_in_place']:.2f} x in-place "
+             f"({r['perturbation_bandwidth_gb_s']:.1f} GB/s, {r['perturbation_elements_per_s'] / 1e6:.0f}M elements/s)"),
             ("Rademacher perturbation pass", f"{r['rademacher_pass_ms']:.2f} ms = "
                                              f"{r['rademacher_over_in_place']:.2f} x in-place"),
             ("in-place pass `x.add_(c)`", f"{r['in_place_pass_ms']:.2f} ms ({r['in_place_bandwidth_gb_s']:.1f} GB/s)")]

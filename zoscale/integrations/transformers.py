@@ -26,14 +26,22 @@ callbacks, `save_steps`/`save_total_limit`, `save_model`. What is replaced, and 
   buffers such as ConMeZO's momentum or SVRG's anchor, and the trainable parameters themselves)
   goes into ``checkpoint-N/zoscale/`` as a zoscale checkpoint (atomic, checksummed, per rank), so
   ``resume_from_checkpoint`` continues the same trajectory on any world size.
-- ``save_model`` under ``zo_backend``: the shards gathered into one state dict for rank 0.
+- ``save_model`` on a sharded model: the shards gathered into one state dict for rank 0.
 - ``log``: ``projected_grad`` and the ZO step's lr in the training logs, no ``grad_norm``;
   ``evaluation_loop`` and ``save_model`` flush a deferred update first.
 
-Sharding: ``zo_backend="fsdp"`` (FSDP2) or ``"deepspeed"`` (ZeRO-3) shards the model with
-zoscale's own backends before the Trainer sees it, under torchrun or alone; the Trainer then runs
-only the loop. The Trainer's own ``deepspeed=`` / ``fsdp=`` integrations are refused for now (on
-CPU accelerate cannot run them; on GPUs they are untested): use ``zo_backend``.
+- ``_prepare_for_training`` (under the Trainer's own ``deepspeed=`` or ``fsdp=``): the model alone
+  goes through ``accelerator.prepare``, so ZeRO-3 partitions it (or FSDP2 shards it) without an
+  optimizer, whose fp32 states a ZO step has no use for (they would triple the memory); the ZO
+  optimizer is then built over the partitions. Resuming reads the zoscale checkpoint, not
+  DeepSpeed's or FSDP's optimizer files, which are not written.
+
+Sharding, two ways. The Trainer's own: ``TrainingArguments(deepspeed="configs/deepspeed/zero3.json")``
+(stage 3, ``stage3_param_persistence_threshold: 0``; runs on CPU ranks too) or ``fsdp=...`` with
+``fsdp_config={"version": 2, "reshard_after_forward": True}`` (needs CUDA: on CPU the Trainer falls
+back to DDP without sharding, so it is refused there). Or zoscale's: ``zo_backend="fsdp"`` (FSDP2)
+or ``"deepspeed"`` (ZeRO-3) shards the model with zoscale's backends before the Trainer sees it,
+under torchrun or alone; the Trainer then runs only the loop.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 import zoscale
 from zoscale import backends, checkpoint
@@ -91,17 +100,26 @@ def check_arguments(args: TrainingArguments, zo_optimizer: str, zo_backend: str 
     if args.fp16:
         raise ValueError("TrainingArguments.fp16: AMP's gradient scaling has no gradients to scale under ZO; "
                          "load the model in float16 or use bf16=True")
+    if (args.deepspeed or args.fsdp) and zo_backend is not None:
+        raise ValueError(f"zo_backend: {zo_backend!r} and TrainingArguments.{'deepspeed' if args.deepspeed else 'fsdp'} "
+                         f"both shard the model; choose one")
     if args.deepspeed:
-        stage = (args.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage", 0)
-                 if getattr(args, "hf_deepspeed_config", None) else None)
-        if stage is not None and stage < 3:
-            raise ValueError(f"TrainingArguments.deepspeed: ZeRO stage {stage} shards optimizer state, which ZO "
-                             f"does not have; use stage 3 (sharded parameters) or no DeepSpeed")
-        raise ValueError("TrainingArguments.deepspeed: the Trainer's DeepSpeed integration is not supported yet; "
-                         "pass zo_backend='deepspeed' (ZeRO-3 by zoscale) instead")
+        zero = args.hf_deepspeed_config.config.get("zero_optimization", {})
+        if zero.get("stage", 0) < 3:
+            raise ValueError(f"TrainingArguments.deepspeed: ZeRO stage {zero.get('stage', 0)} shards optimizer state, "
+                             f"which ZO does not have; use stage 3 (sharded parameters) or no DeepSpeed")
+        if zero.get("stage3_param_persistence_threshold") != 0:
+            raise ValueError("TrainingArguments.deepspeed: set zero_optimization.stage3_param_persistence_threshold "
+                             "to 0 (parameters below it stay gathered and would stop seeing perturbations)")
     if args.fsdp:
-        raise ValueError("TrainingArguments.fsdp: the Trainer's FSDP integration is not supported yet; pass "
-                         "zo_backend='fsdp' (FSDP2 by zoscale) instead")
+        fsdp = args.fsdp_config or {}
+        if str(fsdp.get("version", 1)) != "2" or not fsdp.get("reshard_after_forward", False):
+            raise ValueError("TrainingArguments.fsdp_config: ZOTrainer needs FSDP2 with reshard_after_forward "
+                             "(version 2, reshard_after_forward True: a root left gathered would not see the "
+                             "perturbations)")
+        if args.use_cpu or not torch.cuda.is_available():
+            raise ValueError("TrainingArguments.fsdp: the Trainer's FSDP needs CUDA (on CPU it falls back to DDP "
+                             "without sharding); pass zo_backend='fsdp' (FSDP2 by zoscale) instead")
     if zo_backend is not None and zo_backend not in ZO_BACKENDS:
         raise ValueError(f"zo_backend: {zo_backend!r} is not one of {list(ZO_BACKENDS)} (or None: whole replicas)")
     if "outputs" in REGISTRY[zo_optimizer].needs:
@@ -144,17 +162,44 @@ class ZOTrainer(Trainer):
         if self.zo_backend is not None:
             _, device = self.zo_backend.setup(args.ddp_timeout)
             model = self.zo_backend.prepare(model.to(device), device)
+        if zo_master_weights and (args.deepspeed or args.fsdp):
+            raise ValueError("zo_master_weights: not with the Trainer's sharding (keep the shards in fp32)")
         super().__init__(model, args, *rest, **kwargs)
         self.comm = Comm()
+        self.sharding = self.zo_backend  # whose shards, head and gathered state dict: set once the model is sharded
         self._micro_batches: list = []
         self._since_log: list = []
 
     # -- the optimizer ------------------------------------------------------------------------------
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        """Under the Trainer's DeepSpeed or FSDP: the model alone through accelerator.prepare (no
+        optimizer for ZeRO-3 or FSDP2 to hold states of), then the ZO optimizer over its shards."""
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if self._created_lr_scheduler:
+            self.lr_scheduler, self._created_lr_scheduler = None, False
+        model = self.accelerator.prepare(self.model)
+        if self.is_fsdp_enabled:
+            self.model = model  # the Trainer's convention: the FSDP-wrapped model is the model
+        self.model_wrapped = model
+        if self.is_deepspeed_enabled:
+            self.deepspeed = model
+        self.sharding = backends.get("deepspeed" if self.is_deepspeed_enabled else "fsdp")
+        self.sharding.comm = self.comm
+        self.create_optimizer()
+        self.create_scheduler(num_training_steps=max_steps)
+        if resume_from_checkpoint is not None:
+            self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        for attr in ("model", "optimizer", "lr_scheduler"):
+            setattr(self.callback_handler, attr, getattr(self, attr))
+        self.callback_handler.train_dataloader = train_dataloader
+        return model, train_dataloader
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             module = self.model
-            if self.zo_backend is not None:
-                shards, shard_comm = self.zo_backend.shards(module, None)
+            if self.sharding is not None:
+                shards, shard_comm = self.sharding.shards(module, None)
             else:
                 shards, shard_comm = local_shards(module, master_dtype=self.zo_master_dtype), None
             own_schedule = "lr" in self.zo_options or "schedule" in self.zo_options
@@ -225,7 +270,7 @@ class ZOTrainer(Trainer):
         """(the last hidden state or the logits, the token-summed loss as a function of it): the
         causal-LM cross-entropy on ``labels``, whatever ``compute_loss`` says."""
         lm = causal_lm(self.model)
-        body, head = getattr(self.zo_backend, "body", None), getattr(self.zo_backend, "head", None)
+        body, head = getattr(self.sharding, "body", None), getattr(self.sharding, "head", None)
         if not hasattr(lm, "get_output_embeddings") or lm.get_output_embeddings() is None:
             raise ValueError(f"{self.zo_name}: needs a causal LM with an output embedding (its body/head split)")
         labels = inputs["labels"][:, 1:]
@@ -267,24 +312,33 @@ class ZOTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if self.zo is not None:
             self.zo.flush()
-        if self.zo_backend is None:
+        if self.sharding is None:
             return super().save_model(output_dir, _internal_call)
-        state = self.zo_backend.full_state_dict(self.model)  # a collective: every rank is here
+        state = self.sharding.full_state_dict(self.model)  # a collective: every rank is here
         self._save(output_dir or self.args.output_dir, state_dict=state if self.args.should_save else {})
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)  # the lr carrier and the scheduler
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # the Trainer would save their optimizers' files
+            if self.args.should_save:
+                torch.save(self.optimizer.state_dict(), Path(output_dir) / OPTIMIZER_NAME)
+                torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+        else:
+            super()._save_optimizer_and_scheduler(output_dir)  # the lr carrier and the scheduler
         zo = self.zo
         owns = zo.shard_comm.distributed or self.comm.is_main  # replicas: rank 0 writes the pieces
         checkpoint.save(Path(output_dir) / _ZO_STATE, self.state.global_step, zo.shards, zo.shard_buffers(),
                         zo.state_dict(buffers=False), {"optimizer": self.zo_name}, self.comm, owns, keep=1)
 
     def _load_optimizer_and_scheduler(self, resume_from: str | None) -> None:
-        super()._load_optimizer_and_scheduler(resume_from)
         if resume_from is None:
             return
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            self.optimizer.load_state_dict(torch.load(Path(resume_from) / OPTIMIZER_NAME, weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(Path(resume_from) / SCHEDULER_NAME, weights_only=True))
+        else:
+            super()._load_optimizer_and_scheduler(resume_from)
         found = checkpoint.find(Path(resume_from) / _ZO_STATE / "checkpoints", self.comm)
         if found.path is None:
             raise ValueError(f"resume_from_checkpoint: {resume_from} holds no complete ZO state "

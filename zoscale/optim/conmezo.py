@@ -5,10 +5,11 @@
     x   <- x - lr pg_t z_t
     m   <- beta m + (1 - beta) pg_t z_t                         (|m| < 1e-8: z_t = u_t, a MeZO step)
 
-One parameter-sized buffer D holds m_t + r_t u_t, so that z_t = a_t D (algorithms.md 2.4): the
-three parameter passes read D and generate nothing; the buffer update regenerates u_t once to turn
-D into m_{t+1} and generates u_{t+1} once. |m| is measured exactly through ``param_sums`` (so it is
-right on sharded runs) unless ``norm="predicted"`` (the reference code's formula).
+One parameter-sized buffer holds m. A step is three passes over parameters and momentum together,
+as MeZO's are over the parameters: the two perturbation passes read m and draw u_t to form
+z_t = a m + b u_t where they use it, and the restore+update pass also advances m and sums |m|^2
+on the way (the engine's ``advance``). |m| is that sum, reduced over ranks through ``param_sums``
+(exact on sharded runs), unless ``norm="predicted"`` (the reference code's formula).
 ``noise="projected"`` removes u's component along m and rescales it, so that |z| = sqrt(d) and
 the angle to m is exactly theta (one more dot product). theta = pi/2 is MeZO.
 """
@@ -65,7 +66,6 @@ class ConMeZO(ZOOptimizer):
         self.dim = self.param_sums([sum(s.numel for s in self.shards)])[0]
         self.momentum_norm = 0.0  # |m_t|, measured or predicted
         self.initialized = config.momentum_init == "zero"
-        self.prepared: tuple[int, float, float] | None = None  # (step, a, r) while D = m + r u_step
 
     # -- the schedule and the cone ------------------------------------------------------------------
     def beta_at(self, step: int) -> float:
@@ -93,8 +93,8 @@ class ConMeZO(ZOOptimizer):
             else math.sqrt(self.dim)
         self.initialized = True
 
-    def _prepare(self, step: int, seed: int) -> dict:
-        """Make D = m_t + r u_t and return the direction z_t as engine terms."""
+    def _direction(self, seed: int) -> dict:
+        """z_t = a m_t + b u_t as engine terms: the perturbation passes read m and draw u_t."""
         if not self.initialized:
             self._initialize()
         if self.momentum_norm < 1e-8:
@@ -102,58 +102,42 @@ class ConMeZO(ZOOptimizer):
         cfg, d, m = self.config, self.dim, self.momentum_norm
         cos, sin = math.cos(cfg.cone_theta), math.sin(cfg.cone_theta)
         if cfg.noise == "unprojected":
-            a, r = math.sqrt(d) * cos / m, math.tan(cfg.cone_theta) * m / math.sqrt(d)
-        else:  # z = sqrt(d) cos m/|m| + sqrt(d) sin u_perp/|u_perp|, u_perp = u - <u,m>/|m|^2 m
-            um, uu = self.param_sums([self.engine.dot(seed, self.buffer.tensors), self.engine.noise_norm2(seed)])
-            coef_u = math.sqrt(d) * sin / math.sqrt(max(uu - um * um / (m * m), 1e-30))
-            a = math.sqrt(d) * cos / m - coef_u * um / (m * m)
-            r = coef_u / a
-        self.engine.apply(self.shards, self.buffer.tensors, self.buffer.tensors, 1.0, {seed: r})
-        self.prepared = (step, a, r)
-        return {self.buffer: a}
+            return {self.buffer: math.sqrt(d) * cos / m, seed: sin}
+        # z = sqrt(d) cos m/|m| + sqrt(d) sin u_perp/|u_perp|, u_perp = u - <u,m>/|m|^2 m: one more read of m
+        um, uu = self.param_sums([self.engine.dot(seed, self.buffer.tensors), self.engine.noise_norm2(seed)])
+        coef_u = math.sqrt(d) * sin / math.sqrt(max(uu - um * um / (m * m), 1e-30))
+        return {self.buffer: math.sqrt(d) * cos / m - coef_u * um / (m * m), seed: coef_u}
 
-    def _advance_momentum(self, seed: int, pg: float, beta: float) -> None:
-        """D = m_t + r u_t  ->  m_{t+1} = beta m_t + (1 - beta) pg z_t, then |m_{t+1}|."""
+    def _momentum_norm(self, squares: float, seed: int, pg: float, beta: float, direction: dict) -> float:
+        """|m_{t+1}|: the pass's sum of squares over every rank, or the reference code's prediction."""
         cfg, d = self.config, self.dim
-        if self.prepared is None:  # z = u
-            self.engine.apply(self.shards, self.buffer.tensors, self.buffer.tensors, beta, {seed: (1 - beta) * pg})
-            parallel, perpendicular = beta * self.momentum_norm, (1 - beta) * pg * math.sqrt(d)
-        else:
-            _, a, r = self.prepared
-            self.engine.apply(self.shards, self.buffer.tensors, self.buffer.tensors, beta + (1 - beta) * pg * a,
-                              {seed: -beta * r})
-            parallel = beta * self.momentum_norm + (1 - beta) * pg * math.sqrt(d) * math.cos(cfg.cone_theta)
-            perpendicular = (1 - beta) * pg * math.sqrt(d) * math.sin(cfg.cone_theta)
         if cfg.norm == "exact":
-            self.momentum_norm = math.sqrt(self.param_sums([self.engine.norm2(self.buffer.tensors)])[0])
-        else:
-            self.momentum_norm = math.hypot(parallel, perpendicular)
-        self.prepared = None
-
-    def _unprepare(self, seed: int) -> None:
-        """Take u_t back out of D (a skipped step leaves the momentum as it was)."""
-        if self.prepared is not None:
-            self.engine.apply(self.shards, self.buffer.tensors, self.buffer.tensors, 1.0, {seed: -self.prepared[2]})
-            self.prepared = None
+            return math.sqrt(self.param_sums([squares])[0])
+        if self.buffer not in direction:  # z = u
+            return math.hypot(beta * self.momentum_norm, (1 - beta) * pg * math.sqrt(d))
+        parallel = beta * self.momentum_norm + (1 - beta) * pg * math.sqrt(d) * math.cos(cfg.cone_theta)
+        return math.hypot(parallel, (1 - beta) * pg * math.sqrt(d) * math.sin(cfg.cone_theta))
 
     # -- the step -----------------------------------------------------------------------------------
     def step(self, objective) -> StepResult:
         closure = self.objective(objective).loss
         cfg, step = self.config, self.step_count
         lr, beta, seed = self.lr_at(step), self.beta_at(step), self.seed_for(step, 0)
-        direction = {seed: 1.0} if self.is_mezo else self._prepare(step, seed)
+        direction = {seed: 1.0} if self.is_mezo else self._direction(seed)
         loss_plus, loss_minus = self.global_means(self.evaluate_pairs([direction], closure))
         pg = (loss_plus - loss_minus) / (2 * cfg.eps)
         skipped = not all_finite([loss_plus, loss_minus])
-        if skipped:
+        if skipped:  # restore the parameters; the momentum stays
             self.engine.update({})
             self.engine.flush()
-            self._unprepare(seed)
         else:
             self.engine.update({k: -lr * pg * c for k, c in direction.items()}, decay=1.0 - lr * cfg.weight_decay)
-            self.engine.flush()  # restore and update in one pass
-            if not self.is_mezo:
-                self._advance_momentum(seed, pg, beta)
+            if self.is_mezo:
+                self.engine.flush()  # restore and update in one pass
+            else:  # restore, update, and m <- beta m + (1 - beta) pg z in one pass
+                gamma = beta + (1 - beta) * pg * direction.get(self.buffer, 0.0)
+                squares = self.engine.flush(advance=(self.buffer, gamma, {seed: (1 - beta) * pg * direction[seed]}))
+                self.momentum_norm = self._momentum_norm(squares, seed, pg, beta, direction)
         self.step_count += 1
         return StepResult(step=step, loss=loss_plus, projected_grad=pg, projected_grads=(pg,), lr=lr, skipped=skipped)
 
@@ -168,4 +152,3 @@ class ConMeZO(ZOOptimizer):
         super().load_state_dict(state)
         self.momentum_norm = float(state["momentum_norm"])
         self.initialized = bool(state["initialized"])
-        self.prepared = None
