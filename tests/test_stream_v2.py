@@ -1,6 +1,8 @@
 """Stream v2 as a run property: the sharded trajectories equal one process as on v1, and a run keeps
-its stream through config.yaml, the seed log's header, checkpoints, resume and replay."""
+its stream through config.yaml, the seed log's header, checkpoints, resume and replay; a resumed run
+keeps the run properties (stream, ConMeZO's momentum dtype) it began with when defaults change."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -73,8 +75,36 @@ def test_optimizer_state_of_another_stream_is_refused():
 
     model = torch.nn.Linear(4, 3)
     saved = zoscale.build_optimizer("mezo", model, stream="v2").state_dict()
-    with pytest.raises(ValueError, match="perturbation stream v2, this run uses v1"):
+    with pytest.raises(ValueError, match="saved with stream v2, this run uses v1"):
         zoscale.build_optimizer("mezo", model).load_state_dict(saved)
+    momentum = zoscale.build_optimizer("conmezo", model, buffer_dtype="float32").state_dict()
+    with pytest.raises(ValueError, match=r"buffer_dtype float32, this run uses bfloat16: .*buffer_dtype='float32'"):
+        zoscale.build_optimizer("conmezo", model).load_state_dict(momentum)
     with pytest.raises(ValueError, match="stream: must be one of"):
         zoscale.build_optimizer("mezo", model, stream="v3")
     assert rng.STREAMS == ("v1", "v2")
+
+
+def test_a_resumed_run_keeps_the_momentum_dtype_it_began_with(tmp_path, cli):
+    """ConMeZO's momentum became bfloat16 by default on 2026-12-03: a run begun with float32 that
+    never named it (its config.yaml and checkpoint say nothing of it) resumes in float32, on the
+    trajectory it would have taken uninterrupted."""
+    run, reference = tmp_path / "old", tmp_path / "reference"
+    base = [a for a in RUN if a != "optim.stream=v2"] + ["optim.name=conmezo", "optim.buffer_dtype=float32"]
+    for out, steps in ((reference, 8), (run, 4)):
+        done = cli("train", "--out", out, *base, f"steps={steps}")
+        assert done.returncode == 0, done.stderr
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    del config["optim"]["buffer_dtype"]  # as a run of 2026-12-02 wrote it
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    state = next((run / "checkpoints").glob("step-*/trainer.json"))
+    trainer = json.loads(state.read_text())
+    del trainer["config"]["optim"]["buffer_dtype"]
+    state.write_text(json.dumps(trainer))
+    manifest = json.loads((state.parent / "manifest.json").read_text())  # the edit, checksummed as a save would
+    manifest["files"]["trainer.json"] = {"bytes": state.stat().st_size,
+                                         "sha256": hashlib.sha256(state.read_bytes()).hexdigest()}
+    (state.parent / "manifest.json").write_text(json.dumps(manifest))
+    resumed = cli("train", "--resume", run, "--steps", 8)
+    assert resumed.returncode == 0, resumed.stderr
+    assert summary(run)["param_sq_sum"] == summary(reference)["param_sq_sum"]

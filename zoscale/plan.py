@@ -3,7 +3,7 @@ meta device, so no weights are allocated). An estimate from parameter counts and
 activation model, not a measurement: memory reports (issue 6) measure.
 
     parameter shard     whole parameters (ddp) or 1/N of them (fsdp, deepspeed)
-    optimizer buffers   conmezo: momentum (fp32 by default); mezo_svrg: the anchor; mezo, pseuzo: none
+    optimizer buffers   conmezo: momentum (bf16 by default); mezo_svrg: the anchor; mezo, pseuzo: none
     gathered layers     sharded backends: the largest decoder layer whole, twice (one is prefetched)
     gathered root       sharded backends: embeddings, final norm and LM head while the root runs
     activations         no-grad forward: a few hidden-sized tensors and the FFN block per token,
@@ -63,7 +63,7 @@ def plan(model: str, backend: str, world_size: int, batch: int = 16, seq: int = 
     root_numel = total - sum(sum(p.numel() for p in m.parameters()) for m in layers)
     sharded = backend in ("fsdp", "deepspeed")
     shard = total * size / (world_size if sharded else 1)
-    buffer_bytes = {"conmezo": 4, "mezo_svrg": size}.get(optimizer, 0)
+    buffer_bytes = {"conmezo": 2, "mezo_svrg": size}.get(optimizer, 0)
     buffers = total * buffer_bytes / (world_size if sharded else 1)
     gathered_layers = 2 * layer_numel * size if sharded else 0.0
     gathered_root = root_numel * size if sharded else 0.0

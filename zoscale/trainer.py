@@ -24,12 +24,13 @@ from tqdm import tqdm
 
 import zoscale
 from zoscale import backends, checkpoint, data, gguf, tasks
-from zoscale.comm import print0
+from zoscale.comm import Comm, print0
 from zoscale.config import ConfigError, TrainConfig, to_dict
 from zoscale.evaluate import evaluate, headline
 from zoscale.losses import Batch, sequence_length
 from zoscale.memory import MemorySampler
 from zoscale.models import build_tokenizer
+from zoscale.optim import REGISTRY
 from zoscale.optim.base import Objective
 from zoscale.shards import resident
 from zoscale.signals import StopRequest
@@ -88,6 +89,9 @@ class Trainer:
 
         self.model = self.backend.build(self.model_config, len(self.tokenizer), self.device)
         options = {"seed": cfg.seed, **cfg.optim.options}
+        if self.resume_from is not None:  # run properties (stream, momentum dtype) stay what the run began with
+            saved = checkpoint.load(self.resume_from, Comm(distributed=False))[0]["config"]
+            options = REGISTRY[cfg.optim.name].kept_options(options, saved)
         if options.get("schedule", "constant") != "constant":
             options.setdefault("total_steps", cfg.steps)
         shards, shard_comm = self.backend.shards(self.model, torch.float32 if cfg.model.master_weights else None)

@@ -114,6 +114,15 @@ class ZOOptimizer:
     name = "base"
     Config = ZOConfig
     needs: tuple[str, ...] = ("loss",)  # the Objective fields a step calls; a bare callable is the first
+    # Options a run keeps from its first step: a resumed run not naming them takes its checkpoint's
+    # values, so that a default changed since does not change the run (states without "stream": v1)
+    run_properties: tuple[str, ...] = ("stream",)
+
+    @classmethod
+    def kept_options(cls, options: dict, saved_config: dict) -> dict:
+        """``options`` with the run properties it does not name taken from a checkpoint's config."""
+        kept = {key: saved_config.get(key, "v1" if key == "stream" else None) for key in cls.run_properties}
+        return {**{k: v for k, v in kept.items() if v is not None}, **options}
 
     def __init__(self, shards: Sequence[Shard], config: ZOConfig, comm: Comm | None = None,
                  shard_comm: Comm | None = None):
@@ -209,10 +218,11 @@ class ZOOptimizer:
             raise ValueError(f"state is for optimizer {state.get('optimizer')!r}, not {self.name!r}")
         if state["config"]["seed"] != self.config.seed:
             raise ValueError(f"state was saved with seed {state['config']['seed']}, this run has {self.config.seed}")
-        saved = state["config"].get("stream", "v1")  # states of 2026-12-02 and before: v1
-        if saved != self.config.stream:
-            raise ValueError(f"state was saved on perturbation stream {saved}, this run uses {self.config.stream}: "
-                             f"a run keeps its stream")
+        for key in self.run_properties:
+            saved = state["config"].get(key, "v1" if key == "stream" else None)  # states of 2026-12-02: v1
+            if saved is not None and saved != getattr(self.config, key):
+                raise ValueError(f"state was saved with {key} {saved}, this run uses {getattr(self.config, key)}: "
+                                 f"a run keeps its {key} (pass {key}={saved!r})")
         self.flush()
         self.step_count = int(state["step"])
         for kind, buffer in self.shard_buffers().items() if "buffers" in state else ():

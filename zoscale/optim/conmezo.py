@@ -35,7 +35,7 @@ class ConMeZOConfig(ZOConfig):
     norm: str = "exact"  # exact | predicted
     noise: str = "unprojected"  # unprojected (reference) | projected
     momentum_init: str = "zero"  # zero (synthetic code) | random (LLM code: m_0 = u, |m_0| = sqrt(d))
-    buffer_dtype: str = "float32"
+    buffer_dtype: str = "bfloat16"  # the same quadratic-benchmark results as float32 (docs/optimizers.md)
 
     def __post_init__(self):
         super().__post_init__()
@@ -59,6 +59,7 @@ class ConMeZOConfig(ZOConfig):
 @register("conmezo")
 class ConMeZO(ZOOptimizer):
     Config = ConMeZOConfig
+    run_properties = ("stream", "buffer_dtype")  # runs of 2026-12-02 and before: float32 momentum
 
     def __init__(self, shards, config: ConMeZOConfig, comm=None, shard_comm=None):
         super().__init__(shards, config, comm, shard_comm)
