@@ -32,8 +32,8 @@ def test_step_benchmark_on_cpu_writes_json_and_markdown(tmp_path, cli):
 
 def test_bytes_per_parameter_per_step_follow_the_passes(tmp_path, cli):
     """fp32 weights: MeZO reads and writes them 3 times a step (2 when deferred); ConMeZO's 3 passes
-    also read its fp32 momentum, and the last writes it: 24, 16 and 40 bytes per parameter."""
-    expected = {("mezo", ()): 24.0, ("mezo", ("--defer-update",)): 16.0, ("conmezo", ("--stream", "v2")): 40.0}
+    also read its bf16 momentum, and the last writes it: 24, 16 and 2 x (8 + 2) + (8 + 4) = 32 bytes."""
+    expected = {("mezo", ()): 24.0, ("mezo", ("--defer-update",)): 16.0, ("conmezo", ("--stream", "v2")): 32.0}
     for (optimizer, extra), bytes_per_parameter in expected.items():
         done = cli(*ARGS, "--optimizer", optimizer, *extra, "--out", tmp_path)
         assert done.returncode == 0, done.stderr

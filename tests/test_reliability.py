@@ -57,7 +57,7 @@ def copy_run_until(reference: Path, step: int, to: Path) -> Path:
     """The reference run as a kill right after its step-``step`` checkpoint would have left it."""
     shutil.copytree(reference, to)
     for name in ("metrics.jsonl", "seeds.jsonl"):
-        kept = [line for line in (to / name).read_text().splitlines() if json.loads(line)["step"] < step]
+        kept = [line for line in (to / name).read_text().splitlines() if json.loads(line).get("step", -1) < step]
         (to / name).write_text("".join(line + "\n" for line in kept))
     for path in (to / "checkpoints").glob("step-*"):
         if int(path.name[5:]) > step:

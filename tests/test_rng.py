@@ -205,3 +205,19 @@ def test_v2_gaussian_moments_are_those_of_16_bit_uniforms():
     assert second.item() == pytest.approx(0.99999471, abs=1e-8)
     assert (fourth / second**2).item() == pytest.approx(2.99982, abs=1e-5)
     assert r2.max().sqrt().item() == pytest.approx(4.85459, abs=1e-5)
+
+
+def test_the_compiled_cpu_philox_gives_the_same_words(monkeypatch):
+    """Passes over 4M+ elements take a compiled Philox on the CPU (torch.compile); the words, and so
+    every value, are the eager ones. ZOSCALE_COMPILE=0 keeps it off."""
+    block = torch.arange(2**32 - 1000, 2**32 - 1000 + rng._CHUNK_COUNTERS, dtype=torch.int64)
+    stream = torch.full_like(block, 3_000_000_001)
+    eager = rng.philox4x32(2**63 + 9, block & 0xFFFFFFFF, block >> 32, stream)
+    monkeypatch.setattr(rng, "_compiled_philox", None)
+    compiled = rng._philox_words(2**63 + 9, block, stream, compiled=True)
+    assert rng._compiled_philox  # it compiled here (a C++ compiler is present)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+    monkeypatch.setattr(rng, "_compiled_philox", None)
+    monkeypatch.setenv("ZOSCALE_COMPILE", "0")
+    rng._philox_words(5, block, stream, compiled=True)
+    assert rng._compiled_philox is False

@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--defer-update", action="store_true",
                       help="MeZO's defer_update: two passes a step, the update folded into the next perturbation")
     step.add_argument("--stream", choices=("v1", "v2"), default="v1", help="the perturbation stream's version")
+    step.add_argument("--no-reference", action="store_true", help="leave out the reference MeZO step (4 passes)")
     return parser
 
 
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _fail("--deepspeed-config: the step benchmark times passes over partitions in memory, not "
                              "on NVMe")
         r = step.run(args.model, args.batch, args.seq, args.optimizer, args.backend, args.dtype, args.repeats, args.out,
-                     args.deepspeed_config, args.defer_update, args.stream)
+                     args.deepspeed_config, args.defer_update, args.stream, not args.no_reference)
         print(step.markdown(r))
         return 0
     if args.command == "bench" and args.bench == "quadratic":
