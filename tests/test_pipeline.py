@@ -215,6 +215,9 @@ def test_eval_shows_solved_examples_before_each_one(cli, tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "four.json").read_text())
     assert result["shots"] == 4 and result["examples"] == 20 and "4-shot" in done.stdout
+    assert result["prompts_cut"] == 0 and "warning" not in done.stdout
+    cut = cli("eval", "--shots", 4, "data.num_test=20", "data.max_length=24")  # no room for 4 reviews
+    assert cut.returncode == 0 and "warning: 20 of 20 prompts were longer than data.max_length 24" in cut.stdout
 
 
 @pytest.mark.parametrize("args,message", [

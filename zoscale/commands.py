@@ -232,14 +232,18 @@ def evaluate_model(args) -> int:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device).eval()
     masked = cfg.model.kind == "masked"
-    encoded = [data.encode(tasks.with_demonstrations(e, demonstrations), tokenizer, cfg.data.max_length, masked)
-               for e in examples]
+    shown = [tasks.with_demonstrations(e, demonstrations) for e in examples]
+    encoded = [data.encode(e, tokenizer, cfg.data.max_length, masked) for e in shown]
+    cut = sum(len(tokenizer(e.prompt)["input_ids"]) > len(x.prompt) for e, x in zip(shown, encoded))
     metrics = evaluate(model, tokenizer, encoded, task.evaluation, cfg.eval_batch_size, tokenizer.pad_token_id,
                        device, Comm(), cfg.data.max_new_tokens, mask_id=tokenizer.mask_token_id if masked else None)
-    result = {"task": task.name, "split": args.split, "shots": args.shots,
+    result = {"task": task.name, "split": args.split, "shots": args.shots, "prompts_cut": cut,
               "model": str(args.run or model_cfg.name_or_path or "config"), **metrics}
-    shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "examples")
-    print(f"{task.name} {args.split}, {args.shots}-shot: {shown} ({int(metrics['examples'])} examples)")
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "examples")
+    print(f"{task.name} {args.split}, {args.shots}-shot: {scores} ({int(metrics['examples'])} examples)")
+    if cut:  # the prompt's start goes first: demonstrations, or the examples' own beginnings
+        print(f"warning: {cut} of {len(shown)} prompts were longer than data.max_length {cfg.data.max_length} and "
+              f"lost their first tokens; raise data.max_length to keep them whole")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
