@@ -2,7 +2,7 @@
 # The real-model comparison of issue 14 on a CPU: SmolLM2-135M-Instruct on labelled tweets, its
 # RMSNorm weights trained by MeZO, ConMeZO, MeZO-SVRG and PseuZO at equal forward passes.
 #   bash profiling/smollm2_tweets.sh sweep DIR   # learning rates on the dev split (1 seed, 100 MeZO steps)
-#   bash profiling/smollm2_tweets.sh main DIR    # 3 seeds, 200 MeZO steps, the rates the sweep chose
+#   bash profiling/smollm2_tweets.sh main DIR    # 3 seeds, 150 MeZO steps, the rates the sweep chose
 # Needs `pip install 'zoscale[real]' && zoscale real-inputs --out real-inputs` first. One thread a run
 # (OMP_NUM_THREADS=1): a 2-core machine keeps a core for other work. Each stage continues where it stopped.
 set -euo pipefail
@@ -17,7 +17,7 @@ if [ "$stage" = sweep ]; then
   done
 elif [ "$stage" = main ]; then
   # the rates with the best dev score in the sweep (profiling/reports/smollm2-tweets-2026-12-03-cpu/README.md)
-  zoscale compare --config "$config" --seeds 3 --steps 200 --evals 4 --out "$out" \
+  zoscale compare --config "$config" --seeds 3 --steps 150 --evals 3 --out "$out" \
     mezo:optim.lr="${MEZO_LR:?}" conmezo:optim.lr="${CONMEZO_LR:?}" pseuzo:optim.lr="${PSEUZO_LR:?}" \
     mezo_svrg:optim.lr="${SVRG_LR:?}" mezo_svrg:optim.anchor_lr="${SVRG_LR:?}" mezo_svrg:optim.q=8
 else

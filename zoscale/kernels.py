@@ -144,19 +144,24 @@ if triton is not None:
         return tl.load(pointer).to(tl.float32)
 
     @triton.jit
-    def _store_advanced(row, base, tile, numel, m, partial_ptr, BUF: tl.constexpr, ALIGNED: tl.constexpr,
-                        MASKED: tl.constexpr):
-        """Write the advanced buffer and this program's sum of its squares, as stored (rounded)."""
-        stored = m.to(BUF)
-        pointer = _pointer(row, 2, base, BUF, ALIGNED) + tile
-        square = stored.to(tl.float32) * stored.to(tl.float32)
+    def _store(row, column, base, tile, numel, y, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+        """Write y into the row's tensor ``column``; returns it as stored (rounded to DTYPE)."""
+        stored = y.to(DTYPE)
+        pointer = _pointer(row, column, base, DTYPE, ALIGNED) + tile
         if MASKED:
-            inside = (tile >= -base) & (tile < numel - base)
-            tl.store(pointer, stored, mask=inside)
-            square = tl.where(inside, square, 0.0)
+            tl.store(pointer, stored, mask=(tile >= -base) & (tile < numel - base))
         else:
             tl.store(pointer, stored)
-        tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.sum(square, axis=1), axis=0))
+        return stored
+
+    @triton.jit
+    def _store_advanced(row, base, tile, numel, m, BUF: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+        """Write the advanced buffer; returns the sum of its squares as stored."""
+        stored = _store(row, 2, base, tile, numel, m, BUF, ALIGNED, MASKED).to(tl.float32)
+        square = stored * stored
+        if MASKED:
+            square = tl.where((tile >= -base) & (tile < numel - base), square, 0.0)
+        return tl.sum(tl.sum(square, axis=1), axis=0)
 
     @triton.jit(do_not_specialize=["alpha", "beta", "gamma"])
     def _affine_noise_kernel(table_ptr, owner_ptr, key_ptr, coef_ptr, alpha, beta, advance_ptr, gamma, partial_ptr,
@@ -188,13 +193,9 @@ if triton is not None:
                 m += tl.load(advance_ptr + t) * z
             else:
                 y += _noise(seed, quad, stream, tl.load(coef_ptr + t), BLOCK // 4, GAUSSIAN, FAST, MASKED)
-        out = _pointer(row, 0, base, OUT, ALIGNED) + tile
-        if MASKED:
-            tl.store(out, y.to(OUT), mask=(tile >= -base) & (tile < numel - base))
-        else:
-            tl.store(out, y.to(OUT))
+        _store(row, 0, base, tile, numel, y, OUT, ALIGNED, MASKED)
         if ADVANCE:
-            _store_advanced(row, base, tile, numel, m, partial_ptr, BUF, ALIGNED, MASKED)
+            tl.store(partial_ptr + tl.program_id(0), _store_advanced(row, base, tile, numel, m, BUF, ALIGNED, MASKED))
 
     @triton.jit
     def _dot_noise_kernel(partial_ptr, table_ptr, owner_ptr, key_ptr, X: tl.constexpr, SQUARE: tl.constexpr,
@@ -274,15 +275,6 @@ if triton is not None:
         bits = scale.to(tl.uint32, bitcast=True)
         return (((word[None, :] << (31 - rows).to(tl.uint32)) & 0x80000000) ^ bits).to(tl.float32, bitcast=True)
 
-    @triton.jit
-    def _v2_load(row, column, base, tile, numel, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
-        pointer = (tl.load(row + column) + base * DTYPE.primitive_bitwidth // 8).to(tl.pointer_type(DTYPE))
-        if ALIGNED:
-            pointer = tl.multiple_of(pointer, DTYPE.primitive_bitwidth // 2)
-        if MASKED:
-            return tl.load(pointer + tile, mask=(tile >= -base) & (tile < numel - base), other=0.0).to(tl.float32)
-        return tl.load(pointer + tile).to(tl.float32)
-
     @triton.jit(do_not_specialize=["alpha", "beta", "gamma"])
     def _affine_noise_v2_kernel(table_ptr, owner_ptr, key_ptr, coef_ptr, alpha, beta, advance_ptr, gamma,
                                 partial_ptr, OUT: tl.constexpr, SRC: tl.constexpr, BUF: tl.constexpr,
@@ -302,11 +294,11 @@ if triton is not None:
         square = tl.zeros([], tl.float32)
         for group in tl.static_range(SLOTS // ROWS):
             tile = (group * ROWS + tl.arange(0, ROWS))[:, None] * Q + columns
-            y = _v2_load(row, 1, base, tile, numel, SRC, ALIGNED, MASKED)
+            y = _load(row, 1, base, tile, numel, SRC, ALIGNED, MASKED)
             if not UNIT:
                 y = alpha * y
             if HAS_BUF:
-                b = _v2_load(row, 2, base, tile, numel, BUF, ALIGNED, MASKED)
+                b = _load(row, 2, base, tile, numel, BUF, ALIGNED, MASKED)
                 y += beta * b
                 if ADVANCE:
                     m = gamma * b
@@ -326,26 +318,9 @@ if triton is not None:
                 for t in tl.static_range(TERMS):
                     v0, v1, v2, v3 = _v2_words(key_ptr, t, call, stream, Q)
                     y += _v2_noise(v0, v1, v2, v3, tl.load(coef_ptr + t), group, GAUSSIAN, ROWS, FAST)
-            out = (tl.load(row) + base * OUT.primitive_bitwidth // 8).to(tl.pointer_type(OUT))
-            if ALIGNED:
-                out = tl.multiple_of(out, OUT.primitive_bitwidth // 2)
-            inside = (tile >= -base) & (tile < numel - base)
-            if MASKED:
-                tl.store(out + tile, y.to(OUT), mask=inside)
-            else:
-                tl.store(out + tile, y.to(OUT))
+            _store(row, 0, base, tile, numel, y, OUT, ALIGNED, MASKED)
             if ADVANCE:
-                stored = m.to(BUF)
-                pointer = (tl.load(row + 2) + base * BUF.primitive_bitwidth // 8).to(tl.pointer_type(BUF))
-                if ALIGNED:
-                    pointer = tl.multiple_of(pointer, BUF.primitive_bitwidth // 2)
-                value = stored.to(tl.float32) * stored.to(tl.float32)
-                if MASKED:
-                    tl.store(pointer + tile, stored, mask=inside)
-                    value = tl.where(inside, value, 0.0)
-                else:
-                    tl.store(pointer + tile, stored)
-                square += tl.sum(tl.sum(value, axis=1), axis=0)
+                square += _store_advanced(row, base, tile, numel, m, BUF, ALIGNED, MASKED)
         if ADVANCE:
             tl.store(partial_ptr + tl.program_id(0), square)
 
@@ -367,7 +342,7 @@ if triton is not None:
                 if MASKED:
                     value = tl.where((tile >= -base) & (tile < numel - base), value, 0.0)
             else:
-                value = _v2_load(row, 0, base, tile, numel, X, ALIGNED, MASKED) * z
+                value = _load(row, 0, base, tile, numel, X, ALIGNED, MASKED) * z
             total += tl.sum(tl.sum(value, axis=1), axis=0)
         tl.store(partial_ptr + tl.program_id(0), total)
 
