@@ -144,6 +144,21 @@ if triton is not None:
         return tl.load(pointer).to(tl.float32)
 
     @triton.jit
+    def _read(row, base, tile, numel, alpha, beta, gamma, SRC: tl.constexpr, BUF: tl.constexpr,
+              HAS_BUF: tl.constexpr, UNIT: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+        """(alpha * src + beta * buf, gamma * buf): what a pass starts from, and an advancing
+        pass's buffer before its noise (unused otherwise, and then not computed)."""
+        y = _load(row, 1, base, tile, numel, SRC, ALIGNED, MASKED)
+        if not UNIT:
+            y = alpha * y
+        m = y * 0.0
+        if HAS_BUF:
+            b = _load(row, 2, base, tile, numel, BUF, ALIGNED, MASKED)
+            y += beta * b
+            m = gamma * b
+        return y, m
+
+    @triton.jit
     def _store(row, column, base, tile, numel, y, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
         """Write y into the row's tensor ``column``; returns it as stored (rounded to DTYPE)."""
         stored = y.to(DTYPE)
@@ -176,14 +191,7 @@ if triton is not None:
         (ConMeZO's momentum and its norm, from the noise the parameters get)."""
         row, base, quad, stream, numel = _block(table_ptr, owner_ptr, HEAD, BLOCK)
         tile = _tile(BLOCK)
-        y = _load(row, 1, base, tile, numel, SRC, ALIGNED, MASKED)
-        if not UNIT:
-            y = alpha * y
-        if HAS_BUF:
-            b = _load(row, 2, base, tile, numel, BUF, ALIGNED, MASKED)
-            y += beta * b
-            if ADVANCE:
-                m = gamma * b
+        y, m = _read(row, base, tile, numel, alpha, beta, gamma, SRC, BUF, HAS_BUF, UNIT, ALIGNED, MASKED)
         one = tl.full([], 1.0, tl.float32)
         for t in tl.static_range(TERMS):
             seed = (tl.load(key_ptr + 2 * t + 1).to(tl.uint64) << 32) | tl.load(key_ptr + 2 * t).to(tl.uint64)
@@ -294,14 +302,7 @@ if triton is not None:
         square = tl.zeros([], tl.float32)
         for group in tl.static_range(SLOTS // ROWS):
             tile = (group * ROWS + tl.arange(0, ROWS))[:, None] * Q + columns
-            y = _load(row, 1, base, tile, numel, SRC, ALIGNED, MASKED)
-            if not UNIT:
-                y = alpha * y
-            if HAS_BUF:
-                b = _load(row, 2, base, tile, numel, BUF, ALIGNED, MASKED)
-                y += beta * b
-                if ADVANCE:
-                    m = gamma * b
+            y, m = _read(row, base, tile, numel, alpha, beta, gamma, SRC, BUF, HAS_BUF, UNIT, ALIGNED, MASKED)
             if ADVANCE and TERMS == 1:
                 z = _v2_noise(w0, w1, w2, w3, one, group, GAUSSIAN, ROWS, FAST)
                 y += coef * z
