@@ -63,6 +63,12 @@ def test_the_report_has_the_table_curves_and_zero_shot_row(four):
     assert report["target"] == summary["eval_final"]["accuracy"] == report["rows"]["mezo"]["final"][0]
     # a test evaluation every 6 steps, then the final one
     assert [p["step"] for p in report["runs"]["mezo"][0]["test"]] == [6, 12]
+    # the finer clock: MeZO's training loss, averaged over full windows of a tenth of its steps (1)
+    assert report["loss_target"] == pytest.approx(report["runs"]["mezo"][0]["loss"][-1])
+    mezo = report["rows"]["mezo"]
+    first = next(p for p, v in zip(report["runs"]["mezo"][0]["loss_passes"], report["runs"]["mezo"][0]["loss"])
+                 if v <= report["loss_target"])
+    assert mezo["passes_to_loss_target"] == first and mezo["loss_speedup"] == 1.0
     assert all(r["peak_memory_gib"] > 0 and r["step_time_median"] > 0 for r in report["rows"].values())
 
 
