@@ -72,6 +72,21 @@ def test_the_report_has_the_table_curves_and_zero_shot_row(four):
     assert all(r["peak_memory_gib"] > 0 and r["step_time_median"] > 0 for r in report["rows"].values())
 
 
+def test_runs_side_by_side_give_the_same_results(four, tmp_path):
+    sequential, _ = four
+    out = tmp_path / "two"
+    done = zoscale("compare", "--optimizers", "mezo,pseuzo", "--seeds", 1, "--steps", 12, "--evals", 2, "--jobs", 2,
+                   "--out", out, *TINY)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("mezo", "pseuzo"):
+        losses = [[m["loss"] for m in lines(d / "runs" / f"{name}-seed0" / "metrics.jsonl") if "loss" in m]
+                  for d in (sequential, out)]
+        assert losses[0] == losses[1] and len(losses[0]) == 12
+    # the two runs overlapped in time
+    started = (out / "runs" / "pseuzo-seed0" / "config.yaml").stat().st_mtime
+    assert started < (out / "runs" / "mezo-seed0" / "summary.json").stat().st_mtime
+
+
 def test_an_interrupted_comparison_continues_and_other_arguments_are_refused(tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "--optimizers", "mezo,conmezo", "--seeds", 1, "--steps", 600, "--evals", 2, "--out", out, *TINY]

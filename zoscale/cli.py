@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the budget, in MeZO steps (2 forward passes over a training batch each)")
     comp.add_argument("--evals", type=_positive_int, default=8, help="evaluations along each run")
     comp.add_argument("--out", type=Path, required=True, help="report directory (an interrupted one continues)")
+    comp.add_argument("--jobs", type=_positive_int, default=1,
+                      help="runs at a time (the results do not depend on it; the step times do)")
     comp.epilog = ("key=value arguments override config keys for every run; OPTIMIZER:key=value for that "
                    "optimizer's runs only (conmezo:optim.lr=1e-6).")
 
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             plan = make_plan(args.config, [m for m in args.optimizers.split(",") if m], args.seeds, args.steps,
                              args.evals, args.overrides)
-            compare(plan, args.out)
+            compare(plan, args.out, args.jobs)
         except ConfigError as e:
             return _fail(str(e))
         except RunFailed as e:

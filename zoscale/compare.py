@@ -2,7 +2,7 @@
 an equal budget of forward passes.
 
     zoscale compare --optimizers mezo,conmezo,mezo_svrg,pseuzo --seeds 3 --steps 2000 --out DIR \\
-        [--config FILE] [--evals 8] [key=value ...] [OPTIMIZER:key=value ...]
+        [--config FILE] [--evals 8] [--jobs 1] [key=value ...] [OPTIMIZER:key=value ...]
 
 The budget is ``--steps`` MeZO steps: 2 x steps forward passes, each over one training batch.
 Every optimizer runs the steps that fit it, by what it declares a step costs
@@ -12,6 +12,8 @@ process of its own, DIR/runs/OPTIMIZER-seedS, with run seed S (batch order and p
 shared by every optimizer; ``OPTIMIZER:key=value`` overrides one optimizer's runs only (its lr,
 say). Stopped and started again with the same arguments, a comparison keeps its finished runs and
 resumes the others from their checkpoints; other arguments with the same DIR are refused.
+``--jobs N`` runs N at a time: one per GPU where there are N, else sharing the machine (on a CPU,
+give each OMP_NUM_THREADS of its cores); the results do not depend on it, the step times do.
 
     DIR/plan.json      the arguments and each optimizer's steps
     DIR/report.json    every run's curves and summary; the table below, as numbers
@@ -23,11 +25,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -102,8 +106,8 @@ def run_name(name: str, seed: int) -> str:
     return f"{name}-seed{seed}"
 
 
-def compare(plan: Plan, out: Path) -> dict:
-    """Runs what is not finished yet, then writes the report."""
+def compare(plan: Plan, out: Path, jobs: int = 1) -> dict:
+    """Runs what is not finished yet, ``jobs`` runs at a time, then writes the report."""
     from zoscale import checkpoint
     from zoscale.commands import QUICKSTART
 
@@ -116,7 +120,7 @@ def compare(plan: Plan, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(asdict(plan), indent=1) + "\n")
     (out / "runs").mkdir(exist_ok=True)
-    first = True
+    first, pending = True, []
     for seed in plan.seeds:
         for name in plan.optimizers:
             run = out / "runs" / run_name(name, seed)
@@ -132,9 +136,9 @@ def compare(plan: Plan, out: Path) -> dict:
                     f"save_every={every}", "eval_test=true", "memory_profile=true",
                     f"eval_before={'true' if first else 'false'}"]  # the zero-shot row: once
             first = False
-            print(f"{run.name}: {steps} steps", flush=True)
-            _train(["--config", plan.config or str(QUICKSTART), "--out", str(run), "--auto-resume", *args],
-                   out / "runs" / f"{run.name}.log")
+            pending.append((["--config", plan.config or str(QUICKSTART), "--out", str(run), "--auto-resume", *args],
+                            out / "runs" / f"{run.name}.log", f"{run.name}: {steps} steps"))
+    _train_all(pending, jobs)
     report = build_report(plan, out)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report))
@@ -148,21 +152,52 @@ class RunFailed(RuntimeError):
         self.code = code
 
 
-def _train(args: list[str], log: Path) -> None:
-    """One `zoscale train` in a child process; SIGTERM or SIGINT to this process is passed on, the
-    child checkpoints, and the comparison stops (the same command continues it)."""
-    with open(log, "a") as f:
-        child = subprocess.Popen([sys.executable, "-m", "zoscale", "train", *args], stdout=f, stderr=subprocess.STDOUT)
-        forward = lambda signum, frame: child.send_signal(signal.SIGTERM)  # noqa: E731
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            code = child.wait()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-    if code != 0:
+def _train_all(pending: list[tuple[list[str], Path, str]], jobs: int) -> None:
+    """Each run is `zoscale train` in a child process, ``jobs`` at a time. SIGTERM or SIGINT to this
+    process is passed on to every child, each checkpoints, and the comparison stops (the same command
+    continues it); a failed run lets the others finish, then stops the comparison."""
+    running: dict[subprocess.Popen, tuple[Path, int]] = {}  # a child: its log and its slot
+    stopping, failed = False, []
+    devices = _devices(jobs)
+
+    def forward(signum, frame):
+        nonlocal stopping
+        stopping = True
+        for child in running:
+            child.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while running or (pending and not stopping and not failed):
+            while pending and len(running) < jobs and not stopping and not failed:
+                args, log, announce = pending.pop(0)
+                slot = min(set(range(jobs)) - {s for _, s in running.values()})
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": devices[slot]} if devices else None
+                print(announce, flush=True)
+                with open(log, "a") as f:
+                    running[subprocess.Popen([sys.executable, "-m", "zoscale", "train", *args], stdout=f,
+                                             stderr=subprocess.STDOUT, env=env)] = (log, slot)
+            time.sleep(0.2)
+            for child in [c for c in running if c.poll() is not None]:
+                log, _ = running.pop(child)
+                if child.returncode != 0:
+                    failed.append((log, child.returncode))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if failed:
+        log, code = failed[0]
         raise RunFailed(f"compare: {log.stem} ended with exit code {code}; its output is in {log} (run the same "
                         f"command again to continue)", code)
+
+
+def _devices(jobs: int) -> list[str] | None:
+    """A GPU for each of the ``jobs`` runs at a time where there are that many; else they share."""
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return ids if jobs > 1 and len(ids) >= jobs else None
 
 
 def _lines(path: Path) -> list[dict]:
