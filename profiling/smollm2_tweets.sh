@@ -3,8 +3,11 @@
 # RMSNorm weights trained by MeZO, ConMeZO, MeZO-SVRG and PseuZO at equal forward passes.
 #   bash profiling/smollm2_tweets.sh sweep DIR   # learning rates on the dev split (1 seed, 100 MeZO steps)
 #   bash profiling/smollm2_tweets.sh main DIR    # 3 seeds, 150 MeZO steps, the rates the sweep chose
+#   bash profiling/smollm2_tweets.sh icl DIR     # the in-context baselines: 0, 4 and 16 shots
+#   bash profiling/smollm2_tweets.sh rescore DIR # main's runs' last parameters scored again (DIR/rescored)
 # Needs `pip install 'zoscale[real]' && zoscale real-inputs --out real-inputs` first. One thread a run
-# (OMP_NUM_THREADS=1): a 2-core machine keeps a core for other work. Each stage continues where it stopped.
+# (OMP_NUM_THREADS=1), JOBS runs at a time (2: one per core of a 2-core machine). Each stage continues
+# where it stopped.
 set -euo pipefail
 stage=$1 out=$2
 config=configs/real/smollm2_tweets_compare_cpu.yaml
@@ -17,10 +20,23 @@ if [ "$stage" = sweep ]; then
   done
 elif [ "$stage" = main ]; then
   # the rates with the best dev score in the sweep (profiling/reports/smollm2-tweets-2026-12-03-cpu/README.md)
-  zoscale compare --config "$config" --seeds 3 --steps 150 --evals 3 --out "$out" \
-    mezo:optim.lr="${MEZO_LR:?}" conmezo:optim.lr="${CONMEZO_LR:?}" pseuzo:optim.lr="${PSEUZO_LR:?}" \
-    mezo_svrg:optim.lr="${SVRG_LR:?}" mezo_svrg:optim.anchor_lr="${SVRG_LR:?}" mezo_svrg:optim.q=8
+  zoscale compare --config "$config" --seeds 3 --steps 150 --evals 3 --jobs "${JOBS:-2}" --out "$out" \
+    mezo:optim.lr="${MEZO_LR:-3e-4}" conmezo:optim.lr="${CONMEZO_LR:-3e-4}" pseuzo:optim.lr="${PSEUZO_LR:-3e-5}" \
+    mezo_svrg:optim.lr="${SVRG_LR:-3e-5}" mezo_svrg:optim.anchor_lr="${SVRG_LR:-3e-5}" mezo_svrg:optim.q=8
+elif [ "$stage" = icl ]; then
+  # 16 demonstrations need long prompts: cut to 96 tokens, they fall below chance
+  mkdir -p "$out"
+  for shots in 0 4 16; do
+    zoscale eval --config "$config" --shots $shots --out "$out/shots-$shots.json" data.max_length=2048
+  done
+elif [ "$stage" = rescore ]; then
+  # runs made before the evaluation reported balanced accuracy: their final checkpoints, evaluated again
+  mkdir -p "$out/rescored"
+  for run in "$out"/runs/*/; do
+    name=$(basename "$run")
+    [ -f "$out/rescored/$name.json" ] || zoscale eval --run "$run" --out "$out/rescored/$name.json"
+  done
 else
-  echo "usage: $0 sweep|main DIR" >&2
+  echo "usage: $0 sweep|main|icl|rescore DIR" >&2
   exit 2
 fi

@@ -61,6 +61,9 @@ def test_the_report_has_the_table_curves_and_zero_shot_row(four):
     summary = json.loads((out / "runs" / "mezo-seed0" / "summary.json").read_text())
     assert report["zero_shot"] == summary["eval_before"]["accuracy"]
     assert report["target"] == summary["eval_final"]["accuracy"] == report["rows"]["mezo"]["final"][0]
+    # label words: the balanced accuracy and the majority label's share beside accuracy
+    assert report["rows"]["mezo"]["final_balanced"][0] == summary["eval_final"]["balanced_accuracy"]
+    assert report["majority"] == summary["eval_final"]["majority"] >= 0.5 and "most common label" in table
     # a test evaluation every 6 steps, then the final one
     assert [p["step"] for p in report["runs"]["mezo"][0]["test"]] == [6, 12]
     # the finer clock: MeZO's training loss, averaged over full windows of a tenth of its steps (1)

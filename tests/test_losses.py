@@ -119,3 +119,18 @@ def test_pseuzo_pairs_batches_that_score_different_numbers_of_tokens(model, outp
     with torch.no_grad():
         for p, q in zip(model.parameters(), before):
             p.copy_(q)  # the module-scoped model, as the other tests expect it
+
+
+def test_label_word_evaluation_reports_balanced_accuracy_and_the_majority_share(model):
+    """On skewed labels accuracy rewards always answering the common label; balanced accuracy (mean
+    recall by gold label) does not. Fixed label words only: per-example candidates have no labels."""
+    prompts = [[1, 5 + i % 7, 6 + i % 5, 7 + i % 3] for i in range(12)]
+    examples = [Encoded(p, [[8], [9]], int(i % 4 == 0), [], []) for i, p in enumerate(prompts)]
+    predicted = Batch(examples, "classification", 0, "cpu").predictions(model).tolist()
+    pairs = list(zip(predicted, [e.label for e in examples]))
+    recall = [sum(p == g for p, g in pairs if g == c) / sum(g == c for _, g in pairs) for c in (0, 1)]
+    metrics = ev.evaluate(model, None, examples, "candidates", 5, 0, "cpu", Comm())
+    assert metrics["accuracy"] == pytest.approx(sum(p == e.label for p, e in zip(predicted, examples)) / 12)
+    assert metrics["balanced_accuracy"] == pytest.approx(sum(recall) / 2)
+    assert metrics["majority"] == pytest.approx(9 / 12)
+    assert "balanced_accuracy" not in ev.evaluate(model, None, SINGLE, "candidates", 2, 0, "cpu", Comm())

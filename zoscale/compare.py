@@ -222,6 +222,8 @@ def run_record(run: Path) -> dict:
             "loss": [m["loss"] for m in steps], "loss_passes": [m["forward_passes"] for m in steps],
             "loss_seconds": [wall[m["step"] + 1] for m in steps],
             "final": headline(summary["eval_final"]), "best_dev_test": headline(summary["eval_after"]),
+            "final_balanced": summary["eval_final"].get("balanced_accuracy", math.nan),
+            "majority": summary["eval_final"].get("majority"),
             "best_dev": summary.get("best_dev", {}).get("score"), "eval_before": summary.get("eval_before"),
             "step_time_median": statistics.median(m["step_time"] for m in steps),
             "training_seconds": elapsed,
@@ -250,6 +252,7 @@ def build_report(plan: Plan, out: Path) -> dict:
         loss_hits = [p for p in by_loss if p is not None]
         rows[name] = {"steps": plan.steps[name], "forward_passes": _mean_sd([r["forward_passes"] for r in records])[0],
                       "final": _mean_sd([r["final"] for r in records]),
+                      "final_balanced": _mean_sd([r["final_balanced"] for r in records]),
                       "best_dev_test": _mean_sd([r["best_dev_test"] for r in records]),
                       "best_dev": _mean_sd([r["best_dev"] for r in records if r["best_dev"] is not None] or [math.nan]),
                       "passes_to_target": statistics.fmean(hits) if hits else None,
@@ -266,7 +269,9 @@ def build_report(plan: Plan, out: Path) -> dict:
             if loss_base and row["passes_to_loss_target"] else None
     return {"plan": asdict(plan), "reference": reference, "target": target, "loss_target": loss_target,
             "loss_window": window,
-            "zero_shot": headline(before) if before else None, "rows": rows, "runs": runs}
+            "zero_shot": headline(before) if before else None,
+            "zero_shot_balanced": before.get("balanced_accuracy", math.nan) if before else math.nan,
+            "majority": runs[reference][0]["majority"], "rows": rows, "runs": runs}
 
 
 def markdown(report: dict) -> str:
@@ -280,19 +285,24 @@ def markdown(report: dict) -> str:
              f"dev checkpoint (MeZO's protocol). Target: {report['reference']}'s mean final score, "
              f"{report['target']:.3f}, at the evaluations; and, on the training loss of every step (moving "
              f"averages over {report['loss_window']} steps), {report['reference']}'s mean final average, "
-             f"{report['loss_target']:.4f}. Passes are the mean over the seeds that reached the target.", "",
-             "| optimizer | steps | forward passes | final test | best dev → test | dev (best) | passes to target "
-             "score (reached) | speedup | passes to target loss (reached) | speedup | step time (median) | "
-             "training time | peak memory |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{report['loss_target']:.4f}. Passes are the mean over the seeds that reached the target."
+             + (f" The test sample's most common label is {report['majority']:.3f} of it: always answering it "
+                f"scores that accuracy and a balanced accuracy (mean recall over labels) of 0.5 for two labels."
+                if report.get("majority") else ""), "",
+             "| optimizer | steps | forward passes | final test | final balanced | best dev → test | dev (best) | "
+             "passes to target score (reached) | speedup | passes to target loss (reached) | speedup | "
+             "step time (median) | training time | peak memory |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    balanced = report.get("zero_shot_balanced", math.nan)
     if report["zero_shot"] is not None:
-        lines.append(f"| zero-shot | 0 | 0 | {report['zero_shot']:.3f} | - | - | - | - | - | - | - | - | - |")
+        lines.append(f"| zero-shot | 0 | 0 | {report['zero_shot']:.3f} | "
+                     f"{'-' if math.isnan(balanced) else f'{balanced:.3f}'} | - | - | - | - | - | - | - | - | - |")
     for name, r in rows.items():
         fmt = lambda pair: "-" if math.isnan(pair[0]) else f"{pair[0]:.3f} ± {pair[1]:.3f}"  # noqa: E731
         passes = lambda p, hits: f"{p:.0f} ({hits})" if p else f"- ({hits})"  # noqa: E731
         times = lambda x: f"{x:.2f}x" if x else "-"  # noqa: E731
         memory = f"{r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] else "-"
-        lines.append(f"| {name} | {r['steps']} | {r['forward_passes']:.0f} | {fmt(r['final'])} | "
+        lines.append(f"| {name} | {r['steps']} | {r['forward_passes']:.0f} | {fmt(r['final'])} | {fmt(r['final_balanced'])} | "
                      f"{fmt(r['best_dev_test'])} | {fmt(r['best_dev'])} | {passes(r['passes_to_target'], r['reached'])} | "
                      f"{times(r['speedup'])} | {passes(r['passes_to_loss_target'], r['loss_reached'])} | "
                      f"{times(r['loss_speedup'])} | {r['step_time_median']:.3f} s | {r['training_seconds']:.1f} s | "

@@ -12,6 +12,8 @@ from zoscale.comm import Comm
 from zoscale.data import Encoded
 from zoscale.losses import Batch, causal_lm
 
+MAX_CLASSES = 16  # label words counted per label (balanced accuracy)
+
 
 def normalize_answer(text: str) -> str:
     """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
@@ -52,25 +54,41 @@ def generate(model, tokenizer, examples: list[Encoded], max_new_tokens: int, dev
 def evaluate(model, tokenizer, examples: list[Encoded], evaluation: str, batch_size: int, pad_id: int, device,
              comm: Comm, max_new_tokens: int = 50, body=None, head=None, mask_id: int | None = None
              ) -> dict[str, float]:
-    """This rank's examples; the sums go through one all-reduce, so every rank gets global metrics."""
-    totals = [0.0, 0.0, 0.0]  # accuracy: correct, -, count | generation: f1, em, count
+    """This rank's examples; the sums go through one all-reduce, so every rank gets global metrics.
+    Where every example offers the same candidates (a classifier's label words, up to MAX_CLASSES),
+    accuracy comes with the balanced accuracy (mean recall over the labels present) and the majority
+    label's share: on skewed labels, what always answering that label would score."""
+    totals = [0.0, 0.0, 0.0, 0.0]  # accuracy: correct, -, count, varied | generation: f1, em, count, -
+    per_label = [0.0] * (2 * MAX_CLASSES)  # correct, then count, by gold label
+    choices = {tuple(map(tuple, e.candidates)) for e in examples}
+    totals[3] = float(len(choices) > 1 or any(e.label is None or e.label >= MAX_CLASSES for e in examples))
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         if evaluation == "candidates":
             objective = "classification" if mask_id is None else "masked"
             batch = Batch(chunk, objective, pad_id, device, body=body, head=head, mask_id=mask_id)
             predicted = batch.predictions(model)
-            totals[0] += sum(int(p == e.label) for p, e in zip(predicted.tolist(), chunk))
+            for p, e in zip(predicted.tolist(), chunk):
+                totals[0] += int(p == e.label)
+                if not totals[3]:
+                    per_label[e.label] += int(p == e.label)
+                    per_label[MAX_CLASSES + e.label] += 1
         else:
             for text, e in zip(generate(model, tokenizer, chunk, max_new_tokens, device), chunk):
                 totals[0] += max(f1_score(text, a) for a in e.answers)
                 totals[1] += max(exact_match(text, a) for a in e.answers)
         totals[2] += len(chunk)
-    correct_or_f1, em, count = comm.all_reduce_sum(totals)
+    summed = comm.all_reduce_sum(totals + per_label)
+    correct_or_f1, em, count, varied = summed[:4]
     count = max(count, 1.0)
-    if evaluation == "candidates":
-        return {"accuracy": correct_or_f1 / count, "examples": count}
-    return {"f1": correct_or_f1 / count, "exact_match": em / count, "examples": count}
+    if evaluation == "generate":
+        return {"f1": correct_or_f1 / count, "exact_match": em / count, "examples": count}
+    metrics = {"accuracy": correct_or_f1 / count, "examples": count}
+    correct, seen = summed[4 : 4 + MAX_CLASSES], summed[4 + MAX_CLASSES :]
+    if not varied and any(seen):
+        recalls = [c / n for c, n in zip(correct, seen) if n]
+        metrics |= {"balanced_accuracy": sum(recalls) / len(recalls), "majority": max(seen) / count}
+    return metrics
 
 
 def headline(metrics: dict[str, float]) -> float:
