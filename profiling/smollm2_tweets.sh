@@ -5,6 +5,7 @@
 #   bash profiling/smollm2_tweets.sh main DIR    # 3 seeds, 150 MeZO steps, the rates the sweep chose
 #   bash profiling/smollm2_tweets.sh icl DIR     # the in-context baselines: 0, 4 and 16 shots
 #   bash profiling/smollm2_tweets.sh rescore DIR # main's runs' last parameters scored again (DIR/rescored)
+#   bash profiling/smollm2_tweets.sh balanced DIR # main's setup on equal numbers of each label (100 steps)
 # Needs `pip install 'zoscale[real]' && zoscale real-inputs --out real-inputs` first. One thread a run
 # (OMP_NUM_THREADS=1), JOBS runs at a time (2: one per core of a 2-core machine). Each stage continues
 # where it stopped.
@@ -36,7 +37,24 @@ elif [ "$stage" = rescore ]; then
     name=$(basename "$run")
     [ -f "$out/rescored/$name.json" ] || zoscale eval --run "$run" --out "$out/rescored/$name.json"
   done
+elif [ "$stage" = balanced ]; then
+  # the tweets are 84% negative: every positive tweet and as many negative ones, in each split
+  mkdir -p "$out/data"
+  python - "$out/data" <<'PY'
+import json, random, sys
+for split in ("train", "validation"):
+    rows = [json.loads(line) for line in open(f"real-inputs/tweets/{split}.jsonl")]
+    positive = [r for r in rows if r["label"] == 1]
+    negative = random.Random(0).sample([r for r in rows if r["label"] == 0], len(positive))
+    kept = {id(r) for r in positive + negative}
+    with open(f"{sys.argv[1]}/{split}.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows if id(r) in kept)
+PY
+  zoscale compare --config "$config" --seeds 3 --steps 100 --evals 2 --jobs "${JOBS:-2}" --out "$out/compare" \
+    data.path="$(realpath "$out/data")" \
+    mezo:optim.lr="${MEZO_LR:-3e-4}" conmezo:optim.lr="${CONMEZO_LR:-3e-4}" pseuzo:optim.lr="${PSEUZO_LR:-3e-5}" \
+    mezo_svrg:optim.lr="${SVRG_LR:-3e-5}" mezo_svrg:optim.anchor_lr="${SVRG_LR:-3e-5}" mezo_svrg:optim.q=8
 else
-  echo "usage: $0 sweep|main|icl|rescore DIR" >&2
+  echo "usage: $0 sweep|main|icl|rescore|balanced DIR" >&2
   exit 2
 fi
