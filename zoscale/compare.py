@@ -287,7 +287,7 @@ def markdown(report: dict) -> str:
              f"averages over {report['loss_window']} steps), {report['reference']}'s mean final average, "
              f"{report['loss_target']:.4f}. Passes are the mean over the seeds that reached the target."
              + (f" The test sample's most common label is {report['majority']:.3f} of it: always answering it "
-                f"scores that accuracy and a balanced accuracy (mean recall over labels) of 0.5 for two labels."
+                f"scores that accuracy, and a balanced accuracy (mean recall over labels) of 1 / the number of labels."
                 if report.get("majority") else ""), "",
              "| optimizer | steps | forward passes | final test | final balanced | best dev → test | dev (best) | "
              "passes to target score (reached) | speedup | passes to target loss (reached) | speedup | "
