@@ -1,3 +1,5 @@
+import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -34,7 +36,49 @@ def test_snli_drops_examples_without_a_gold_label():
     task = tasks.TASKS["snli"]
     splits = data.sample(DataConfig(task="snli", path=str(FIXTURES / "snli"), num_train=100, num_dev=0, num_test=0),
                          task)
-    assert len(splits["train"]) == 6  # 8 fixture examples, 2 labelled -1
+    assert len(splits["train"]) == 8  # 10 fixture examples, 2 labelled -1
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_dev_starts_after_the_rows_train_read_even_where_rows_are_dropped(tmp_path, seed):
+    # 6 of 8 rows are labelled: 3 train and 3 dev examples use them all, none twice
+    rows = [{"premise": "A dog runs.", "hypothesis": f"Claim {i}.", "label": -1 if i in (2, 5) else i % 3}
+            for i in range(8)]
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits = data.sample(DataConfig(task="snli", path=str(tmp_path), num_train=3, num_dev=3, num_test=0, seed=seed),
+                         tasks.TASKS["snli"])
+    assert len({e.prompt for e in splits["train"] + splits["dev"]}) == 6
+
+
+def _skewed_sst2(tmp_path, positives=2, negatives=10):
+    for split in ("train", "validation"):
+        rows = [{"sentence": f"{split} {i}", "label": int(i < positives)} for i in range(positives + negatives)]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_balance_samples_each_label_equally_in_every_split(tmp_path):
+    path = _skewed_sst2(tmp_path, positives=4)
+    cfg = DataConfig(task="sst2", path=str(path), num_train=5, num_dev=4, num_test=7, balance=True)
+    splits = data.sample(cfg, tasks.TASKS["sst2"])
+    # an odd count rounds down to a multiple of the number of labels
+    assert [Counter(e.label for e in splits[s]) for s in ("train", "dev", "test")] == \
+        [Counter({0: 2, 1: 2}), Counter({0: 2, 1: 2}), Counter({0: 3, 1: 3})]
+    assert not {e.prompt for e in splits["train"]} & {e.prompt for e in splits["dev"]}
+    assert data.sample(cfg, tasks.TASKS["sst2"]) == splits
+
+
+@pytest.mark.parametrize("task, change, message", [
+    ("sst2", {"num_train": 6}, r".*train.jsonl holds 2 examples of label 1, fewer than the 3 .* data.num_train"),
+    ("squad", {}, "task squad is scored by generation: it has no labels to balance"),
+])
+def test_balance_that_cannot_be_met_is_a_clear_error(tmp_path, task, change, message):
+    path = _skewed_sst2(tmp_path) if task == "sst2" else FIXTURES / task
+    cfg = DataConfig(task=task, path=str(path), **{"num_train": 4, "num_dev": 0, "num_test": 2, **change},
+                     balance=True)
+    with pytest.raises(ConfigError, match=f"data.balance: {message}"):
+        data.sample(cfg, tasks.TASKS[task])
 
 
 def test_local_files_missing_a_field_are_a_clear_error(tmp_path):

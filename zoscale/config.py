@@ -64,6 +64,7 @@ class DataConfig:
     seed: int = 13  # MeZO's data seeds are 13, 21, 42, 87, 100
     max_length: int = 2048
     max_new_tokens: int = 50  # greedy decoding for generation tasks
+    balance: bool = False  # equal numbers of each label in train, dev and test (skewed label sets)
 
     def __post_init__(self):
         for key in ("num_train", "num_dev", "num_test", "max_length", "max_new_tokens"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,29 +104,50 @@ def sample(cfg: DataConfig, task: Task) -> dict[str, list[Example]]:
     test_order = list(range(len(test_pool)))
     random.Random(cfg.seed + 1).shuffle(test_order)
 
-    def build(pool, indices, count, split):
-        out = []
-        for i in indices:
+    if cfg.balance and task.evaluation != "candidates":
+        raise ConfigError(f"data.balance: task {task.name} is scored by generation: it has no labels to balance")
+
+    def build(pool, indices, count, split, key):
+        """The first ``count`` examples in ``indices`` order (with data.balance, count // classes of each
+        label), and how many indices they read: the rest are the next split's."""
+        out, per_label, used = [], Counter(), len(indices)
+        for position, i in enumerate(indices):
             if len(out) == count:
+                used = position
                 break
             try:
                 example = task.build(pool[i])
             except (KeyError, ValueError, TypeError, IndexError) as e:
                 raise ConfigError(f"data: {split} row {i + 1} does not fit task {task.name} ({type(e).__name__}: "
                                   f"{e})") from None
-            if example is not None:
-                label_ok = example.label is None or not example.candidates or \
-                    (isinstance(example.label, int) and 0 <= example.label < len(example.candidates))
-                if not label_ok:
-                    raise ConfigError(f"data: {split} row {i + 1} has label {example.label!r}, but task {task.name} "
-                                      f"has {len(example.candidates)} classes (0 to {len(example.candidates) - 1})")
-                out.append(example)
-        return out
+            if example is None:
+                continue
+            label_ok = example.label is None or not example.candidates or \
+                (isinstance(example.label, int) and 0 <= example.label < len(example.candidates))
+            if not label_ok:
+                raise ConfigError(f"data: {split} row {i + 1} has label {example.label!r}, but task {task.name} "
+                                  f"has {len(example.candidates)} classes (0 to {len(example.candidates) - 1})")
+            if cfg.balance:
+                if per_label and len(example.candidates) != classes:
+                    raise ConfigError(f"data.balance: task {task.name} offers different numbers of candidates, "
+                                      f"so its labels cannot be balanced")
+                classes = len(example.candidates)
+                count -= count % classes  # equal shares: an odd count rounds down
+                if per_label[example.label] == count // classes:
+                    continue
+                per_label[example.label] += 1
+            out.append(example)
+        if cfg.balance and out and len(out) < count:
+            short = min(range(classes), key=lambda label: per_label[label])
+            raise ConfigError(f"data.balance: {split} holds {per_label[short]} examples of label {short}, "
+                              f"fewer than the {count // classes} a balanced sample of {count} needs; lower data.{key}")
+        return out, used
 
     train_name, test_name = _split_names(cfg, task)
-    train = build(train_pool, order, cfg.num_train, train_name)
-    dev = build(train_pool, order[len(train):] if len(train) < len(order) else [], cfg.num_dev, train_name)
-    return {"train": train, "dev": dev, "test": build(test_pool, test_order, cfg.num_test, test_name)}
+    train, used = build(train_pool, order, cfg.num_train, train_name, "num_train")
+    dev, _ = build(train_pool, order[used:], cfg.num_dev, train_name, "num_dev")
+    test, _ = build(test_pool, test_order, cfg.num_test, test_name, "num_test")
+    return {"train": train, "dev": dev, "test": test}
 
 
 def _split_names(cfg: DataConfig, task: Task) -> tuple[str, str]:
