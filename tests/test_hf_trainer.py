@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.distributed import REPO, torchrun
+from tests.distributed import REPO, run_group, torchrun
 
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
 import hf_trainer  # noqa: E402
@@ -114,11 +112,13 @@ def test_save_model_output_loads_in_plain_transformers(single):
 def test_the_example_script_lowers_the_validation_loss(tmp_path):
     """examples/hf_trainer_sst2.py as the README runs it on a CPU, at a short budget."""
     def example(*args) -> dict:
-        out = subprocess.run([sys.executable, str(REPO / "examples" / "hf_trainer_sst2.py"), "--report_to", "none",
-                              "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "100", *args],
-                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert out.returncode == 0, out.stderr[-2000:]
-        return ast.literal_eval(out.stdout.strip().splitlines()[-1])  # the script prints trainer.evaluate()
+        out = run_group([sys.executable, str(REPO / "examples" / "hf_trainer_sst2.py"), "--report_to", "none",
+                         "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "100", *args],
+                        timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:]
+        # the script's last words are trainer.evaluate()'s dict
+        last_dict = next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{'eval_"))
+        return ast.literal_eval(last_dict)
 
     untrained = example("--output_dir", str(tmp_path / "untrained"), "--max_steps", "1", "--learning_rate", "0")
     trained = example("--output_dir", str(tmp_path / "trained"), "--max_steps", "300", "--learning_rate", "1e-3")
