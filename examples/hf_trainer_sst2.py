@@ -16,8 +16,15 @@ from pathlib import Path
 
 import torch
 from datasets import load_dataset
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, HfArgumentParser,
-                          OPTConfig, OPTForCausalLM, TrainingArguments)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    HfArgumentParser,
+    OPTConfig,
+    OPTForCausalLM,
+    TrainingArguments,
+)
 
 from zoscale.integrations.transformers import ZOTrainer
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import zoscale
-from zoscale import rng
+from zoscale.engine import rng
 
 
 class Composite:

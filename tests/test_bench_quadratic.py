@@ -2,7 +2,7 @@ import json
 import subprocess
 import sys
 
-from zoscale.bench.quadratic import QuadraticConfig, summarize
+from zoscale.cli.bench.quadratic import QuadraticConfig, summarize
 
 
 def test_speedup_is_the_ratio_of_first_hits_of_mezos_final_mean():

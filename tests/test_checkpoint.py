@@ -4,12 +4,12 @@ of non-finite losses."""
 import pytest
 import torch
 
-from zoscale import checkpoint
-from zoscale.commands import QUICKSTART
 from zoscale.config import load
-from zoscale.losses import Batch
-from zoscale.shards import Shard, ShardBuffer
-from zoscale.trainer import NonFiniteLossError, Trainer
+from zoscale.engine import Shard, ShardBuffer
+from zoscale.quickstart import QUICKSTART
+from zoscale.train import checkpoint
+from zoscale.train.losses import Batch
+from zoscale.train.trainer import NonFiniteLossError, Trainer
 
 SMALL = ["data.num_train=64", "data.num_dev=16", "data.num_test=16", "eval_every=0", "log_every=1"]
 

@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from distributed import REPO
 
 TINY = ["data.num_train=32", "data.num_dev=8", "data.num_test=16", "batch_size=8", "eval_batch_size=16",

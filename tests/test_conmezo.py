@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import zoscale
-from zoscale import rng
-from zoscale.shards import PerturbationEngine, Shard
+from zoscale.engine import PerturbationEngine, Shard, host, rng
 
 
 def diagonal_quadratic(d=40, seed=0):
@@ -162,8 +161,8 @@ def test_three_passes_per_step_over_parameters_and_momentum(buffer_dtype, ratio,
     assert len(opt.buffer.tensors) == 1 and opt.buffer.tensors[0].dtype == getattr(torch, buffer_dtype)
     opt.step(value)  # step 0 has no momentum yet: a plain seeded step
     draws, passes = [], []
-    real_draw, real_apply = rng.generate_segments, PerturbationEngine.apply
-    monkeypatch.setattr(rng, "generate_segments", lambda *a, **k: draws.append(a[1]) or real_draw(*a, **k))
+    real_draw, real_apply = host.generate_segments, PerturbationEngine.apply
+    monkeypatch.setattr(host, "generate_segments", lambda *a, **k: draws.append(a[1]) or real_draw(*a, **k))
     monkeypatch.setattr(PerturbationEngine, "apply", lambda self, *a, **k: passes.append(1) or real_apply(self, *a, **k))
     monkeypatch.setattr(PerturbationEngine, "norm2", lambda *a: pytest.fail("a separate norm pass"))
     before = opt.engine.traffic

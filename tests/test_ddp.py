@@ -5,11 +5,13 @@ import subprocess
 import sys
 
 import pytest
-
 from distributed import launch, run_group
 
 RUN = ["steps=12", "eval_every=6", "save_every=6", "data.num_train=96", "data.num_dev=24", "data.num_test=30",
        "batch_size=12", "eval_batch_size=8"]
+# a float32 momentum: a bf16 one rounds the last-bit differences of the ranks' loss sums into the
+# trajectory (1.2e-6 relative after 12 steps on 3 ranks on some CPUs), which is not what this compares
+CONMEZO = ["optim.name=conmezo", "optim.buffer_dtype=float32"]
 
 
 def summary(run):
@@ -19,7 +21,7 @@ def summary(run):
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("local") / "run"
-    done = subprocess.run([sys.executable, "-m", "zoscale", "train", "--out", str(run), *RUN, "optim.name=conmezo"],
+    done = subprocess.run([sys.executable, "-m", "zoscale", "train", "--out", str(run), *RUN, *CONMEZO],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return run
@@ -28,7 +30,7 @@ def local_run(tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 3])
 def test_ddp_ranks_follow_the_local_trajectory(world, local_run, tmp_path):
     run = tmp_path / "ddp"
-    done = launch(world, "-m", "zoscale", "train", "--out", str(run), "backend=ddp", *RUN, "optim.name=conmezo",
+    done = launch(world, "-m", "zoscale", "train", "--out", str(run), "backend=ddp", *RUN, *CONMEZO,
                   "check_sync=true", timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
     a, b = summary(local_run), summary(run)
@@ -85,7 +87,7 @@ def test_accelerate_launch_with_the_shipped_configs(config, backend, local_run, 
     run = tmp_path / "run"
     done = run_group([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(shipped),
                       "--num_processes", "2", "-m", "zoscale", "train", "--out", str(run), *RUN,
-                      "optim.name=conmezo", f"backend={backend}"], timeout=400)
+                      *CONMEZO, f"backend={backend}"], timeout=400)
     assert done.returncode == 0, done.stdout[-3000:]
     trainer_state = json.loads((run / "checkpoints" / "step-00000012" / "trainer.json").read_text())
     assert trainer_state["world_size"] == 2
@@ -99,7 +101,6 @@ def test_a_dead_rank_ends_the_whole_job_promptly(tmp_path):
     import time
 
     import psutil
-
     from distributed import REPO, wait_for_lines
 
     run = tmp_path / "run"

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from distributed import launch, run_group
 
 pytest.importorskip("deepspeed")
@@ -80,7 +79,7 @@ def test_the_deepspeed_launch_script_and_export(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from zoscale import checkpoint
+    from zoscale.train import checkpoint
 
     local = tmp_path / "local"
     assert subprocess.run([sys.executable, "-m", "zoscale", "train", "--out", str(local), *RUN],
@@ -136,7 +135,7 @@ def wide_model(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
-    from zoscale.commands import QUICKSTART
+    from zoscale.quickstart import QUICKSTART
 
     out = tmp_path_factory.mktemp("wide") / "opt-wide"
     tokenizer = AutoTokenizer.from_pretrained(QUICKSTART.parent / "tokenizer")

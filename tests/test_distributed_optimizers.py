@@ -1,15 +1,14 @@
 """Optimizers on real gloo ranks: sharded parameters and split data give the single-process trajectory."""
 
 import json
-
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from distributed import torchrun
 
 import zoscale
-from distributed import torchrun
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from zoscale import rng
-from zoscale.shards import PerturbationEngine, Shard, canonical_name, decays, local_shards
+from zoscale.engine import PerturbationEngine, Shard, canonical_name, decays, local_shards, rng
 
 
 def ulp(v: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from distributed import launch
 from safetensors.torch import load_file
 
-from distributed import launch
-from zoscale import checkpoint
+from zoscale.train import checkpoint
 
 RUN = ["steps=12", "eval_every=6", "save_every=6", "data.num_train=96", "data.num_dev=24", "data.num_test=30",
        "batch_size=12", "eval_batch_size=8"]

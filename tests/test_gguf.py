@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from zoscale import gguf as zgguf
-from zoscale.commands import QUICKSTART
+from zoscale.quickstart import QUICKSTART
+from zoscale.train import gguf as zgguf
 
 gguf = pytest.importorskip("gguf")
 TOKENIZER = QUICKSTART.parent / "tokenizer"
@@ -120,7 +120,7 @@ def test_bad_gguf_sources_are_one_line_errors(tiny, tmp_path, cli, change, messa
 
 
 def test_the_tweets_become_sst2_rows(tmp_path):
-    from zoscale import real
+    from zoscale.cli import real_inputs as real
 
     corpus = tmp_path / "corpus.csv"
     corpus.write_text("sentiment,confidence,text\nnegative,0.95,so  slow\npositive,0.5,meh\nneutral,1,fine\n"
@@ -131,7 +131,7 @@ def test_the_tweets_become_sst2_rows(tmp_path):
 
 
 def test_the_shipped_tweets_task_is_the_one_real_inputs_writes():
-    from zoscale import real
+    from zoscale.cli import real_inputs as real
 
     shipped = (QUICKSTART.parents[2] / "configs" / "real" / "tasks" / "tweets.yaml").read_text()
     assert shipped.split("name:", 1)[1] == real.TASK.split("name:", 1)[1]

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from zoscale import kernels, rng
-from zoscale.shards import PerturbationEngine, Shard
+from zoscale.engine import PerturbationEngine, Shard, host, kernels, rng
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
 
@@ -23,7 +22,7 @@ VERSIONED = [("v1", start, numel) for start, numel in RANGES] + [("v2", start, n
 
 
 def z(distribution, seed, stream, start, numel, version="v1"):
-    return rng.generate_segments(distribution, seed, [(stream, start, numel)], version=version).to(DEVICE)
+    return host.generate_segments(distribution, seed, [(stream, start, numel)], version=version).to(DEVICE)
 
 
 @pytest.mark.parametrize("distribution", rng.DISTRIBUTIONS)
@@ -168,16 +167,16 @@ def test_unaligned_views_and_split_interior_runs(distribution):
         kernels.affine_noise_([kernels.Segment(out, start, 21, view)], distribution=distribution, terms=[(3, 0.5)])
         torch.testing.assert_close(out, view + 0.5 * z(distribution, 3, 21, start, view.numel()), rtol=2e-6,
                                    atol=4 * GAUSS_TOL)
-    masked = [launch.masked for launch in kernels._plan([kernels.Segment(storage, 2**34 - 4096 - 3, 21)])]
+    masked = [launch.masked for launch in kernels.launch._plan([kernels.Segment(storage, 2**34 - 4096 - 3, 21)])]
     assert masked == [False, True]
 
 
 def test_launch_tables_are_built_once_per_layout():
     x, y = torch.zeros(3 * 4096 + 1, device=DEVICE), torch.zeros(100, device=DEVICE)
     segments = [kernels.Segment(x, 0, 1), kernels.Segment(y, 7, 2)]
-    first = kernels._plan(segments)
-    assert kernels._plan([kernels.Segment(x, 0, 1), kernels.Segment(y, 7, 2)]) is first
-    assert kernels._plan([kernels.Segment(x, 4, 1), kernels.Segment(y, 7, 2)]) is not first  # another start
+    first = kernels.launch._plan(segments)
+    assert kernels.launch._plan([kernels.Segment(x, 0, 1), kernels.Segment(y, 7, 2)]) is first
+    assert kernels.launch._plan([kernels.Segment(x, 4, 1), kernels.Segment(y, 7, 2)]) is not first  # another start
 
 
 def test_sass_counts_meet_the_targets():

@@ -3,10 +3,10 @@ import torch
 import torch.nn.functional as F
 from transformers import OPTConfig, OPTForCausalLM
 
-from zoscale import evaluate as ev
-from zoscale.comm import Comm
-from zoscale.data import Encoded
-from zoscale.losses import Batch
+from zoscale.engine.comm import Comm
+from zoscale.train import evaluate as ev
+from zoscale.train.data import Encoded
+from zoscale.train.losses import Batch
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,8 @@ def test_lm_loss_is_the_answer_tokens_negative_log_likelihood(model):
 def test_pseuzo_head_gradient_equals_a_full_backward(model, output, examples):
     """e = d loss / d output by autograd through the head only, checked against a backward pass
     through the whole model with the output kept in the graph."""
+    from zoscale.engine import local_shards
     from zoscale.optim.pseuzo import PseuZO, PseuZOConfig
-    from zoscale.shards import local_shards
 
     batch = Batch(examples, "classification", 0, "cpu")
     opt = PseuZO(local_shards(model), PseuZOConfig(lr=0.0))
@@ -85,7 +85,7 @@ def test_f1_and_exact_match():
 def test_generation_evaluation_runs_greedy_decoding():
     from transformers import AutoTokenizer
 
-    from zoscale.commands import QUICKSTART
+    from zoscale.quickstart import QUICKSTART
 
     tokenizer = AutoTokenizer.from_pretrained(QUICKSTART.parent / "tokenizer")
     torch.manual_seed(0)

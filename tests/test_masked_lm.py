@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoscale.commands import QUICKSTART
-from zoscale.data import encode
-from zoscale.losses import Batch
-from zoscale.tasks import TASKS
+from zoscale.quickstart import QUICKSTART
+from zoscale.train.data import encode
+from zoscale.train.losses import Batch
+from zoscale.train.tasks import TASKS
 
 ROBERTA = ("model.config={model_type: roberta, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, "
            "intermediate_size: 64, max_position_embeddings: 80, pad_token_id: 0, type_vocab_size: 1, "

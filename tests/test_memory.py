@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from zoscale.memory import GIB, MemorySampler, aggregate
+from zoscale.train.memory import GIB, MemorySampler, aggregate
 
 
 def test_aggregate_recorded_nvml_samples():

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoscale import checkpoint
-from zoscale.commands import QUICKSTART
+from zoscale.quickstart import QUICKSTART
+from zoscale.train import checkpoint
 
 # A fast variant of the quickstart: fewer steps and evaluation examples.
 FAST = ["steps=40", "eval_every=20", "save_every=20", "data.num_dev=40", "data.num_test=60", "log_every=5"]
@@ -205,7 +205,7 @@ def test_eval_gives_the_runs_own_scores(finished_run, cli, tmp_path):
 
 
 def test_eval_shows_solved_examples_before_each_one(cli, tmp_path):
-    from zoscale.tasks import Example, with_demonstrations
+    from zoscale.train.tasks import Example, with_demonstrations
 
     demos = [Example("good film It was", [" terrible", " great"], 1), Example("dull It was", [" terrible", " great"], 0)]
     shown = with_demonstrations(Example("fine It was", [" terrible", " great"], 1), demos)

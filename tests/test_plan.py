@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from zoscale.plan import plan
+from zoscale.cli.plan import plan
 
 MODELS = Path(__file__).resolve().parents[1] / "configs" / "models"
 

@@ -14,15 +14,15 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from distributed import REPO, run_group, wait_for_lines
-from zoscale import checkpoint
-from zoscale.checkpoint import MANIFEST
-from zoscale.commands import QUICKSTART
+
 from zoscale.config import load
-from zoscale.rundir import RunDirectory
-from zoscale.signals import EXIT_PREEMPTED
-from zoscale.trainer import NonFiniteLossError, Trainer
+from zoscale.quickstart import QUICKSTART
+from zoscale.train import checkpoint
+from zoscale.train.checkpoint import MANIFEST
+from zoscale.train.rundir import RunDirectory
+from zoscale.train.signals import EXIT_PREEMPTED
+from zoscale.train.trainer import NonFiniteLossError, Trainer
 
 SMALL = ["eval_every=0", "eval_before=false", "data.num_train=64", "data.num_dev=8", "data.num_test=16",
          "log_every=1"]
@@ -135,7 +135,7 @@ def test_a_second_writer_is_refused_naming_the_holder(cli, tmp_path):
         assert sorted(p.name for p in run.iterdir()) == [".lock"]
     # a holder killed with -9 leaves the lock file, not the lock
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from zoscale.rundir import RunDirectory; RunDirectory(Path(sys.argv[1]), True)."
+                               "from zoscale.train.rundir import RunDirectory; RunDirectory(Path(sys.argv[1]), True)."
                                "__enter__(); print('held', flush=True); time.sleep(60)", str(run)],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
-from zoscale import rng
+from zoscale.engine import host, rng
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "data" / "triton_philox_vectors_h100.json"
 
@@ -44,15 +44,15 @@ def test_gaussian_matches_triton_randn4x_layout(h100_vectors):
 @pytest.mark.parametrize("distribution", rng.DISTRIBUTIONS)
 def test_slices_equal_the_same_range_of_a_longer_run(distribution):
     seed, stream = 2**40 + 17, 3_000_000_001
-    full = rng.generate_segments(distribution, seed, [(stream, 5, 1000)])
+    full = host.generate_segments(distribution, seed, [(stream, 5, 1000)])
     for a, b in [(5, 6), (5, 9), (7, 300), (299, 1005), (1004, 1005), (6, 6)]:
-        part = rng.generate_segments(distribution, seed, [(stream, a, b - a)])
+        part = host.generate_segments(distribution, seed, [(stream, a, b - a)])
         assert torch.equal(part, full[a - 5 : b - 5]), (a, b)
 
 
 def test_multi_segment_call_equals_separate_calls():
     segments = [(1, 0, 7), (2, 13, 1), (1, 2**33 + 3, 50), (9, 4, 4)]
-    joined = rng.generate_segments("gaussian", 11, segments)
+    joined = host.generate_segments("gaussian", 11, segments)
     separate = torch.cat([rng.gaussian(11, s, a, n) for s, a, n in segments])
     assert torch.equal(joined, separate)
 
@@ -106,12 +106,12 @@ def test_a_small_z_served_again_is_a_copy_of_the_same_values():
     """generate_segments keeps the last few small z (a MeZO step reads each three times): a caller
     that writes into what it got changes nothing for the next caller."""
     segments = [(7, 3, 1000), (8, 0, 77)]
-    first = rng.generate_segments("gaussian", 41, segments)
+    first = host.generate_segments("gaussian", 41, segments)
     expected = first.clone()
     first.mul_(0.0)
-    again = rng.generate_segments("gaussian", 41, segments)
+    again = host.generate_segments("gaussian", 41, segments)
     assert torch.equal(again, expected)
-    assert torch.equal(rng.generate_segments("gaussian", 41, segments, dtype=torch.float64), expected.double())
+    assert torch.equal(host.generate_segments("gaussian", 41, segments, dtype=torch.float64), expected.double())
 
 
 # -- stream v2 ---------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ V2_INDICES = (0, 1, 511, 512, 4095, 4096, 16383, 16384, 2**33 + 17, 2**40 + 5)
 def test_v2_elements_are_the_documented_function_of_seed_stream_and_index(distribution):
     seed, stream = 2**40 + 7, 123
     for i in V2_INDICES:
-        ours = rng.generate_segments(distribution, seed, [(stream, i, 1)], version="v2").item()
+        ours = host.generate_segments(distribution, seed, [(stream, i, 1)], version="v2").item()
         assert ours == pytest.approx(v2_element(distribution, seed, stream, i), abs=2e-6), i
 
 
@@ -160,19 +160,19 @@ def test_v2_known_answers():
                           -0.280924, 0.802415],
              "rademacher": [-1.0, -1.0, 1.0, -1.0, -1.0, 1.0, -1.0, -1.0, -1.0, 1.0]}
     for distribution, values in known.items():
-        got = [rng.generate_segments(distribution, seed, [(stream, i, 1)], version="v2").item() for i in V2_INDICES]
+        got = [host.generate_segments(distribution, seed, [(stream, i, 1)], version="v2").item() for i in V2_INDICES]
         assert got == pytest.approx(values, abs=1e-6), distribution
 
 
 @pytest.mark.parametrize("distribution", rng.DISTRIBUTIONS)
 def test_v2_slices_equal_the_same_range_of_a_longer_run(distribution):
     seed, stream = 2**40 + 17, 3_000_000_001
-    full = rng.generate_segments(distribution, seed, [(stream, 5, 40_000)], version="v2")
+    full = host.generate_segments(distribution, seed, [(stream, 5, 40_000)], version="v2")
     for a, b in [(5, 6), (7, 300), (500, 530), (4090, 4100), (16380, 16390), (299, 40_005), (20_000, 36_000)]:
-        part = rng.generate_segments(distribution, seed, [(stream, a, b - a)], version="v2")
+        part = host.generate_segments(distribution, seed, [(stream, a, b - a)], version="v2")
         assert torch.equal(part, full[a - 5 : b - 5]), (a, b)
-    joined = rng.generate_segments(distribution, seed, [(1, 3, 700), (2, 2**33, 5000)], version="v2")
-    separate = torch.cat([rng.generate_segments(distribution, seed, [s], version="v2")
+    joined = host.generate_segments(distribution, seed, [(1, 3, 700), (2, 2**33, 5000)], version="v2")
+    separate = torch.cat([host.generate_segments(distribution, seed, [s], version="v2")
                           for s in [(1, 3, 700), (2, 2**33, 5000)]])
     assert torch.equal(joined, separate)
 
@@ -186,7 +186,7 @@ def test_v2_distributions_and_separation_from_v1():
     signs = rng.rademacher(123, 7, 0, n, version="v2")
     assert set(signs.unique().tolist()) == {-1.0, 1.0} and abs(signs.mean().item()) < 4 / n**0.5
     for distribution, v2 in (("gaussian", z), ("rademacher", signs.double())):
-        v1 = rng.generate_segments(distribution, 123, [(7, 0, n)]).double()
+        v1 = host.generate_segments(distribution, 123, [(7, 0, n)]).double()
         assert abs(torch.corrcoef(torch.stack([v1, v2]))[0, 1].item()) < 4 / n**0.5
         # neighbours (consecutive calls) and a panel's slots (the same call) are uncorrelated
         for lag in (1, rng.V2_CALLS[distribution]):
@@ -210,14 +210,14 @@ def test_v2_gaussian_moments_are_those_of_16_bit_uniforms():
 def test_the_compiled_cpu_philox_gives_the_same_words(monkeypatch):
     """Passes over 4M+ elements take a compiled Philox on the CPU (torch.compile); the words, and so
     every value, are the eager ones. ZOSCALE_COMPILE=0 keeps it off."""
-    block = torch.arange(2**32 - 1000, 2**32 - 1000 + rng._CHUNK_COUNTERS, dtype=torch.int64)
+    block = torch.arange(2**32 - 1000, 2**32 - 1000 + host._CHUNK_COUNTERS, dtype=torch.int64)
     stream = torch.full_like(block, 3_000_000_001)
     eager = rng.philox4x32(2**63 + 9, block & 0xFFFFFFFF, block >> 32, stream)
-    monkeypatch.setattr(rng, "_compiled_philox", None)
-    compiled = rng._philox_words(2**63 + 9, block, stream, compiled=True)
-    assert rng._compiled_philox  # it compiled here (a C++ compiler is present)
+    monkeypatch.setattr(host, "_compiled_philox", None)
+    compiled = host._philox_words(2**63 + 9, block, stream, compiled=True)
+    assert host._compiled_philox  # it compiled here (a C++ compiler is present)
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
-    monkeypatch.setattr(rng, "_compiled_philox", None)
+    monkeypatch.setattr(host, "_compiled_philox", None)
     monkeypatch.setenv("ZOSCALE_COMPILE", "0")
-    rng._philox_words(5, block, stream, compiled=True)
-    assert rng._compiled_philox is False
+    host._philox_words(5, block, stream, compiled=True)
+    assert host._compiled_philox is False

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from distributed import launch
 
 RUN = ["steps=6", "eval_every=0", "save_every=0", "data.num_train=48", "data.num_dev=4", "data.num_test=30",
@@ -22,7 +21,7 @@ def pretrained(request, tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-    from zoscale.commands import QUICKSTART
+    from zoscale.quickstart import QUICKSTART
 
     out = tmp_path_factory.mktemp("pretrained") / f"{request.param}-tiny"
     tokenizer = AutoTokenizer.from_pretrained(QUICKSTART.parent / "tokenizer")
@@ -92,7 +91,7 @@ def test_export_streams_the_pretrained_files_with_the_trained_parameters(pretrai
     import torch
     from transformers import AutoModelForCausalLM
 
-    from zoscale import checkpoint
+    from zoscale.train import checkpoint
 
     run = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "zoscale", "train", "--out", str(run), *RUN, *pretrained,

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from distributed import run_group
 
 REPO = Path(__file__).resolve().parents[1]

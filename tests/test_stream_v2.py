@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 import yaml
-
 from distributed import launch
-from zoscale import rng
+
+from zoscale.engine import rng
 
 RUN = ["steps=8", "eval_every=0", "save_every=4", "data.num_train=96", "data.num_dev=0", "data.num_test=30",
        "batch_size=12", "eval_batch_size=8", "optim.stream=v2"]

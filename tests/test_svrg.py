@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import zoscale
-from zoscale import rng
+from zoscale.engine import rng
 
 
 class LeastSquares:

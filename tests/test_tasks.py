@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from zoscale import data, tasks
-from zoscale.config import ConfigError, DataConfig
+from zoscale.config import DataConfig
+from zoscale.errors import ConfigError
+from zoscale.train import data, tasks
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tasks"
 

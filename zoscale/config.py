@@ -13,12 +13,10 @@ from pathlib import Path
 import dacite
 import yaml
 
+from zoscale.errors import ConfigError
+
 BACKENDS = ("local", "ddp", "fsdp", "deepspeed")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A bad configuration: the message is one line and names the key."""
 
 
 @dataclass
@@ -200,46 +198,22 @@ def from_dict(raw: dict) -> TrainConfig:
 
 
 def validate_optimizer(optim: OptimConfig):
-    """Build the optimizer's own config dataclass from the options: the same checks as at run time."""
-    from zoscale.optim import REGISTRY
+    """The optimizer's own config dataclass from the options (the checks of every entry point);
+    the options become the checked values (integers where floats belong become floats)."""
+    from zoscale.optim import optimizer_config
 
-    if optim.name not in REGISTRY:
-        raise ConfigError(f"optim.name: unknown optimizer {optim.name!r}; choose one of {sorted(REGISTRY)}")
-    cls = REGISTRY[optim.name].Config
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(optim.options) - set(fields))
-    if unknown:
-        raise ConfigError(f"optim: unknown option(s) {unknown} for {optim.name}; valid: {sorted(fields)}")
-    optim.options = {k: _coerce(v, fields[k].type, f"optim.{k}") for k, v in optim.options.items()}
-    try:
-        return cls(**optim.options)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"optim.{e}") from None
-
-
-def _coerce(value, annotation, key: str = "value"):
-    """Integers where floats are expected (lr: 1), lists where tuples are (beta_warmup: [200, 2000]);
-    a string or a boolean where a number belongs is an error naming the key."""
-    text = str(annotation)
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if text.startswith(("float", "int")) and not number and not (value is None and "None" in text):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if text.startswith("int") and isinstance(value, float):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if text.startswith("bool") and not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if number and text.startswith("float"):
-        return float(value)
-    if isinstance(value, list) and "tuple" in text:
-        return tuple(value)
-    return value
+    config = optimizer_config(optim.name, optim.options, prefix="optim.")
+    optim.options = {k: getattr(config, k) for k in optim.options}
+    return config
 
 
 def _check_types(cfg) -> None:
     """dacite takes booleans for numbers (bool is an int in Python): refuse them, naming the key."""
+    from zoscale.optim.base import coerce
+
     for section, node in (("", cfg), ("model.", cfg.model), ("data.", cfg.data)):
         for f in dataclasses.fields(node):
-            _coerce(getattr(node, f.name), f.type, f"{section}{f.name}")
+            coerce(getattr(node, f.name), f.type, f"{section}{f.name}")
 
 
 # Fields of a model config that count or size something: a zero or negative value is a mistake.

@@ -1,13 +1,17 @@
-"""Build the model and tokenizer a config names, and choose which parameters train."""
+"""Build the model and tokenizer a config names, choose which parameters train, and split a causal LM
+into body and head."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from zoscale.config import ConfigError, ModelConfig
+from zoscale.config import ModelConfig
+from zoscale.errors import ConfigError
 
 
 def build_tokenizer(cfg: ModelConfig):
@@ -101,3 +105,29 @@ def _add_lora(model, options: dict):
 def unwrap(model):
     """The transformers model under a peft wrapper (for save_pretrained after merging)."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def causal_lm(model):
+    """The transformers causal LM itself, also under a peft wrapper (whose LoRA layers it contains)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@dataclass(frozen=True)
+class BodyHead:
+    """A causal LM split at its output embedding: ``body`` gives the last hidden state, ``head`` the
+    logits from it, so losses apply the head at the scored positions only and PseuZO differentiates
+    through the head alone. A sharded backend supplies its own halves (FSDP2's root forward, the
+    head's weight gathered); by default the base model and the output embedding are called."""
+
+    body_fn: Callable | None = None  # (model, input_ids, attention_mask) -> hidden
+    head_fn: Callable | None = None  # (model, hidden) -> logits
+
+    def body(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.body_fn is not None:
+            return self.body_fn(model, input_ids, attention_mask)
+        return causal_lm(model).base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def head(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        if self.head_fn is not None:
+            return self.head_fn(model, hidden)
+        return causal_lm(model).get_output_embeddings()(hidden)

@@ -23,7 +23,8 @@ os.environ.setdefault("MKL_CBWR", "COMPATIBLE")  # bitwise-reproducible matrix p
 import datasets  # noqa: F401  (imported once here, not in every forked run)
 from transformers import AutoTokenizer, OPTForCausalLM  # noqa: F401
 
-from zoscale import checkpoint, cli, data, evaluate, losses, models, trainer  # noqa: F401
+from zoscale import cli, models  # noqa: F401
+from zoscale.train import checkpoint, data, evaluate, losses, trainer  # noqa: F401
 
 out, stride = Path(sys.argv[1]), int(sys.argv[2])
 RUN = ["steps=6", "save_every=2", "keep_checkpoints=1", "eval_every=0", "eval_before=false", "data.num_train=64",

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import zoscale
-from zoscale.comm import Comm
+from zoscale.engine.comm import Comm
 
 
 def main(out_dir: Path) -> None:

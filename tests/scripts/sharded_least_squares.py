@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 import zoscale
-from zoscale.comm import Comm
-from zoscale.shards import Shard
+from zoscale.engine import Shard
+from zoscale.engine.comm import Comm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from problems import least_squares, run_steps, split_evenly  # noqa: E402

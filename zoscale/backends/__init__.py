@@ -4,7 +4,7 @@ for sums over parameter elements. Sharding stays here, never in the optimizers o
 from __future__ import annotations
 
 from zoscale.backends.local import DDPBackend, LocalBackend
-from zoscale.config import ConfigError
+from zoscale.errors import ConfigError
 
 
 def get(name: str, deepspeed_config: str | None = None, fsdp_compute_dtype: str | None = None,

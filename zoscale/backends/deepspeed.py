@@ -4,7 +4,7 @@
 parameter holds its flattened elements [r * P, (r + 1) * P) with P = ceil(numel / world); the last
 rank's partition is padded, and the padding is cut off the shard. The persistence threshold is 0:
 parameters below it stay gathered after the first forward, and edits to their partitions would
-then stop reaching the forward (environment.md). The head gathers its parameters with
+then stop reaching the forward. The head gathers its parameters with
 `GatheredParameters`, on every rank.
 """
 
@@ -14,12 +14,11 @@ import json
 
 import torch
 
-from zoscale.backends.local import DDPBackend
-from zoscale.comm import Comm, print0
-from zoscale.config import ConfigError
-from zoscale.losses import causal_lm
-from zoscale.models import auto_class, select_trainable, transformers_config
-from zoscale.shards import Shard, decays, offload_compute_device
+from zoscale.backends.base import build_whole, destroy_distributed, init_distributed
+from zoscale.engine import Shard, decays, offload_compute_device
+from zoscale.engine.comm import Comm, print0
+from zoscale.errors import ConfigError
+from zoscale.models import BodyHead, auto_class, causal_lm, select_trainable, transformers_config
 
 
 def _deepspeed():
@@ -67,12 +66,12 @@ def resolve_auto(config: dict, dtype: torch.dtype) -> dict:
     return fill(config, "")
 
 
-class DeepSpeedBackend(DDPBackend):
+class DeepSpeedBackend:
     name = "deepspeed"
-    needs_process_group = True
 
     def __init__(self, config_path: str | None = None):
         self.config_path = config_path
+        self.split = BodyHead(head_fn=_gathered_head)
 
     def setup(self, timeout_s: float):
         deepspeed = _deepspeed()
@@ -84,7 +83,7 @@ class DeepSpeedBackend(DDPBackend):
                                   "libaio (apt install libaio-dev)")
         if not torch.cuda.is_available():
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 45 s JIT build on CPU
-        return super().setup(timeout_s)  # the process group DeepSpeed then uses
+        return init_distributed(self.name, timeout_s, alone_too=True)  # the process group DeepSpeed then uses
 
     def build(self, cfg, vocab_size: int, device):
         """Pretrained weights load straight into partitions: with an HfDeepSpeedConfig alive,
@@ -93,7 +92,7 @@ class DeepSpeedBackend(DDPBackend):
         values on any number of ranks, but not the CPU's). Otherwise the model is built whole and
         then partitioned."""
         if cfg.lora is not None or (cfg.name_or_path is None and cfg.init_device != "device"):
-            return super().build(cfg, vocab_size, device)
+            return self.prepare(build_whole(cfg, vocab_size, device), device)
         from transformers.integrations import HfDeepSpeedConfig
 
         dtype = getattr(torch, cfg.dtype)
@@ -122,7 +121,7 @@ class DeepSpeedBackend(DDPBackend):
     def shards(self, model, master_dtype):
         if master_dtype is not None:
             raise ConfigError("model.master_weights: not with backend deepspeed")
-        rank, shards, swapped = self.comm.rank, [], {}
+        rank, shards, swapped = Comm().rank, [], {}
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
@@ -151,22 +150,26 @@ class DeepSpeedBackend(DDPBackend):
         for prefix, module in model.named_modules():
             params = list(module.parameters(recurse=False))
             with _deepspeed().zero.GatheredParameters(params):
-                if self.comm.is_main:
+                if Comm().is_main:
                     buffers = [(n, b) for n, b in module.named_buffers(recurse=False)
                                if n not in module._non_persistent_buffers_set]
                     for name, t in [*module.named_parameters(recurse=False), *buffers]:
                         state[f"{prefix}.{name}" if prefix else name] = t.detach().cpu().clone()
         return state
 
-    def head(self, model, hidden: torch.Tensor) -> torch.Tensor:
-        """The output embedding with its parameters gathered and copied (a collective), so that
-        autograd through the head (PseuZO) outlives the release of the gathered weights."""
-        head = causal_lm(model).get_output_embeddings()
-        params = [p for p in (head.weight, head.bias) if p is not None]
-        with _deepspeed().zero.GatheredParameters(params):
-            weight = head.weight.detach().clone()
-            bias = None if head.bias is None else head.bias.detach().clone()
-        return torch.nn.functional.linear(hidden, weight, bias)
+    def teardown(self) -> None:
+        destroy_distributed()
+
+
+def _gathered_head(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The output embedding with its parameters gathered and copied (a collective), so that
+    autograd through the head (PseuZO) outlives the release of the gathered weights."""
+    head = causal_lm(model).get_output_embeddings()
+    params = [p for p in (head.weight, head.bias) if p is not None]
+    with _deepspeed().zero.GatheredParameters(params):
+        weight = head.weight.detach().clone()
+        bias = None if head.bias is None else head.bias.detach().clone()
+    return torch.nn.functional.linear(hidden, weight, bias)
 
 
 class NVMeStorage:

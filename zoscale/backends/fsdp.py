@@ -3,7 +3,7 @@
 Every decoder layer (the model's `_no_split_modules` classes) is one FSDP unit and the root owns
 the rest (embeddings, final norm, LM head), so tied weights stay one parameter: sharding the base
 model as a unit of its own silently unties OPT's embedding and head. The root reshards after every
-forward, otherwise edits to its shards would not reach the next forward (environment.md).
+forward, otherwise edits to its shards would not reach the next forward.
 
 Shards are the local blocks (`DTensor.to_local()`, rows along dim 0, the last rank may hold fewer)
 with their global offsets; sums over parameter elements reduce over the world. The body runs
@@ -22,14 +22,11 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from zoscale import rng
-from zoscale.backends.local import DDPBackend
-from zoscale.comm import Comm, print0
-from zoscale.config import ConfigError
-from zoscale.losses import causal_lm
-from zoscale.models import auto_class, select_trainable, snapshot, transformers_config
-from zoscale.shards import PerturbationEngine, Shard, decays, offload_compute_device
-
+from zoscale.backends.base import build_whole, destroy_distributed, init_distributed
+from zoscale.engine import PerturbationEngine, Shard, decays, offload_compute_device, rng
+from zoscale.engine.comm import Comm, print0
+from zoscale.errors import ConfigError
+from zoscale.models import BodyHead, auto_class, causal_lm, select_trainable, snapshot, transformers_config
 
 _INIT_STREAM = 0x1A17  # mixed into the init seed, so the weights never share a seed with a step
 
@@ -92,19 +89,19 @@ def _draw_rows(model, seed: int) -> None:
     PerturbationEngine(shards).apply(shards, tensors, tensors, 0.0, {rng.mix_seed(seed, _INIT_STREAM): std})
 
 
-class FSDPBackend(DDPBackend):
+class FSDPBackend:
     name = "fsdp"
-    needs_process_group = True
 
     def __init__(self, compute_dtype: str | None = None, cpu_offload: bool = False):
         """compute_dtype: FSDP2's MixedPrecisionPolicy (e.g. fp32 shards, which the perturbations
         go into, with bf16 compute); cpu_offload: shards in host memory."""
         self.compute_dtype, self.cpu_offload = compute_dtype, cpu_offload
+        self.split = BodyHead(_root_body, _gathered_head)
 
     def setup(self, timeout_s: float):
         if self.cpu_offload and not torch.cuda.is_available():
             raise ConfigError("fsdp_cpu_offload: needs CUDA devices (the shards are on the host already)")
-        return super().setup(timeout_s)
+        return init_distributed(self.name, timeout_s, alone_too=True)
 
     def build(self, cfg, vocab_size: int, device):
         """Pretrained weights (a local directory, or a hub id's snapshot), and a config's random
@@ -125,7 +122,7 @@ class FSDPBackend(DDPBackend):
             _draw_rows(model, cfg.init_seed)
             print0("drew random weights in FSDP2 shards (no rank holds the whole model)")
             return model
-        return super().build(cfg, vocab_size, device)
+        return self.prepare(build_whole(cfg, vocab_size, device), device)
 
     def _empty(self, auto, config, cfg, device):
         """The model sharded with its parameters allocated but not filled (buffers such as rotary
@@ -150,11 +147,11 @@ class FSDPBackend(DDPBackend):
         first rank of each node while the others wait (files, never a model in memory)."""
         first = int(os.environ.get("LOCAL_RANK", "0")) == 0
         path = snapshot(name) if first else None
-        self.comm.barrier()
+        Comm().barrier()
         return path or snapshot(name, download=False)
 
     def prepare(self, model, device):
-        mesh = init_device_mesh(device.type, (self.comm.world_size,))
+        mesh = init_device_mesh(device.type, (Comm().world_size,))
         units = set(getattr(model, "_no_split_modules", None) or [])
         if not units:
             raise ConfigError("backend fsdp: the model names no _no_split_modules to shard layer by layer")
@@ -189,28 +186,33 @@ class FSDPBackend(DDPBackend):
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def body(self, model, input_ids, attention_mask) -> torch.Tensor:
-        """The head's input, from the root forward: called directly, the base model would skip the
-        root's pre-forward and the layers would keep serving their first all-gathered values."""
-        captured = []
-        head = causal_lm(model).get_output_embeddings()
-        handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask)
-        finally:
-            handle.remove()
-        return captured[0]
+    def teardown(self) -> None:
+        destroy_distributed()
 
-    def head(self, model, hidden: torch.Tensor) -> torch.Tensor:
-        """The output embedding with its weight gathered into a tensor of its own (a collective),
-        so that autograd through the head (PseuZO) outlives the root's resharding. Under CPU offload
-        the shards move to the compute device first (NCCL gathers device tensors only)."""
-        head = causal_lm(model).get_output_embeddings()
 
-        def gather(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(hidden.device)
-            return (t.full_tensor() if isinstance(t, DTensor) else t).to(hidden.dtype)
+def _root_body(model, input_ids, attention_mask) -> torch.Tensor:
+    """The head's input, from the root forward: called directly, the base model would skip the
+    root's pre-forward and the layers would keep serving their first all-gathered values."""
+    captured = []
+    head = causal_lm(model).get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        handle.remove()
+    return captured[0]
 
-        weight = gather(head.weight)
-        bias = None if head.bias is None else gather(head.bias)
-        return torch.nn.functional.linear(hidden, weight, bias)
+
+def _gathered_head(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The output embedding with its weight gathered into a tensor of its own (a collective),
+    so that autograd through the head (PseuZO) outlives the root's resharding. Under CPU offload
+    the shards move to the compute device first (NCCL gathers device tensors only)."""
+    head = causal_lm(model).get_output_embeddings()
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(hidden.device)
+        return (t.full_tensor() if isinstance(t, DTensor) else t).to(hidden.dtype)
+
+    weight = gather(head.weight)
+    bias = None if head.bias is None else gather(head.bias)
+    return torch.nn.functional.linear(hidden, weight, bias)

@@ -55,13 +55,14 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 import zoscale
-from zoscale import backends, checkpoint
-from zoscale.comm import Comm
+from zoscale import backends
 from zoscale.config import check_deepspeed_json
-from zoscale.losses import causal_lm
+from zoscale.engine import local_shards
+from zoscale.engine.comm import Comm
+from zoscale.models import BodyHead, causal_lm
 from zoscale.optim import REGISTRY
 from zoscale.optim.base import Objective
-from zoscale.shards import local_shards
+from zoscale.train import checkpoint
 
 ZO_BACKENDS = ("fsdp", "deepspeed")
 _ZO_STATE = "zoscale"  # checkpoint-N/zoscale/: the ZO optimizer's checkpoint
@@ -185,7 +186,6 @@ class ZOTrainer(Trainer):
         if self.is_deepspeed_enabled:
             self.deepspeed = model
         self.sharding = backends.get("deepspeed" if self.is_deepspeed_enabled else "fsdp")
-        self.sharding.comm = self.comm
         self.create_optimizer()
         self.create_scheduler(num_training_steps=max_steps)
         if resume_from_checkpoint is not None:
@@ -270,28 +270,21 @@ class ZOTrainer(Trainer):
         """(the last hidden state or the logits, the token-summed loss as a function of it): the
         causal-LM cross-entropy on ``labels``, whatever ``compute_loss`` says."""
         lm = causal_lm(self.model)
-        body, head = getattr(self.sharding, "body", None), getattr(self.sharding, "head", None)
+        split = self.sharding.split if self.sharding is not None else BodyHead()
         if not hasattr(lm, "get_output_embeddings") or lm.get_output_embeddings() is None:
             raise ValueError(f"{self.zo_name}: needs a causal LM with an output embedding (its body/head split)")
         labels = inputs["labels"][:, 1:]
         count = float(labels.ne(-100).sum())
-
-        def apply_head(hidden):
-            return head(self.model, hidden) if head is not None else lm.get_output_embeddings()(hidden)
 
         def loss_of(logits):
             return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                    reduction="sum"), count
 
         with torch.no_grad():
-            ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-            if body is not None:
-                hidden = body(self.model, ids, mask)
-            else:
-                hidden = lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = split.body(self.model, inputs["input_ids"], inputs.get("attention_mask"))
             if kind == "logits":
-                return apply_head(hidden), loss_of
-        return hidden, lambda h: loss_of(apply_head(h))
+                return split.head(self.model, hidden), loss_of
+        return hidden, lambda h: loss_of(split.head(self.model, hidden=h))
 
     # -- logging, evaluation, saving ------------------------------------------------------------------
     def log(self, logs: dict, start_time: float | None = None) -> None:

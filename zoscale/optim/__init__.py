@@ -1,6 +1,8 @@
-"""Zeroth-order optimizers; each registers itself by name in ``REGISTRY``."""
+"""Zeroth-order optimizers; each registers itself by name in ``REGISTRY``, in the order imported
+here (MeZO, the baseline the others are measured against, first)."""
 
-from zoscale.optim import conmezo, mezo, pseuzo, svrg  # noqa: F401  (each registers itself)
-from zoscale.optim.base import REGISTRY, StepResult, ZOConfig, ZOOptimizer
+# ruff: noqa: I001 (the import order is the registry's)
+from zoscale.optim import mezo, conmezo, svrg, pseuzo  # noqa: F401  (each registers itself)
+from zoscale.optim.base import REGISTRY, Objective, StepResult, ZOConfig, ZOOptimizer, optimizer_config
 
-__all__ = ["REGISTRY", "StepResult", "ZOConfig", "ZOOptimizer"]
+__all__ = ["REGISTRY", "Objective", "StepResult", "ZOConfig", "ZOOptimizer", "optimizer_config"]

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from zoscale import rng
-from zoscale.comm import Comm
+from zoscale.engine import PerturbationEngine, Shard, ShardBuffer, rng
+from zoscale.engine.comm import Comm
+from zoscale.errors import ConfigError
 from zoscale.optim.schedule import SCHEDULES, lr_at
-from zoscale.shards import PerturbationEngine, Shard, ShardBuffer
 
 # closure() returns this rank's loss: a scalar (ranks are averaged) or a (loss_sum, count) pair
 # (summed over ranks, then divided, so uneven token counts give the true global mean).
@@ -94,9 +94,49 @@ class StepResult:
     projected_grads: tuple[float, ...]
     lr: float
     skipped: bool = False  # a non-finite loss: parameters restored, no update
+    # the updates the step applied, as (seed terms, decay), or None for one that used a buffer:
+    # what the seed log records and `zoscale replay` applies
+    updates: tuple = ()
 
 
 REGISTRY: dict[str, type[ZOOptimizer]] = {}
+
+
+def optimizer_config(name: str, options: dict, prefix: str = "") -> ZOConfig:
+    """The registered optimizer ``name``'s config dataclass from its options, each value checked
+    against its field's type: the one validator of optimizer options (``zoscale train``'s config,
+    ``build_optimizer`` and ZOTrainer). A ``ConfigError`` names the key, after ``prefix``."""
+    if name not in REGISTRY:
+        raise ConfigError(f"{prefix}name: unknown optimizer {name!r}; choose one of {sorted(REGISTRY)}")
+    cls = REGISTRY[name].Config
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        section = f"{prefix.rstrip('.')}: " if prefix else ""
+        raise ConfigError(f"{section}unknown option(s) {unknown} for {name}; valid: {sorted(fields)}")
+    values = {k: coerce(v, fields[k].type, f"{prefix}{k}") for k, v in options.items()}
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+
+
+def coerce(value, annotation, key: str):
+    """Integers where floats are expected (lr: 1), lists where tuples are (beta_warmup: [200, 2000]);
+    a string or a boolean where a number belongs is an error naming the key."""
+    text = str(annotation)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if text.startswith(("float", "int")) and not number and not (value is None and "None" in text):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if text.startswith("int") and isinstance(value, float):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if text.startswith("bool") and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if number and text.startswith("float"):
+        return float(value)
+    if isinstance(value, list) and "tuple" in text:
+        return tuple(value)
+    return value
 
 
 def register(name: str):
@@ -125,12 +165,13 @@ class ZOOptimizer:
         return {**{k: v for k, v in kept.items() if v is not None}, **options}
 
     def __init__(self, shards: Sequence[Shard], config: ZOConfig, comm: Comm | None = None,
-                 shard_comm: Comm | None = None):
+                 shard_comm: Comm | None = None, phase: Callable | None = None):
         """``comm`` reduces losses over every data-parallel rank; ``shard_comm`` reduces sums over
         parameter elements (norms, dot products) over the ranks that hold *different* pieces:
         the world under FSDP/ZeRO-3, a single process when every rank holds whole parameters.
         Left out, it is the single process when every rank's shards are whole parameters (one
-        all-reduce decides), else ``comm``."""
+        all-reduce decides), else ``comm``. ``phase(name)``: a context around each pass (a
+        MemorySampler's, to tag its peaks)."""
         self.config = config
         self.comm = comm or Comm()
         if shard_comm is None:  # replicas hold every element on every rank: their sums are not added up
@@ -138,7 +179,7 @@ class ZOOptimizer:
             sharded = self.comm.all_reduce_sum([0.0 if whole else 1.0])[0] > 0  # every rank decides the same
             shard_comm = self.comm if sharded else Comm(distributed=False)
         self.shard_comm = shard_comm
-        self.engine = PerturbationEngine(shards, config.distribution, version=config.stream)
+        self.engine = PerturbationEngine(shards, config.distribution, version=config.stream, phase=phase)
         self.step_count = 0
         self.lr_source: Callable[[int], float] | None = None  # an outside schedule (a Trainer's) replaces lr_at's
 
@@ -177,6 +218,11 @@ class ZOOptimizer:
         return [totals[2 * i] / totals[2 * i + 1] for i in range(len(pairs))]
 
     @classmethod
+    def buffer_bytes(cls, config: ZOConfig, parameter_bytes: int) -> int:
+        """Bytes of parameter-sized state per parameter element (``zoscale plan`` counts them)."""
+        return 0
+
+    @classmethod
     def forward_passes(cls, config: ZOConfig, step: int, full_batches: float) -> float:
         """Forward passes, each over one training batch, that step ``step`` spends (``full_batches``:
         the training sample's size in batches). `zoscale compare` plans equal budgets from it; the
@@ -184,9 +230,14 @@ class ZOOptimizer:
         equal."""
         return 2.0
 
-    def step(self, objective: Objective | Closure) -> StepResult:
+    def step(self, objective: Objective | Closure, *args) -> StepResult:
         """One step. ``objective``: an Objective with the fields in ``needs``, or a bare callable
-        for the first of them."""
+        for the first of them. The result carries the updates the step applied."""
+        result = self._step(objective, *args)
+        updates, self.engine.journal = tuple(self.engine.journal), []
+        return dataclasses.replace(result, updates=updates)
+
+    def _step(self, objective, *args) -> StepResult:
         raise NotImplementedError
 
     def objective(self, objective) -> Objective:
@@ -219,7 +270,7 @@ class ZOOptimizer:
         if state["config"]["seed"] != self.config.seed:
             raise ValueError(f"state was saved with seed {state['config']['seed']}, this run has {self.config.seed}")
         for key in self.run_properties:
-            saved = state["config"].get(key, "v1" if key == "stream" else None)  # states of 2026-12-02: v1
+            saved = state["config"].get(key, "v1" if key == "stream" else None)  # no stream recorded: v1
             if saved is not None and saved != getattr(self.config, key):
                 raise ValueError(f"state was saved with {key} {saved}, this run uses {getattr(self.config, key)}: "
                                  f"a run keeps its {key} (pass {key}={saved!r})")

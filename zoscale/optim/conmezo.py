@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from zoscale.engine import ShardBuffer
 from zoscale.optim.base import StepResult, ZOConfig, ZOOptimizer, _check, all_finite, register
-from zoscale.shards import ShardBuffer
 
 _DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -59,10 +59,14 @@ class ConMeZOConfig(ZOConfig):
 @register("conmezo")
 class ConMeZO(ZOOptimizer):
     Config = ConMeZOConfig
-    run_properties = ("stream", "buffer_dtype")  # runs of 2026-12-02 and before: float32 momentum
+    run_properties = ("stream", "buffer_dtype")
 
-    def __init__(self, shards, config: ConMeZOConfig, comm=None, shard_comm=None):
-        super().__init__(shards, config, comm, shard_comm)
+    @classmethod
+    def buffer_bytes(cls, config: ConMeZOConfig, parameter_bytes: int) -> int:
+        return getattr(torch, config.buffer_dtype).itemsize  # the momentum
+
+    def __init__(self, shards, config: ConMeZOConfig, comm=None, shard_comm=None, phase=None):
+        super().__init__(shards, config, comm, shard_comm, phase)
         self.buffer = self.engine.new_buffer(getattr(torch, config.buffer_dtype))
         self.dim = self.param_sums([sum(s.numel for s in self.shards)])[0]
         self.momentum_norm = 0.0  # |m_t|, measured or predicted
@@ -120,7 +124,7 @@ class ConMeZO(ZOOptimizer):
         return math.hypot(parallel, (1 - beta) * pg * math.sqrt(d) * math.sin(cfg.cone_theta))
 
     # -- the step -----------------------------------------------------------------------------------
-    def step(self, objective) -> StepResult:
+    def _step(self, objective) -> StepResult:
         closure = self.objective(objective).loss
         cfg, step = self.config, self.step_count
         lr, beta, seed = self.lr_at(step), self.beta_at(step), self.seed_for(step, 0)
@@ -129,7 +133,6 @@ class ConMeZO(ZOOptimizer):
         pg = (loss_plus - loss_minus) / (2 * cfg.eps)
         skipped = not all_finite([loss_plus, loss_minus])
         if skipped:  # restore the parameters; the momentum stays
-            self.engine.update({})
             self.engine.flush()
         else:
             self.engine.update({k: -lr * pg * c for k, c in direction.items()}, decay=1.0 - lr * cfg.weight_decay)

@@ -35,7 +35,7 @@ class MeZO(ZOOptimizer):
     def forward_passes(cls, config: MeZOConfig, step: int, full_batches: float) -> float:
         return 2.0 * config.n_directions
 
-    def step(self, objective) -> StepResult:
+    def _step(self, objective) -> StepResult:
         closure = self.objective(objective).loss
         cfg, step = self.config, self.step_count
         lr = self.lr_at(step)
@@ -44,9 +44,7 @@ class MeZO(ZOOptimizer):
         plus, minus = losses[0::2], losses[1::2]
         pgs = tuple((lp - lm) / (2 * cfg.eps) for lp, lm in zip(plus, minus))
         skipped = not all_finite(losses)
-        if skipped:
-            self.engine.update({})  # restore theta only
-        else:
+        if not skipped:  # else the flush below only restores theta
             n = cfg.n_directions
             self.engine.update({s: -lr * pg / n for s, pg in zip(seeds, pgs)}, decay=1.0 - lr * cfg.weight_decay)
         if skipped or not cfg.defer_update:

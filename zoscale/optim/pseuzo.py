@@ -70,8 +70,8 @@ class PseuZO(ZOOptimizer):
     Config = PseuZOConfig
     needs = ("outputs",)
 
-    def __init__(self, shards, config: PseuZOConfig, comm=None, shard_comm=None):
-        super().__init__(shards, config, comm, shard_comm)
+    def __init__(self, shards, config: PseuZOConfig, comm=None, shard_comm=None, phase=None):
+        super().__init__(shards, config, comm, shard_comm, phase)
         self.window: deque[tuple[int, torch.Tensor]] = deque(maxlen=config.window)
 
     def lambda_at(self, step: int) -> tuple[float, bool]:
@@ -87,7 +87,7 @@ class PseuZO(ZOOptimizer):
         r = epoch % cycle
         return (1.0 / (1 + 10 * r) if r <= 10 else 0.0), (r == 0 and first_step == 0)
 
-    def step(self, objective) -> StepResult:
+    def _step(self, objective) -> StepResult:
         outputs = self.objective(objective).outputs
         cfg, step = self.config, self.step_count
         closure = lambda: outputs(cfg.output)  # noqa: E731
@@ -118,9 +118,7 @@ class PseuZO(ZOOptimizer):
         if cfg.normalize:
             weights = [w / sum(weights) for w in weights]
         skipped = not all_finite([loss, *coefs])
-        if skipped:  # the window stays as it was, its oldest entry included
-            self.engine.update({})
-        else:
+        if not skipped:  # else the window stays as it was, its oldest entry included
             self.window.append(newest)
             terms: dict[int, float] = {}
             for (s, _), w, c in zip(entries, weights, coefs):
@@ -150,9 +148,7 @@ class PseuZO(ZOOptimizer):
         plus, minus = self.global_means(self.evaluate_pairs([{seed: 1.0}], loss))
         pg = (plus - minus) / (2 * self.config.eps)
         skipped = not all_finite([plus, minus])
-        if skipped:
-            self.engine.update({})
-        else:
+        if not skipped:
             self.engine.update({seed: -lr * pg}, decay=1.0 - lr * self.config.weight_decay)
         self.engine.flush()
         self.step_count += 1

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zoscale.engine import ShardBuffer
 from zoscale.optim.base import StepResult, ZOConfig, ZOOptimizer, _check, all_finite, as_objective, register
-from zoscale.shards import ShardBuffer
 
 
 @dataclass
@@ -46,11 +46,15 @@ class MeZOSVRG(ZOOptimizer):
     Config = MeZOSVRGConfig
     needs = ("loss", "full_loss")
 
-    def __init__(self, shards, config: MeZOSVRGConfig, comm=None, shard_comm=None):
-        super().__init__(shards, config, comm, shard_comm)
+    def __init__(self, shards, config: MeZOSVRGConfig, comm=None, shard_comm=None, phase=None):
+        super().__init__(shards, config, comm, shard_comm, phase)
         self.anchor = self.engine.new_buffer()
         self.anchor_seed: int | None = None
         self.anchor_pg = 0.0
+
+    @classmethod
+    def buffer_bytes(cls, config: MeZOSVRGConfig, parameter_bytes: int) -> int:
+        return parameter_bytes  # the anchor, in the parameters' dtype
 
     @classmethod
     def forward_passes(cls, config: MeZOSVRGConfig, step: int, full_batches: float) -> float:
@@ -65,12 +69,14 @@ class MeZOSVRG(ZOOptimizer):
     def _pair(self, seed: int, closure) -> list:
         """Losses at the current parameters +- eps z(seed); leaves them restored."""
         raw = self.evaluate_pairs([{seed: 1.0}], closure)
-        self.engine.update({})
         self.engine.flush()
         return raw
 
     def step(self, objective=None, full_closure=None) -> StepResult:
         """Each step calls one of the two losses: the other may be left out."""
+        return super().step(objective, full_closure)
+
+    def _step(self, objective=None, full_closure=None) -> StepResult:
         objective = as_objective(objective, "loss")
         closure, full_closure = objective.loss, full_closure or objective.full_loss
         cfg, step = self.config, self.step_count

@@ -27,8 +27,9 @@ call and every call's values are used without moving them between threads. The c
 word (v1: 0, v2: 2) keeps the two versions' values apart. The v2 normals are exactly those of
 16-bit uniforms: |z| <= 4.85 and E z^2 = 1 - 5e-6 (docs/numerics.md).
 
-``zoscale.kernels`` generates the same integers on the GPU (and normals within a few 1e-6: it uses
-the fast approximate log/cos/sin there).
+This module is the definition, written for clarity. The engine generates the same values faster:
+``zoscale.engine.host`` on the CPU (chunked, the Philox rounds compiled), ``zoscale.engine.kernels``
+on a GPU (the same integers; normals within a few 1e-6, from the fast approximate log/cos/sin).
 
 uint32 arithmetic is emulated in int64 tensors; products are split into 16-bit halves so that no
 intermediate leaves the int64 range.
@@ -37,8 +38,6 @@ intermediate leaves the int64 range.
 from __future__ import annotations
 
 import hashlib
-import os
-import sys
 
 import torch
 
@@ -59,6 +58,7 @@ STREAMS = ("v1", "v2")
 V2_DOMAIN = 2  # the counter's last word under v2 (v1: 0)
 V2_SLOTS = {"gaussian": 8, "rademacher": 128}  # values per Philox call
 V2_CALLS = {"gaussian": 512, "rademacher": 128}  # Q: calls per panel
+_V2_CHUNK_CALLS = 1 << 17  # calls a long v2 slice generates at once (bounds its int64 temporaries)
 
 
 def stream_id(name: str) -> int:
@@ -115,84 +115,6 @@ def _check_range(stream: int, start: int, numel: int) -> None:
         raise ValueError(f"stream must be a uint32, got {stream}")
 
 
-# Counters per chunk: large enough for both threads and little dispatch per element, small enough
-# for the int64 temporaries of a Philox round to stay in cache (2-core development machine: 128K
-# counters gave 4x the throughput of 4M-element whole-tensor rounds, and 1.7x that of 16K).
-_CHUNK_COUNTERS = 1 << 17
-
-
-# Passes over at least this many counters (4M elements: a full engine chunk) generate their Philox
-# words with a compiled kernel on the CPU: eager, the ten rounds are ~100 separate int64 tensor ops
-# (~87 ns per call of four values on the 2-core development machine), compiled one loop (~19x
-# faster, 2026-12-03). The integers are the same, and Box-Muller stays eager, so every value is
-# identical whichever path runs. Compiling takes ~10 s once per process (less with inductor's disk
-# cache); smaller models never compile. ZOSCALE_COMPILE=0 turns it off.
-_COMPILE_MIN_COUNTERS = 1 << 20
-_compiled_philox = None  # built on first use; False when compilation is off or failed
-
-
-def _philox_words(seed: int, block: torch.Tensor, stream: torch.Tensor, compiled: bool) -> tuple[torch.Tensor, ...]:
-    """The Philox words of a chunk of v1 counters (``block``: counter indices, ``stream`` per counter)."""
-    global _compiled_philox
-    if compiled and block.numel() == _CHUNK_COUNTERS and block.device.type == "cpu":
-        if _compiled_philox is None:
-            _compiled_philox = os.environ.get("ZOSCALE_COMPILE", "1") != "0" and torch.compile(
-                _philox_tensors, dynamic=False)
-        if _compiled_philox:
-            try:
-                return _compiled_philox(torch.tensor(seed & _MASK32), torch.tensor(seed >> 32), block, stream)
-            except Exception as e:  # no C++ compiler, an unsupported platform: the eager path is the same stream
-                print(f"zoscale: compiling the CPU Philox failed ({type(e).__name__}); generating eagerly",
-                      file=sys.stderr)
-                _compiled_philox = False
-    return philox4x32(seed, block & _MASK32, block >> 32, stream)
-
-
-def _philox_tensors(k0: torch.Tensor, k1: torch.Tensor, block: torch.Tensor, stream: torch.Tensor):
-    """philox4x32 with the key as tensors (one compiled graph serves every seed)."""
-    c0, c1, c2, c3 = block & _MASK32, block >> 32, stream, torch.zeros_like(block)
-    for _ in range(PHILOX_ROUNDS):
-        a, b = c0 * _ROUND_A, c2 * _ROUND_B
-        c0 = ((b >> 32) ^ c1 ^ k0) & _MASK32
-        c2 = ((a >> 32) ^ c3 ^ k1) & _MASK32
-        c1, c3 = b, a
-        k0 = (k0 + _KEY_A) & _MASK32
-        k1 = (k1 + _KEY_B) & _MASK32
-    return c0, c1 & _MASK32, c2, c3 & _MASK32
-
-
-_layouts: dict = {}  # small segment lists -> their counters: the engine asks for the same ones every pass
-_recent: dict = {}  # the last few small z generated (callers get copies)
-
-
-def _segment_counters(segments, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Philox counters covering each (stream, start, numel) segment, their streams, and the
-    index of each requested element in the flattened (counters * 4) words. Small layouts (a tiny
-    model's whole parameter list) are kept: building them costs more than generating them."""
-    key = (tuple(segments), str(device))
-    if key in _layouts:
-        return _layouts[key]
-    layout = _build_counters(segments, device)
-    if layout[0].numel() <= _CHUNK_COUNTERS:
-        if len(_layouts) >= 32:
-            _layouts.pop(next(iter(_layouts)))
-        _layouts[key] = layout
-    return layout
-
-
-def _build_counters(segments, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    blocks, streams, picks, base = [], [], [], 0
-    for stream, start, numel in segments:
-        _check_range(stream, start, numel)
-        first, last = start >> 2, (start + numel + 3) >> 2
-        blocks.append(torch.arange(first, last, dtype=torch.int64, device=device))
-        streams.append(torch.full((last - first,), stream, dtype=torch.int64, device=device))
-        skip = base + start - 4 * first
-        picks.append(torch.arange(skip, skip + numel, device=device))
-        base += 4 * (last - first)
-    return torch.cat(blocks), torch.cat(streams), torch.cat(picks)
-
-
 def _uniform(word: torch.Tensor) -> torch.Tensor:
     """Triton's uint32 -> float32 in [0, 1): the word as an int32 (a wrap), ~x for negatives, scaled."""
     x = word.to(torch.int32)
@@ -207,55 +129,6 @@ def _box_muller(w1: torch.Tensor, w2: torch.Tensor, out1: torch.Tensor | None = 
     out1 = torch.cos(theta, out=out1)
     out2 = torch.sin(theta, out=out2)
     return out1.mul_(radius), out2.mul_(radius)
-
-
-def generate_segments(distribution: str, seed: int, segments, device=None,
-                      dtype: torch.dtype = torch.float32, version: str = "v1") -> torch.Tensor:
-    """The concatenation of several (stream, start, numel) slices of one seed's streams, generated
-    in one vectorised pass over all their counters, a cache-sized chunk at a time (what the engine
-    uses: per-tensor calls cost too many small ops). ``version``: the stream version, v1 or v2."""
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
-    if version not in STREAMS:
-        raise ValueError(f"unknown stream version {version!r}; choose one of {STREAMS}")
-    key = (distribution, seed, tuple(segments), str(device), version)
-    if key in _recent:  # a MeZO step reads the same small z three times
-        return _recent[key].to(dtype, copy=True)
-    if version == "v2":
-        values = torch.cat([_v2_slice(distribution, seed, *segment, device) for segment in segments]) \
-            if segments else torch.empty(0, device=device)
-        return _remember(key, values, values.numel() <= 4 * _CHUNK_COUNTERS, dtype)
-    counters, streams, picks = _segment_counters(segments, device)
-    values = torch.empty((counters.numel(), 4), dtype=torch.float32, device=device)
-    lanes = torch.empty((4, min(counters.numel(), _CHUNK_COUNTERS)), dtype=torch.float32, device=device)
-    compiled = counters.numel() >= _COMPILE_MIN_COUNTERS
-    for lo in range(0, counters.numel(), _CHUNK_COUNTERS):
-        block, stream = counters[lo : lo + _CHUNK_COUNTERS], streams[lo : lo + _CHUNK_COUNTERS]
-        words = _philox_words(seed, block, stream, compiled)
-        lane = lanes[:, : block.numel()]
-        if distribution == "gaussian":
-            _box_muller(words[0], words[1], lane[0], lane[1])
-            _box_muller(words[2], words[3], lane[2], lane[3])
-        else:  # +1 where the top bit is 0, else -1
-            for k in range(4):
-                torch.sub(1.0, (words[k] >> 31).to(torch.float32), alpha=2.0, out=lane[k])
-        values[lo : lo + block.numel()] = lane.T
-    flat = values.reshape(-1)
-    if len(segments) == 1:  # one slice: no gather
-        skip = int(picks[0]) if picks.numel() else 0
-        values = flat[skip : skip + picks.numel()]
-    else:
-        values = flat[picks]
-    return _remember(key, values, counters.numel() <= _CHUNK_COUNTERS, dtype)
-
-
-def _remember(key, values: torch.Tensor, small: bool, dtype: torch.dtype) -> torch.Tensor:
-    if not small:
-        return values.to(dtype)
-    if len(_recent) >= 4:  # a step's z, for each weight-decay group of shards
-        _recent.pop(next(iter(_recent)))
-    _recent[key] = values
-    return values.to(dtype, copy=True)
 
 
 def _v2_values(distribution: str, words: tuple[torch.Tensor, ...], slot: int | None = None) -> torch.Tensor:
@@ -292,7 +165,7 @@ def _v2_slice(distribution: str, seed: int, stream: int, start: int, numel: int,
         words = philox4x32(seed, call & _MASK32, call >> 32, stream, V2_DOMAIN)
         return _v2_values(distribution, words, (start % panel) // q)
     out = torch.empty(numel, dtype=torch.float32, device=device)
-    per_chunk = max(1, _CHUNK_COUNTERS // q)  # panels a chunk
+    per_chunk = max(1, _V2_CHUNK_CALLS // q)  # panels a chunk
     for lo in range(first, last + 1, per_chunk):
         hi = min(last + 1, lo + per_chunk)
         call = torch.arange(lo * q, hi * q, dtype=torch.int64, device=device)
@@ -303,13 +176,37 @@ def _v2_slice(distribution: str, seed: int, stream: int, start: int, numel: int,
     return out
 
 
+def _v1_slice(distribution: str, seed: int, stream: int, start: int, numel: int, device) -> torch.Tensor:
+    """Elements [start, start + numel) of a v1 stream: the Philox calls covering them, four values each."""
+    _check_range(stream, start, numel)
+    first, last = start >> 2, (start + numel + 3) >> 2
+    block = torch.arange(first, last, dtype=torch.int64, device=device)
+    words = philox4x32(seed, block & _MASK32, block >> 32, stream)
+    if distribution == "gaussian":
+        values = [*_box_muller(words[0], words[1]), *_box_muller(words[2], words[3])]
+    else:  # +1 where the top bit is 0, else -1
+        values = [torch.sub(1.0, (w >> 31).to(torch.float32), alpha=2.0) for w in words]
+    skip = start - 4 * first
+    return torch.stack(values, 1).reshape(-1)[skip : skip + numel]
+
+
+def _slice(distribution: str, seed: int, stream: int, start: int, numel: int, device, dtype: torch.dtype,
+           version: str) -> torch.Tensor:
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
+    if version not in STREAMS:
+        raise ValueError(f"unknown stream version {version!r}; choose one of {STREAMS}")
+    values = (_v1_slice if version == "v1" else _v2_slice)(distribution, seed, stream, start, numel, device)
+    return values.to(dtype)
+
+
 def gaussian(seed: int, stream: int, start: int, numel: int, device=None,
              dtype: torch.dtype = torch.float32, version: str = "v1") -> torch.Tensor:
     """Elements [start, start+numel) of the N(0, 1) stream keyed by (seed, stream)."""
-    return generate_segments("gaussian", seed, [(stream, start, numel)], device, dtype, version)
+    return _slice("gaussian", seed, stream, start, numel, device, dtype, version)
 
 
 def rademacher(seed: int, stream: int, start: int, numel: int, device=None,
                dtype: torch.dtype = torch.float32, version: str = "v1") -> torch.Tensor:
     """Elements [start, start+numel) of the +-1 stream keyed by (seed, stream)."""
-    return generate_segments("rademacher", seed, [(stream, start, numel)], device, dtype, version)
+    return _slice("rademacher", seed, stream, start, numel, device, dtype, version)

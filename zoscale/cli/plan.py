@@ -1,9 +1,9 @@
 """`zoscale plan`: per-rank memory of a ZO run, estimated without GPUs (the model is built on the
 meta device, so no weights are allocated). An estimate from parameter counts and a simple
-activation model, not a measurement: memory reports (issue 6) measure.
+activation model, not a measurement: `zoscale profile` measures.
 
     parameter shard     whole parameters (ddp) or 1/N of them (fsdp, deepspeed)
-    optimizer buffers   conmezo: momentum (bf16 by default); mezo_svrg: the anchor; mezo, pseuzo: none
+    optimizer buffers   what the optimizer keeps per parameter (ConMeZO's momentum, SVRG's anchor)
     gathered layers     sharded backends: the largest decoder layer whole, twice (one is prefetched)
     gathered root       sharded backends: embeddings, final norm and LM head while the root runs
     activations         no-grad forward: a few hidden-sized tensors and the FFN block per token,
@@ -12,17 +12,43 @@ activation model, not a measurement: memory reports (issue 6) measure.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from zoscale.cli import positive_int
+from zoscale.errors import ConfigError
 
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="config.json file, directory or hub id (configs/models/)")
+    parser.add_argument("--backend", choices=("ddp", "fsdp", "deepspeed"), default="fsdp")
+    parser.add_argument("--world-size", type=positive_int, nargs="+", default=[8])
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--seq", type=positive_int, default=128)
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    parser.add_argument("--optimizer", default="mezo", help="a registered optimizer (its per-parameter buffers)")
+
+
+def run(args) -> int:
+    from zoscale.optim import REGISTRY
+
+    if args.optimizer not in REGISTRY:
+        raise ConfigError(f"--optimizer: unknown {args.optimizer!r}; choose one of {sorted(REGISTRY)}")
+    try:
+        plans = [plan(args.model, args.backend, n, args.batch, args.seq, args.dtype, args.optimizer)
+                 for n in args.world_size]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--model {args.model}: {str(e).splitlines()[0]}") from None
+    print(table(plans))
+    return 0
+
+
 @dataclass
-class Plan:
+class MemoryEstimate:
     model: str
     backend: str
     world_size: int
@@ -49,8 +75,11 @@ def load_model_config(model: str):
 
 
 def plan(model: str, backend: str, world_size: int, batch: int = 16, seq: int = 128, dtype: str = "bfloat16",
-         optimizer: str = "mezo") -> Plan:
+         optimizer: str = "mezo") -> MemoryEstimate:
+    import torch
     from transformers import AutoModelForCausalLM
+
+    from zoscale.optim import REGISTRY, optimizer_config
 
     cfg = load_model_config(model)
     with torch.device("meta"):
@@ -63,8 +92,7 @@ def plan(model: str, backend: str, world_size: int, batch: int = 16, seq: int = 
     root_numel = total - sum(sum(p.numel() for p in m.parameters()) for m in layers)
     sharded = backend in ("fsdp", "deepspeed")
     shard = total * size / (world_size if sharded else 1)
-    buffer_bytes = {"conmezo": 2, "mezo_svrg": size}.get(optimizer, 0)
-    buffers = total * buffer_bytes / (world_size if sharded else 1)
+    buffers = total * REGISTRY[optimizer].buffer_bytes(optimizer_config(optimizer, {}), size) / (world_size if sharded else 1)
     gathered_layers = 2 * layer_numel * size if sharded else 0.0
     gathered_root = root_numel * size if sharded else 0.0
     hidden, heads = cfg.hidden_size, cfg.num_attention_heads
@@ -74,13 +102,13 @@ def plan(model: str, backend: str, world_size: int, batch: int = 16, seq: int = 
     activations = tokens * (6 * hidden + 2 * ffn) * size + per_rank_batch * heads * seq * seq * size \
         + tokens * cfg.vocab_size * 4
     parts = [shard, buffers, gathered_layers, gathered_root, activations]
-    return Plan(model=Path(model).stem, backend=backend, world_size=world_size, parameters=total,
+    return MemoryEstimate(model=Path(model).stem, backend=backend, world_size=world_size, parameters=total,
                 parameter_shard_gib=shard / GIB, optimizer_buffers_gib=buffers / GIB,
                 gathered_layers_gib=gathered_layers / GIB, gathered_root_gib=gathered_root / GIB,
                 activations_gib=activations / GIB, total_gib=sum(parts) / GIB)
 
 
-def table(plans: list[Plan]) -> str:
+def table(plans: list[MemoryEstimate]) -> str:
     rows = ["| model | backend | GPUs | parameters | shard | buffers | gathered layers | gathered root | "
             "activations | total per GPU (GiB) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p in plans:

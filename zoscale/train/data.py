@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from zoscale import rng
-from zoscale.config import ConfigError, DataConfig
-from zoscale.tasks import Example, Task
+from zoscale.config import DataConfig
+from zoscale.engine import rng
+from zoscale.errors import ConfigError
+from zoscale.train.tasks import Example, Task
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 

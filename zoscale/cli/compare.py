@@ -23,6 +23,7 @@ give each OMP_NUM_THREADS of its cores); the results do not depend on it, the st
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -35,8 +36,38 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from zoscale.config import ConfigError, load, validate_optimizer
-from zoscale.evaluate import headline
+from zoscale.cli import positive_int
+from zoscale.config import load, validate_optimizer
+from zoscale.errors import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="experiment YAML (default: the quickstart)")
+    parser.add_argument("--optimizers", help="comma-separated, the first the reference (default: every registered "
+                        "optimizer, MeZO first)")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="run seeds: the config's seed and the next ones")
+    parser.add_argument("--steps", type=positive_int, required=True,
+                        help="the budget, in MeZO steps (2 forward passes over a training batch each)")
+    parser.add_argument("--evals", type=positive_int, default=8, help="evaluations along each run")
+    parser.add_argument("--out", type=Path, required=True, help="report directory (an interrupted one continues)")
+    parser.add_argument("--jobs", type=positive_int, default=1,
+                        help="runs at a time (the results do not depend on it; the step times do)")
+    parser.epilog = ("key=value arguments override config keys for every run; OPTIMIZER:key=value for that "
+                     "optimizer's runs only (conmezo:optim.lr=1e-6).")
+
+
+def run(args) -> int:
+    from zoscale.optim import REGISTRY
+
+    optimizers = [m for m in (args.optimizers or ",".join(REGISTRY)).split(",") if m]
+    plan = make_plan(args.config, optimizers, args.seeds, args.steps, args.evals, args.overrides)
+    try:
+        compare(plan, args.out, args.jobs)
+    except RunFailed as e:
+        print(f"zoscale: error: {e}", file=sys.stderr)
+        return e.code
+    print(f"report in {args.out}/report.md")
+    return 0
 
 
 @dataclass
@@ -58,9 +89,9 @@ class Plan:
 def make_plan(config: Path | None, optimizers: list[str], seeds: int, budget_steps: int, evals: int,
               overrides: list[str]) -> Plan:
     """Checks every run's config before anything starts, and fits each optimizer's steps to the budget."""
-    from zoscale import data, tasks
-    from zoscale.commands import QUICKSTART
     from zoscale.optim import REGISTRY
+    from zoscale.quickstart import QUICKSTART
+    from zoscale.train import data, tasks
 
     if not optimizers or len(set(optimizers)) != len(optimizers):
         raise ConfigError(f"--optimizers: give distinct names, got {optimizers}")
@@ -108,8 +139,8 @@ def run_name(name: str, seed: int) -> str:
 
 def compare(plan: Plan, out: Path, jobs: int = 1) -> dict:
     """Runs what is not finished yet, ``jobs`` runs at a time, then writes the report."""
-    from zoscale import checkpoint
-    from zoscale.commands import QUICKSTART
+    from zoscale.quickstart import QUICKSTART
+    from zoscale.train import checkpoint
 
     saved = out / "plan.json"
     if saved.is_file():
@@ -206,6 +237,8 @@ def _lines(path: Path) -> list[dict]:
 
 def run_record(run: Path) -> dict:
     """One finished run: its test curve against forward passes and training time, its losses, its summary."""
+    from zoscale.train.evaluate import headline
+
     summary = json.loads((run / "summary.json").read_text())
     metrics = _lines(run / "metrics.jsonl")
     steps = [m for m in metrics if "loss" in m]
@@ -235,9 +268,11 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def build_report(plan: Plan, out: Path) -> dict:
+    from zoscale.train.evaluate import headline
+
     runs = {name: [run_record(out / "runs" / run_name(name, s)) for s in plan.seeds] for name in plan.optimizers}
     before = next((r["eval_before"] for rs in runs.values() for r in rs if r["eval_before"]), None)
-    reference = plan.optimizers[0] if "mezo" not in runs else "mezo"
+    reference = plan.optimizers[0]
     target = _mean_sd([r["final"] for r in runs[reference]])[0]
     # the training loss, every step: a finer clock than the evaluations (moving averages over a tenth
     # of the reference's steps; the target is the reference's final average, over seeds)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zoscale.data import Encoded
+from zoscale.models import BodyHead, causal_lm
+from zoscale.train.data import Encoded
 
 
 def single_tokens(example: Encoded) -> bool:
@@ -38,20 +39,14 @@ def sequence_length(example: Encoded, objective: str) -> int:
     return len(example.prompt) + max(tails)
 
 
-def causal_lm(model):
-    """The transformers causal LM itself, also under a peft wrapper (whose LoRA layers it contains)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 class Batch:
     """Encoded examples packed as right-padded sequences for one objective."""
 
-    def __init__(self, examples: list[Encoded], objective: str, pad_id: int, device, body=None, head=None,
+    def __init__(self, examples: list[Encoded], objective: str, pad_id: int, device, split: BodyHead = BodyHead(),
                  pad_to: int = 0, mask_id: int | None = None):
-        """A sharded backend replaces ``body(model, input_ids, attention_mask)`` (the direct call of
-        the base model) and ``head(model, hidden)`` (the output embedding). ``pad_to``: pad to at
-        least this length (a rank's share of a global batch pads like the whole batch)."""
-        self.objective, self.body_fn, self.head_fn = objective, body, head
+        """``split``: the model's body and head (a sharded backend's own). ``pad_to``: pad to at least
+        this length (a rank's share of a global batch pads like the whole batch)."""
+        self.objective, self.split = objective, split
         sequences, spans, self.groups, labels = [], [], [], []
         self.candidate_ids = [ex.candidates for ex in examples]
         # shared: one sequence (the prompt) per example, scored at its last position, where each
@@ -105,10 +100,7 @@ class Batch:
 
     # -- body and head --------------------------------------------------------------------------
     def body(self, model) -> torch.Tensor:
-        if self.body_fn is not None:
-            return self.body_fn(model, self.input_ids, self.attention_mask)
-        body = causal_lm(model).base_model
-        return body(input_ids=self.input_ids, attention_mask=self.attention_mask).last_hidden_state
+        return self.split.body(model, self.input_ids, self.attention_mask)
 
     def token_logprobs(self, model, hidden: torch.Tensor) -> torch.Tensor:
         """Log-likelihood of each scored token, flattened in (sequence, position) order (shared:
@@ -116,9 +108,7 @@ class Batch:
         return self.logprobs_from_logits(self.head(model, hidden[self.scored]))
 
     def head(self, model, hidden: torch.Tensor) -> torch.Tensor:
-        if self.head_fn is not None:
-            return self.head_fn(model, hidden)
-        return causal_lm(model).get_output_embeddings()(hidden)
+        return self.split.head(model, hidden)
 
     def logprobs_from_logits(self, scored_logits: torch.Tensor) -> torch.Tensor:
         if self.shared:

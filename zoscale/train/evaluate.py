@@ -8,9 +8,10 @@ from collections import Counter
 
 import torch
 
-from zoscale.comm import Comm
-from zoscale.data import Encoded
-from zoscale.losses import Batch, causal_lm
+from zoscale.engine.comm import Comm
+from zoscale.models import BodyHead, causal_lm
+from zoscale.train.data import Encoded
+from zoscale.train.losses import Batch
 
 MAX_CLASSES = 16  # label words counted per label (balanced accuracy)
 
@@ -52,7 +53,7 @@ def generate(model, tokenizer, examples: list[Encoded], max_new_tokens: int, dev
 
 
 def evaluate(model, tokenizer, examples: list[Encoded], evaluation: str, batch_size: int, pad_id: int, device,
-             comm: Comm, max_new_tokens: int = 50, body=None, head=None, mask_id: int | None = None
+             comm: Comm, max_new_tokens: int = 50, split: BodyHead = BodyHead(), mask_id: int | None = None
              ) -> dict[str, float]:
     """This rank's examples; the sums go through one all-reduce, so every rank gets global metrics.
     Where every example offers the same candidates (a classifier's label words, up to MAX_CLASSES),
@@ -66,7 +67,7 @@ def evaluate(model, tokenizer, examples: list[Encoded], evaluation: str, batch_s
         chunk = examples[start : start + batch_size]
         if evaluation == "candidates":
             objective = "classification" if mask_id is None else "masked"
-            batch = Batch(chunk, objective, pad_id, device, body=body, head=head, mask_id=mask_id)
+            batch = Batch(chunk, objective, pad_id, device, split=split, mask_id=mask_id)
             predicted = batch.predictions(model)
             for p, e in zip(predicted.tolist(), chunk):
                 totals[0] += int(p == e.label)

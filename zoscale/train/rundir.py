@@ -10,7 +10,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from zoscale.config import ConfigError
+from zoscale.errors import ConfigError
 
 LOCK = ".lock"
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from safetensors.torch import save_model
 
-from zoscale.comm import Comm, print0
-from zoscale.config import ConfigError, ModelConfig
+from zoscale.config import ModelConfig
+from zoscale.engine.comm import Comm, print0
+from zoscale.errors import ConfigError
 
 
 def _digest(path: Path) -> str:

@@ -1,39 +1,38 @@
 """`zoscale train`: the loop. Read top to bottom: setup, the step, logging, evaluation, checkpoints.
 
-Run directory:
-    config.yaml        the resolved config (what `--resume` reloads)
-    metrics.jsonl      one line per step (and per evaluation)
-    seeds.jsonl        a header (the perturbation stream), then the update of every step as seeds and
-                       coefficients (`zoscale replay`)
-    checkpoints/       resumable state, written atomically; best/ holds the best dev parameters
-    summary.json       evaluations and parameter statistics at the end
+Run directory: what runlog.py writes (config.yaml, metrics.jsonl, seeds.jsonl, summary.json), and
+checkpoints/ (resumable state, written atomically; best/ holds the best dev parameters).
+
+Collectives the loop issues itself: none in the step but the optimizer's (its loss all-reduce); one
+all-reduce of the stop flag after each step in runs of several ranks; the evaluations' sums.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
 import zoscale
-from zoscale import backends, checkpoint, data, gguf, tasks
-from zoscale.comm import Comm, print0
-from zoscale.config import ConfigError, TrainConfig, to_dict
-from zoscale.evaluate import evaluate, headline
-from zoscale.losses import Batch, sequence_length
-from zoscale.memory import MemorySampler
+from zoscale import backends
+from zoscale.config import TrainConfig, to_dict
+from zoscale.engine import resident
+from zoscale.engine.comm import print0
+from zoscale.errors import ConfigError
 from zoscale.models import build_tokenizer
 from zoscale.optim import REGISTRY
 from zoscale.optim.base import Objective
-from zoscale.shards import resident
-from zoscale.signals import StopRequest
+from zoscale.train import checkpoint, data, gguf, tasks
+from zoscale.train import resume as resume_run
+from zoscale.train.evaluate import evaluate, headline
+from zoscale.train.losses import Batch, sequence_length
+from zoscale.train.memory import MemorySampler
+from zoscale.train.runlog import RunLog
+from zoscale.train.signals import StopRequest
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,11 +41,6 @@ class NonFiniteLossError(RuntimeError):
 
 class Preempted(RuntimeError):
     """A stop signal ended the run at a step boundary, after a checkpoint."""
-
-
-# What a resumed run must share with the checkpoint it continues (the trajectory); the rest
-# (steps, backend, evaluation and logging cadence) may change between sessions.
-TRAJECTORY_KEYS = ("model", "data", "optim", "seed", "batch_size")
 
 
 def parameter_stats(optimizer) -> dict[str, float]:
@@ -60,11 +54,17 @@ def parameter_stats(optimizer) -> dict[str, float]:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False, auto_resume: bool = False):
+        """``resume``: continue run_dir from its newest complete checkpoint (``auto_resume``: a
+        requeued job, for which a complete run raises ``RunComplete``)."""
         self.cfg, self.run_dir = cfg, run_dir
         self.backend = backends.get(cfg.backend, cfg.deepspeed_config, cfg.fsdp_compute_dtype, cfg.fsdp_cpu_offload)
         self.comm, self.device = self.backend.setup(cfg.collective_timeout_s)
-        self.resume_from = self._checkpoint_to_resume() if resume else None
+        try:
+            self.resume_point = resume_run.find_point(run_dir, cfg, self.comm, auto_resume) if resume else None
+        except resume_run.RunComplete:
+            self.backend.teardown()
+            raise
         try:
             self.task = tasks.get(cfg.data.task)
         except ValueError as e:
@@ -73,7 +73,7 @@ class Trainer:
         if masked and (self.task.train_objective != "classification" or self.task.evaluation != "candidates"):
             raise ConfigError(f"model.kind: masked LMs score candidates at a mask; task {self.task.name} is not a "
                               f"classification task")
-        self.objective = "masked" if masked else self.task.train_objective
+        self.loss_kind = "masked" if masked else self.task.train_objective
         self.model_config = gguf.materialize(cfg.model, run_dir / "cache" / "gguf", self.comm)
         self.tokenizer = build_tokenizer(self.model_config)
         self.mask_id = self.tokenizer.mask_token_id if masked else None
@@ -89,15 +89,14 @@ class Trainer:
 
         self.model = self.backend.build(self.model_config, len(self.tokenizer), self.device)
         options = {"seed": cfg.seed, **cfg.optim.options}
-        if self.resume_from is not None:  # run properties (stream, momentum dtype) stay what the run began with
-            saved = checkpoint.load(self.resume_from, Comm(distributed=False))[0]["config"]
-            options = REGISTRY[cfg.optim.name].kept_options(options, saved)
+        if self.resume_point is not None:  # run properties (stream, momentum dtype) stay what the run began with
+            options = REGISTRY[cfg.optim.name].kept_options(options, self.resume_point.optimizer_state["config"])
         if options.get("schedule", "constant") != "constant":
             options.setdefault("total_steps", cfg.steps)
+        self.memory = None  # a MemorySampler, when profiling: the engine's passes and the forwards tag its peaks
         shards, shard_comm = self.backend.shards(self.model, torch.float32 if cfg.model.master_weights else None)
         self.optimizer = zoscale.build_optimizer(cfg.optim.name, shards, comm=self.comm, shard_comm=shard_comm,
-                                                 **options)
-        self.optimizer.engine.journal = []
+                                                 phase=self.phase, **options)
         self.owns_shards = shard_comm.distributed or self.comm.is_main  # replicas: rank 0 writes checkpoints
 
         self.step = 0
@@ -106,18 +105,14 @@ class Trainer:
         self.best: dict | None = None
         self.history: dict = {}
         self.last_checkpoint: Path | None = None
-        if resume:
-            self._resume()
-        elif self.comm.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.log = RunLog(run_dir, self.comm.is_main, cfg.tensorboard)
+        if self.resume_point is not None:
+            self._resume(self.resume_point)
+        else:
             header = {"stream": self.optimizer.config.stream, "distribution": self.optimizer.config.distribution}
-            (run_dir / "seeds.jsonl").write_text(json.dumps({"header": header}) + "\n")
-        self.writer = self._tensorboard() if cfg.tensorboard else None
-        self.memory = None
+            self.log.start(to_dict(cfg), header)
         if cfg.memory_profile:
             self.memory = MemorySampler(cfg.memory_interval_s).start()
-            self.optimizer.engine.phase = self.memory.phase
             if self.memory.nvml_missing:
                 print0(f"memory: no NVML ({self.memory.nvml_missing}); recording host and allocator memory only")
 
@@ -130,12 +125,13 @@ class Trainer:
         mine = data.rank_share(index, self.comm.rank, self.comm.world_size)
         # every rank pads like the whole batch: the same shapes as in one process (PseuZO pairs
         # positions of older outputs by them)
-        longest = max(sequence_length(self.train[i], self.objective) for i in index)
-        return self._batch([self.train[i] for i in mine], pad_to=longest)
+        longest = max(sequence_length(self.train[i], self.loss_kind) for i in index)
+        return self.pack([self.train[i] for i in mine], pad_to=longest)
 
-    def _batch(self, examples, pad_to: int = 0) -> Batch:
-        return Batch(examples, self.objective, self.tokenizer.pad_token_id, self.device,
-                     body=self.backend.body, head=self.backend.head, pad_to=pad_to, mask_id=self.mask_id)
+    def pack(self, examples, pad_to: int = 0) -> Batch:
+        """Encoded examples as a Batch for this model and backend."""
+        return Batch(examples, self.loss_kind, self.tokenizer.pad_token_id, self.device, split=self.backend.split,
+                     pad_to=pad_to, mask_id=self.mask_id)
 
     def full_batch_loss(self) -> tuple[float, int]:
         """MeZO-SVRG's anchor loss: this rank's share of the whole training sample."""
@@ -143,7 +139,7 @@ class Trainer:
         total = count = 0
         for start in range(0, len(mine), self.cfg.eval_batch_size):
             chunk = [self.train[i] for i in mine[start : start + self.cfg.eval_batch_size]]
-            s, c = self._batch(chunk).loss(self.model)
+            s, c = self.pack(chunk).loss(self.model)
             total, count = total + s, count + c
         return total, count
 
@@ -159,7 +155,7 @@ class Trainer:
             return run
 
         model = self.model
-        outputs = None if self.objective == "masked" else forward(lambda kind: batch.outputs(model, kind))
+        outputs = None if self.loss_kind == "masked" else forward(lambda kind: batch.outputs(model, kind))
         return Objective(loss=forward(lambda: batch.loss(model)),
                          full_loss=forward(self.full_batch_loss, len(self.train) / self.cfg.batch_size),
                          outputs=outputs)
@@ -185,7 +181,7 @@ class Trainer:
                 if cfg.check_sync:
                     self.comm.assert_same((result.projected_grads, result.lr, result.skipped), f"step {step}'s update")
                 self.step = step + 1
-                self._check_update(step)
+                self._check_update(step, result)
                 self._log_step(result, elapsed, batch)
                 if result.skipped:
                     self._count_nonfinite(step)
@@ -196,7 +192,7 @@ class Trainer:
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self._dev_eval()
                     if cfg.eval_test:  # a learning curve on test (the final one is the summary's)
-                        self._write_metrics({"step": self.step, "split": "test", **self.evaluate("test")})
+                        self.log.metrics({"step": self.step, "split": "test", **self.evaluate("test")})
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
                 # one all-reduce a step in a sharded or data-parallel run: every rank stops at the same step
@@ -231,8 +227,7 @@ class Trainer:
         if self.memory is not None:  # after the last evaluations, so their peaks count too
             self.memory.stop()
             summary["memory"] = self.memory.summary()
-        if self.comm.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.log.summary(summary)
         before = self._fmt(summary["eval_before"]) if "eval_before" in summary else "-"
         after = self._fmt(summary["eval_after"])
         print0(f"done: {self.step} steps in {seconds:.0f} s; test before {before}, after {after}")
@@ -249,13 +244,13 @@ class Trainer:
     def _evaluate(self, mine) -> dict[str, float]:
         return evaluate(self.model, self.tokenizer, mine, self.task.evaluation, self.cfg.eval_batch_size,
                         self.tokenizer.pad_token_id, self.device, self.comm, self.cfg.data.max_new_tokens,
-                        body=self.backend.body, head=self.backend.head, mask_id=self.mask_id)
+                        split=self.backend.split, mask_id=self.mask_id)
 
     def _dev_eval(self) -> None:
         if not self.dev:
             return
         metrics = self.evaluate("dev")
-        self._write_metrics({"step": self.step, "split": "dev", **metrics})
+        self.log.metrics({"step": self.step, "split": "dev", **metrics})
         if self.best is None or headline(metrics) > self.best["score"]:
             self.best = {"step": self.step, "score": headline(metrics), **metrics}
             checkpoint.save_best(self.run_dir, self.step, self.optimizer.shards, self.comm, self.owns_shards)
@@ -267,28 +262,10 @@ class Trainer:
         if self.memory is not None:
             latest = self.memory.sample()
             memory = {f"memory/{k}_gib": v / 2**30 for k, v in latest.items() if k not in ("t", "phase")}
-        self._write_metrics({"step": result.step, "loss": result.loss, "projected_grad": result.projected_grad,
-                             "lr": result.lr, "step_time": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
-                             "forward_passes": self.forward_passes, "skipped": result.skipped, **memory})
-        journal = self.optimizer.engine.journal
-        if self.comm.is_main:
-            with open(self.run_dir / "seeds.jsonl", "a") as f:
-                entry = {"step": result.step, "projected_grads": list(result.projected_grads),
-                         "updates": [None if u is None else {"terms": [[s, c] for s, c in u[0].items()], "decay": u[1]}
-                                     for u in journal]}
-                f.write(json.dumps(entry) + "\n")
-        journal.clear()
-
-    def _write_metrics(self, record: dict) -> None:
-        if not self.comm.is_main:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            prefix = f"{record.get('split', 'train')}/"
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.writer.add_scalar(prefix + key, value, record["step"])
+        self.log.metrics({"step": result.step, "loss": result.loss, "projected_grad": result.projected_grad,
+                          "lr": result.lr, "step_time": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
+                          "forward_passes": self.forward_passes, "skipped": result.skipped, **memory})
+        self.log.seeds(result.step, result.projected_grads, result.updates)
 
     def _count_nonfinite(self, step: int) -> None:
         self.consecutive_nonfinite += 1
@@ -297,9 +274,9 @@ class Trainer:
         if self.cfg.max_nonfinite and self.consecutive_nonfinite > self.cfg.max_nonfinite:
             self._diverged(f"{self.consecutive_nonfinite} consecutive non-finite losses up to step {step}")
 
-    def _check_update(self, step: int) -> None:
+    def _check_update(self, step: int, result) -> None:
         """An update with a non-finite coefficient (lr=inf, say) poisons every parameter: stop before it spreads."""
-        for update in self.optimizer.engine.journal:
+        for update in result.updates:
             if update is not None and not all(math.isfinite(c) for c in [*update[0].values(), update[1]]):
                 self._diverged(f"step {step}'s update has a non-finite coefficient (lr {self.optimizer.lr_at(step)})")
 
@@ -332,76 +309,19 @@ class Trainer:
                                                self.optimizer.shard_buffers(), state, trainer_state, self.comm,
                                                self.owns_shards, self.cfg.keep_checkpoints)
 
-    def _checkpoint_to_resume(self) -> Path:
-        """The newest complete checkpoint, chosen (and its checksums verified) before any model is built."""
-        found = checkpoint.find(self.run_dir / "checkpoints", self.comm)
-        if found.skipped:
-            print0(f"--resume: {found.describe()}")
-        if found.path is None:
-            raise ConfigError(f"--resume: {self.run_dir} has no complete checkpoint")
-        saved = json.loads((found.path / "trainer.json").read_text())
-        if self.cfg.steps <= saved["step"]:
-            raise ConfigError(f"--resume: {self.run_dir} is at step {saved['step']} already ({found.path.name}); "
-                              f"--steps must be larger to continue it (nothing was changed)")
-        before, now = saved.get("config"), to_dict(self.cfg)
-        for key in TRAJECTORY_KEYS if before is not None else ():
-            if before[key] != now[key]:
-                raise ConfigError(f"--resume: {key} in {self.run_dir / 'config.yaml'} differs from what "
-                                  f"{found.path.name} was trained with ({before[key]} -> {now[key]}); restore it, or "
-                                  f"start a new run")
-        return found.path
-
-    def _resume(self) -> None:
-        path = self.last_checkpoint = self.resume_from
-        optimizer_state, trainer_state = checkpoint.load(path, self.comm)
-        checkpoint.read_shards(path, self.optimizer.shards, self.optimizer.shard_buffers())
-        self.optimizer.load_state_dict(optimizer_state)
-        self.step = trainer_state["step"]
-        self.consecutive_nonfinite = trainer_state["consecutive_nonfinite"]
-        self.total_nonfinite = trainer_state["total_nonfinite"]
-        self.forward_passes = trainer_state.get("forward_passes", 0.0)  # checkpoints of 2026-12-02 and before: none
-        self.best, self.history = trainer_state["best"], trainer_state["history"]
-        if self.comm.is_main:  # drop what was logged after the checkpoint: those steps run again
-            for name in ("metrics.jsonl", "seeds.jsonl"):
-                _truncate_log(self.run_dir / name, self.step)
-        print0(f"resumed {self.run_dir} at step {self.step} ({path.name})")
-
-    def _tensorboard(self):
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(self.run_dir / "tensorboard") if self.comm.is_main else None
+    def _resume(self, point: resume_run.ResumePoint) -> None:
+        self.last_checkpoint = point.path
+        checkpoint.read_shards(point.path, self.optimizer.shards, self.optimizer.shard_buffers())
+        self.optimizer.load_state_dict(point.optimizer_state)
+        state = point.trainer_state
+        self.step = state["step"]
+        self.consecutive_nonfinite, self.total_nonfinite = state["consecutive_nonfinite"], state["total_nonfinite"]
+        self.forward_passes = state.get("forward_passes", 0.0)
+        self.best, self.history = state["best"], state["history"]
+        self.log.resume(self.step)
+        print0(f"resumed {self.run_dir} at step {self.step} ({point.path.name})")
 
     @staticmethod
     def _fmt(metrics: dict) -> str:
         return ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "examples")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep what was logged before the checkpoint; a torn last line (a kill or a full disk mid-append) is dropped."""
-    if not path.exists():
-        return
-    lines = path.read_text(errors="replace").splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append((line, json.loads(line)))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise ConfigError(f"--resume: {path} line {number} is not valid JSON (only a torn last line is "
-                                  f"dropped)") from None
-            print0(f"--resume: dropped a torn last line of {path}")
-    keep = [line for line, r in records
-            if "step" not in r or r["step"] < step or (r.get("split") and r["step"] <= step)]  # a header stays
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
-
-
-def resumed_config(run_dir: Path, steps: int | None, backend: str | None = None) -> TrainConfig:
-    """The run's config; the step target and the backend may change (checkpoints hold pieces keyed
-    by flat offset, so any backend and world size can continue them)."""
-    from zoscale.config import load
-
-    cfg = load(run_dir / "config.yaml")
-    return replace(cfg, steps=steps or cfg.steps, backend=backend or cfg.backend)
 

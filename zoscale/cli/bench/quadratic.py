@@ -1,4 +1,4 @@
-"""`zoscale bench quadratic`: ConMeZO's synthetic experiment (algorithms.md 2.7), run through
+"""`zoscale bench quadratic`: ConMeZO's synthetic experiment (the ConMeZO paper's), run through
 zoscale's own optimizers and perturbation engine.
 
 f(x) = 1/2 x^T A x with A diagonal, eigenvalues geometric from 1/d^3 to 1; x_0 a random direction
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import zoscale
-from zoscale.bench import cpu_description
+from zoscale.cli.bench import cpu_description
 
 METHODS = {
     "mezo": {},

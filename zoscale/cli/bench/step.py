@@ -1,8 +1,7 @@
 """`zoscale bench step`: what a ZO step costs against two forwards, and a perturbation pass
 (Gaussian and Rademacher) against the bandwidth floor (an in-place `x.add_(c)` over the same
-shards), with the reference MeZO step (per-parameter `torch.manual_seed` + `torch.normal`, four
-passes: algorithms.md 1.2) measured in the same run. Runs on CPU too (CPU numbers); the targets in
-issue 7 are for one H100.
+shards), with the reference MeZO step (the authors' per-parameter `torch.manual_seed` +
+`torch.normal`, four passes) measured in the same run. Runs on CPU too (CPU numbers).
 
 The model is built from its config with random weights drawn on the device (ZeRO-3 draws them
 partitioned, so models beyond one GPU build too); the batch is random token ids; the loss is the LM
@@ -20,9 +19,9 @@ from pathlib import Path
 import torch
 
 import zoscale
-from zoscale.bench import device_description
-from zoscale.memory import GIB
-from zoscale.shards import PerturbationEngine
+from zoscale.cli.bench import device_description
+from zoscale.engine import PerturbationEngine
+from zoscale.train.memory import GIB
 
 
 def _timed(fn, repeats: int) -> float:
@@ -65,8 +64,8 @@ def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: s
         repeats: int, out: Path, deepspeed_config: str | None = None, defer_update: bool = False,
         stream: str = "v1", reference: bool = True) -> dict:
     from zoscale import backends
+    from zoscale.cli.plan import load_model_config
     from zoscale.config import ModelConfig
-    from zoscale.plan import load_model_config
 
     backend = backends.get(backend_name, deepspeed_config)
     comm, device = backend.setup(600.0)

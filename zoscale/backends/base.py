@@ -1,0 +1,125 @@
+"""What a backend is, and the process group the replicated and sharded backends share.
+
+A backend turns the launcher's environment into ``(comm, device)`` and a model into
+``(shards, shard_comm)``, with the model's body and head (``split``); the trainer sees nothing
+else of it. Backends compose the functions here rather than inherit from one another.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from zoscale.engine import Comm, Shard
+from zoscale.errors import ConfigError
+from zoscale.models import BodyHead, build_model
+
+
+class Backend(Protocol):
+    name: str
+    split: BodyHead  # the model's body and head, as the losses call them
+
+    def setup(self, timeout_s: float) -> tuple[Comm, torch.device]:
+        """The process group (if any) and this rank's device."""
+
+    def build(self, cfg, vocab_size: int, device: torch.device) -> torch.nn.Module:
+        """The model, built (or loaded) and distributed as this backend wants it."""
+
+    def prepare(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """Wrap or shard a model that is on its device."""
+
+    def shards(self, model: torch.nn.Module, master_dtype: torch.dtype | None) -> tuple[list[Shard], Comm]:
+        """This rank's pieces of the trainable parameters, and the Comm that sums over elements."""
+
+    def teardown(self) -> None:
+        """Leave the process group."""
+
+
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_world_size() -> int:
+    return _int_variable("WORLD_SIZE", 1, minimum=1)
+
+
+def _int_variable(name: str, default: int, minimum: int = 0, below: int | None = None) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"launcher: {name}={text!r} is not an integer") from None
+    if value < minimum or (below is not None and value >= below):
+        bounds = f"in [{minimum}, {below})" if below is not None else f">= {minimum}"
+        raise ConfigError(f"launcher: {name}={value} must be {bounds}")
+    return value
+
+
+def check_launch_environment(backend: str) -> None:
+    """The launcher's variables, checked before anything starts: a wrong RANK would otherwise wait
+    in the first collective until its timeout."""
+    world = launched_world_size()
+    _int_variable("RANK", 0, below=world)
+    _int_variable("LOCAL_RANK", 0, below=_int_variable("LOCAL_WORLD_SIZE", world, minimum=1))
+    _int_variable("MASTER_PORT", 0, minimum=1, below=65536)
+    if os.environ.get("MASTER_ADDR") == "":
+        raise ConfigError("launcher: MASTER_ADDR is empty")
+    if world > 1:
+        if backend == "local":
+            raise ConfigError("backend: 'local' runs one process, but the launcher started several; use backend=ddp")
+        missing = [v for v in LAUNCH_VARIABLES if v not in os.environ]
+        if missing:
+            raise ConfigError(f"backend {backend}: WORLD_SIZE={world} but {', '.join(missing)} not set; "
+                              f"launch with torchrun or the deepspeed launcher")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_device() -> torch.device:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str, timeout_s: float, alone_too: bool) -> tuple[Comm, torch.device]:
+    """The default process group over the launcher's ranks (gloo on CPUs, NCCL on GPUs), and this
+    rank's device. ``alone_too``: a process started without a launcher forms a world of one (the
+    sharded backends need a group even then), its rendezvous store in this process, so nothing
+    listens on a network port for it."""
+    check_launch_environment(backend)
+    world = launched_world_size()
+    alone = world == 1 and "RANK" not in os.environ
+    if alone and alone_too:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    device = local_device()
+    if not dist.is_initialized() and "RANK" in os.environ:
+        store = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if alone else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s), **store,
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return Comm(), device
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def build_whole(cfg, vocab_size: int, device: torch.device) -> torch.nn.Module:
+    """The whole model on ``device``: loaded, or built from its config (drawn on the CPU unless
+    ``model.init_device: device``)."""
+    init_device = device if cfg.init_device == "device" else "cpu"
+    return build_model(cfg, vocab_size=vocab_size, init_device=init_device).to(device)
