@@ -23,3 +23,11 @@ def test_help_lists_the_commands():
     assert done.returncode == 0
     for command in ("train", "export", "replay", "bench"):
         assert command in done.stdout
+
+
+def test_version_and_the_train_help_that_names_the_config_sections():
+    from importlib.metadata import version
+
+    assert zoscale("--version").stdout.strip() == f"zoscale {version('zoscale')}"
+    helped = " ".join(zoscale("train", "--help").stdout.split())
+    assert "model.*" in helped and "data.*" in helped and "optim.*" in helped and "docs/training.md" in helped

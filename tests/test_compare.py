@@ -127,3 +127,40 @@ def test_bad_arguments_are_refused_before_anything_runs(tmp_path):
         done = zoscale("compare", "--steps", 10, "--out", tmp_path / "x", *args, *TINY[1:])
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert not (tmp_path / "x").exists()
+
+
+def test_a_link_planted_in_a_comparison_is_refused_before_anything_runs(tmp_path):
+    out = tmp_path / "cmp"
+    (out / "runs").mkdir(parents=True)
+    outside = tmp_path / "outside.log"
+    outside.write_text("precious\n")
+    (out / "runs" / "mezo-seed0.log").symlink_to(outside)
+    done = zoscale("compare", "--optimizers", "mezo", "--seeds", 1, "--steps", 4, "--out", out, *TINY)
+    assert done.returncode == 2 and "runs/mezo-seed0.log is a symbolic link" in done.stderr, done.stderr
+    assert outside.read_text() == "precious\n" and not (out / "plan.json").exists()
+
+
+def test_a_torn_summary_or_plan_never_ends_in_a_traceback(four, tmp_path):
+    """A full disk right after a run's last checkpoint leaves a 0-byte summary.json: the next
+    invocation evaluates that checkpoint again and writes it; a torn plan.json is one line."""
+    import shutil
+
+    original, _ = four
+    out = tmp_path / "four"
+    shutil.copytree(original, out)
+    summary = out / "runs" / "conmezo-seed0" / "summary.json"
+    before = json.loads(summary.read_text())
+    summary.write_text("")
+    args = ["compare", "--optimizers", "mezo,conmezo,mezo_svrg,pseuzo", "--seeds", 1, "--steps", 12, "--evals", 2,
+            "--out", out, *TINY, "mezo_svrg:optim.q=3"]
+    done = zoscale(*args)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "summary.json is missing or unreadable" in (out / "runs" / "conmezo-seed0.log").read_text()
+    after = json.loads(summary.read_text())
+    assert after["param_sq_sum"] == before["param_sq_sum"] and after["eval_final"] == before["eval_final"]
+    rows, expected = (json.loads((d / "report.json").read_text())["rows"]["conmezo"] for d in (out, original))
+    assert [rows[k] for k in ("final", "best_dev_test", "forward_passes")] == \
+        [expected[k] for k in ("final", "best_dev_test", "forward_passes")]
+    (out / "plan.json").write_text('{"config": nu')
+    torn = zoscale(*args)
+    assert torn.returncode == 2 and "plan.json is unreadable" in torn.stderr and "Traceback" not in torn.stderr

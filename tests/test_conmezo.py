@@ -163,7 +163,8 @@ def test_three_passes_per_step_over_parameters_and_momentum(buffer_dtype, ratio,
     draws, passes = [], []
     real_draw, real_apply = host.generate_segments, PerturbationEngine.apply
     monkeypatch.setattr(host, "generate_segments", lambda *a, **k: draws.append(a[1]) or real_draw(*a, **k))
-    monkeypatch.setattr(PerturbationEngine, "apply", lambda self, *a, **k: passes.append(1) or real_apply(self, *a, **k))
+    monkeypatch.setattr(PerturbationEngine, "apply",
+                        lambda self, *a, **k: passes.append(1) or real_apply(self, *a, **k))
     monkeypatch.setattr(PerturbationEngine, "norm2", lambda *a: pytest.fail("a separate norm pass"))
     before = opt.engine.traffic
     for _ in range(5):

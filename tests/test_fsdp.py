@@ -16,6 +16,12 @@ RUN = ["steps=12", "eval_every=6", "save_every=6", "data.num_train=96", "data.nu
        "batch_size=12", "eval_batch_size=8"]
 
 
+def optim(name: str) -> list[str]:
+    # ConMeZO with a float32 momentum: a bf16 one rounds the ranks' loss-sum orders into the trajectory
+    # (1.2e-6 relative after 12 steps on 3 ranks on some CPUs), which is not what these tests compare
+    return [f"optim.name={name}", *(["optim.buffer_dtype=float32"] if name == "conmezo" else [])]
+
+
 def summary(run):
     return json.loads((run / "summary.json").read_text())
 
@@ -38,8 +44,8 @@ def local_runs(tmp_path_factory):
     runs = {}
     for optimizer in ("mezo", "conmezo", "mezo_svrg", "pseuzo"):
         run = tmp_path_factory.mktemp("local") / optimizer
-        done = subprocess.run([sys.executable, "-m", "zoscale", "train", "--out", str(run), *RUN,
-                               f"optim.name={optimizer}"], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([sys.executable, "-m", "zoscale", "train", "--out", str(run), *RUN, *optim(optimizer)],
+                              capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         runs[optimizer] = run
     return runs
@@ -49,8 +55,8 @@ def local_runs(tmp_path_factory):
                                             (3, "pseuzo")])
 def test_fsdp_ranks_follow_the_local_trajectory(world, optimizer, local_runs, tmp_path):
     run = tmp_path / "fsdp"
-    done = launch(world, "-m", "zoscale", "train", "--out", str(run), "backend=fsdp", *RUN,
-                  f"optim.name={optimizer}", timeout=300)
+    done = launch(world, "-m", "zoscale", "train", "--out", str(run), "backend=fsdp", *RUN, *optim(optimizer),
+                  timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
     same_trajectory(local_runs[optimizer], run)
 
@@ -58,7 +64,7 @@ def test_fsdp_ranks_follow_the_local_trajectory(world, optimizer, local_runs, tm
 def test_a_run_saved_on_2_ranks_resumes_on_3(local_runs, tmp_path):
     run = tmp_path / "fsdp"
     first = launch(2, "-m", "zoscale", "train", "--out", str(run), "backend=fsdp",
-                   *[o if o != "steps=12" else "steps=6" for o in RUN], "optim.name=conmezo", timeout=300)
+                   *[o if o != "steps=12" else "steps=6" for o in RUN], *optim("conmezo"), timeout=300)
     assert first.returncode == 0, first.stdout[-3000:]
     saved = run / "checkpoints" / "step-00000006"
     pieces = [{k: t.numel() for k, t in load_file(saved / f"shards-rank{r}.safetensors").items()} for r in range(2)]

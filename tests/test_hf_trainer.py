@@ -154,6 +154,10 @@ def test_two_gloo_ranks_follow_the_single_process_trajectory(tmp_path, single, b
     ({"deepspeed": str(hf_trainer.ZERO3), "zo_backend": "deepspeed"}, "both shard the model"),
     ({"gradient_accumulation_steps": 2, "zo": "pseuzo"}, "gradient_accumulation_steps"),
     ({"zo_options": {"epsilon": 1}}, "unknown option"),
+    ({"zo_options": {"eps": "abc"}}, "eps: expected a number, got 'abc'"),  # the validator of zoscale train's config
+    ({"zo_options": {"eps": True}}, "eps: expected a number, got True"),
+    ({"zo_options": {"lr": "1e-3"}}, "lr: expected a number, got '1e-3'"),
+    ({"zo_fsdp_shard_size": 2}, "zo_fsdp_shard_size: shard groups are FSDP2's"),
     ({"zo_backend": "megatron"}, "zo_backend"),
     ({"optimizers": (torch.optim.SGD([torch.zeros(1, requires_grad=True)]), None)}, "optimizers"),
 ])
@@ -163,7 +167,8 @@ def test_combinations_a_zo_step_cannot_honour_are_refused(tmp_path, change, mess
     from zoscale.integrations.transformers import ZOTrainer
 
     change = dict(change)
-    trainer_keys = {k: change.pop(k) for k in ("zo_options", "zo_backend", "optimizers") if k in change}
+    trainer_keys = {k: change.pop(k) for k in ("zo_options", "zo_backend", "zo_fsdp_shard_size", "optimizers")
+                    if k in change}
     name = change.pop("zo", "mezo")
     try:
         args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, dataloader_drop_last=True,

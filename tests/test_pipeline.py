@@ -105,6 +105,30 @@ def test_replay_rebuilds_the_parameters_from_the_seed_log(finished_run, tmp_path
     assert size < 20_000  # the whole finetune, in kilobytes
 
 
+def test_replay_reads_the_run_as_it_was(finished_run, tmp_path):
+    """A torn last line of the seed log (a kill mid-append) is dropped, as --resume drops it; a
+    config.yaml edited to another distribution is refused (the header says what the run used)."""
+    import shutil
+
+    import yaml
+
+    torn = tmp_path / "torn"
+    shutil.copytree(finished_run, torn)
+    with open(torn / "seeds.jsonl", "a") as f:
+        f.write('{"step": 40, "projected_grads": [0.1')
+    done = zoscale("replay", torn, "--out", tmp_path / "replayed")
+    assert done.returncode == 0 and "dropped a torn last line" in done.stdout and "replayed 40 steps" in done.stdout
+    edited = tmp_path / "edited"
+    shutil.copytree(finished_run, edited)
+    config = yaml.safe_load((edited / "config.yaml").read_text())
+    config["optim"]["distribution"] = "rademacher"
+    (edited / "config.yaml").write_text(yaml.safe_dump(config))
+    refused = zoscale("replay", edited, "--out", tmp_path / "refused")
+    assert refused.returncode == 2 and "written with distribution gaussian, but config.yaml says rademacher" \
+        in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+
 @pytest.mark.parametrize("override,message", [
     ("optim.eps=0", "optim.eps: must be > 0"),
     ("optim.name=adam", "optim.name: unknown optimizer 'adam'"),

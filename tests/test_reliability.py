@@ -114,6 +114,24 @@ def test_the_latest_pointer_never_leads_outside_the_run(cli, reference, tmp_path
     assert "has no complete checkpoint" in one_line_error(cli("train", "--resume", run, "--steps", 20))
 
 
+@pytest.mark.parametrize("planted", ["summary.json", ".lock", "checkpoints/.latest.tmp", "checkpoints/step-00000012"])
+def test_nothing_is_written_through_a_link_planted_in_a_run(cli, planted, reference, tmp_path):
+    """A run directory holding a symbolic link is refused in one line, and the file it points at
+    outside the run is left as it was."""
+    run = copy_run_until(reference, 8, tmp_path / "run")
+    outside = tmp_path / "outside"
+    outside.write_text("precious\n")
+    (run / planted).unlink(missing_ok=True)
+    (run / planted).symlink_to(outside)
+    error = one_line_error(cli("train", "--resume", run, "--steps", 12))
+    assert f"{planted} is a symbolic link" in error and outside.read_text() == "precious\n"
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".lock").symlink_to(outside)  # a new run's --out with a planted lock
+    assert ".lock is a symbolic link" in one_line_error(cli("train", "--out", fresh, *SMALL))
+    assert outside.read_text() == "precious\n"
+
+
 def test_a_single_process_sharded_run_listens_on_loopback_only():
     script = ("import json, psutil, zoscale.backends as b\n"
               "backend = b.get('fsdp'); backend.setup(60)\n"

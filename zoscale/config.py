@@ -92,6 +92,7 @@ class TrainConfig:
     backend: str = "local"
     tensorboard: bool = False
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+    max_stalled_steps: int = 50  # consecutive steps that change nothing (train/stall.py) before the run stops; 0: never
     collective_timeout_s: float = 600.0  # a rank stuck longer in a collective fails the run
     check_sync: bool = False  # debug: assert every step that all ranks applied the same scalars
     memory_profile: bool = False  # memory/* metrics (NVML, allocator, host RSS) in metrics.jsonl
@@ -99,6 +100,10 @@ class TrainConfig:
     deepspeed_config: str | None = None  # backend deepspeed: a ZeRO-3 JSON (default: generated, configs/deepspeed/)
     fsdp_compute_dtype: str | None = None  # backend fsdp: compute in this dtype, keep shards in model.dtype
     fsdp_cpu_offload: bool = False  # backend fsdp: shards in host memory (CUDA only)
+    # backend fsdp: ranks per shard group, replicas across groups, which exchange no parameter (only
+    # the losses); auto: the ranks of one node (LOCAL_WORLD_SIZE); default: the whole world
+    fsdp_shard_size: int | str | None = None
+    comm_ledger_steps: int = 2  # RUN/comm.json: the collectives of the first steps, per group and kind
     eval_before: bool = True
     eval_test: bool = False  # also the test split at every periodic evaluation (learning curves)
 
@@ -111,11 +116,19 @@ class TrainConfig:
         split = "outputs" in getattr(REGISTRY.get(self.optim.name), "needs", ())
         _require(self.model.kind == "causal" or not split, "optim.name",
                  f"{self.optim.name} needs a causal LM (its body/head split), but model.kind is masked")
-        for key in ("eval_every", "save_every", "keep_checkpoints", "max_nonfinite"):
+        for key in ("eval_every", "save_every", "keep_checkpoints", "max_nonfinite", "max_stalled_steps",
+                    "comm_ledger_steps"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _choice(self.backend, BACKENDS, "backend")
         if self.fsdp_compute_dtype is not None:
             _choice(self.fsdp_compute_dtype, DTYPES, "fsdp_compute_dtype")
+        if self.fsdp_shard_size is not None:
+            size = self.fsdp_shard_size
+            _require(size == "auto" or (isinstance(size, int) and not isinstance(size, bool) and size > 0),
+                     "fsdp_shard_size", f"must be a positive integer or auto, got {size!r}")
+            whole = self.backend in ("local", "ddp")
+            _require(self.backend == "fsdp", "fsdp_shard_size", f"shard groups are FSDP2's (backend fsdp); backend "
+                     f"{self.backend} {'holds whole replicas' if whole else 'partitions over every rank'}")
         if self.deepspeed_config is not None:
             check_deepspeed_json(self.deepspeed_config)
         if self.tensorboard:
@@ -221,17 +234,36 @@ _SIZE_FIELD = re.compile(r"^num_|(_size|_dim|_layers|_heads|_embeddings)$")
 
 
 def check_model_config(model: ModelConfig) -> None:
-    """A config dict the model would be built from, checked by transformers before anything is built."""
+    """A config dict the model would be built from, checked before anything is built: every key a
+    field of that model type's config class (a typo would silently keep the class's default), each
+    value of its field's type, sizes positive, then transformers' own checks."""
     if model.config is None:
         return
-    for key, value in model.config.items():
-        if _SIZE_FIELD.search(key) and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-            raise ConfigError(f"model.config.{key}: must be a positive integer, got {value!r}")
-    from transformers import AutoConfig
+    import difflib
+    import inspect
 
+    from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
+
+    model_type = model.config["model_type"]
+    # an unknown type: transformers' own error below names the known ones (the lazy mapping's get() finds nothing)
+    cls = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None
+    defaults = {**PretrainedConfig().to_dict(), **(cls().to_dict() if cls else {})}
+    known = set(defaults) | set(getattr(cls, "attribute_map", {})) | \
+        (set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"} if cls else set())
+    for key, value in model.config.items() if cls else ():
+        if key not in known and not key.startswith("_"):
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; valid: {sorted(known)}"
+            raise ConfigError(f"model.config.{key}: not a field of {model_type}'s config{hint}")
+        default = defaults.get(key)
+        if isinstance(default, bool):
+            _require(isinstance(value, bool), f"model.config.{key}", f"must be true or false, got {value!r}")
+        elif isinstance(default, int) and _SIZE_FIELD.search(key) and value is not None:
+            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"model.config.{key}",
+                     f"must be a positive integer, got {value!r}")
     fields = {k: v for k, v in model.config.items() if k != "model_type"}
     try:
-        AutoConfig.for_model(model.config["model_type"], **fields)
+        AutoConfig.for_model(model_type, **fields)
     except Exception as e:  # transformers raises ValueError, KeyError or its own validation errors
         raise ConfigError(f"model.config: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") \
             from None

@@ -8,7 +8,7 @@ from zoscale.errors import ConfigError
 
 
 def get(name: str, deepspeed_config: str | None = None, fsdp_compute_dtype: str | None = None,
-        fsdp_cpu_offload: bool = False):
+        fsdp_cpu_offload: bool = False, fsdp_shard_size: int | str | None = None):
     if name == "local":
         return LocalBackend()
     if name == "ddp":
@@ -16,7 +16,7 @@ def get(name: str, deepspeed_config: str | None = None, fsdp_compute_dtype: str 
     if name == "fsdp":
         from zoscale.backends.fsdp import FSDPBackend
 
-        return FSDPBackend(fsdp_compute_dtype, fsdp_cpu_offload)
+        return FSDPBackend(fsdp_compute_dtype, fsdp_cpu_offload, fsdp_shard_size)
     if name == "deepspeed":
         from zoscale.backends.deepspeed import DeepSpeedBackend
 

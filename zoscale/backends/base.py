@@ -35,6 +35,9 @@ class Backend(Protocol):
     def shards(self, model: torch.nn.Module, master_dtype: torch.dtype | None) -> tuple[list[Shard], Comm]:
         """This rank's pieces of the trainable parameters, and the Comm that sums over elements."""
 
+    def named_groups(self) -> dict[tuple[int, ...], str]:
+        """This rank's process groups other than the world, by their ranks ("shard", "replica")."""
+
     def teardown(self) -> None:
         """Leave the process group."""
 
@@ -108,7 +111,8 @@ def init_distributed(backend: str, timeout_s: float, alone_too: bool) -> tuple[C
     device = local_device()
     if not dist.is_initialized() and "RANK" in os.environ:
         store = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if alone else {}
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s), **store,
+        group_backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(group_backend, timeout=datetime.timedelta(seconds=timeout_s), **store,
                                 **({"device_id": device} if device.type == "cuda" else {}))
     return Comm(), device
 

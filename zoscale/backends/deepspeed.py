@@ -157,6 +157,9 @@ class DeepSpeedBackend:
                         state[f"{prefix}.{name}" if prefix else name] = t.detach().cpu().clone()
         return state
 
+    def named_groups(self) -> dict:
+        return {}
+
     def teardown(self) -> None:
         destroy_distributed()
 

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -92,16 +93,21 @@ def _draw_rows(model, seed: int) -> None:
 class FSDPBackend:
     name = "fsdp"
 
-    def __init__(self, compute_dtype: str | None = None, cpu_offload: bool = False):
+    def __init__(self, compute_dtype: str | None = None, cpu_offload: bool = False,
+                 shard_size: int | str | None = None):
         """compute_dtype: FSDP2's MixedPrecisionPolicy (e.g. fp32 shards, which the perturbations
-        go into, with bf16 compute); cpu_offload: shards in host memory."""
-        self.compute_dtype, self.cpu_offload = compute_dtype, cpu_offload
+        go into, with bf16 compute); cpu_offload: shards in host memory; shard_size: ranks per
+        shard group, replicas across groups (None: the whole world; "auto": one node's ranks)."""
+        self.compute_dtype, self.cpu_offload, self.shard_size = compute_dtype, cpu_offload, shard_size
         self.split = BodyHead(_root_body, _gathered_head)
+        self.mesh = None
 
     def setup(self, timeout_s: float):
         if self.cpu_offload and not torch.cuda.is_available():
             raise ConfigError("fsdp_cpu_offload: needs CUDA devices (the shards are on the host already)")
-        return init_distributed(self.name, timeout_s, alone_too=True)
+        comm, device = init_distributed(self.name, timeout_s, alone_too=True)
+        self.layout()  # a shard size that does not divide the world, refused before anything is built
+        return comm, device
 
     def build(self, cfg, vocab_size: int, device):
         """Pretrained weights (a local directory, or a hub id's snapshot), and a config's random
@@ -150,8 +156,24 @@ class FSDPBackend:
         Comm().barrier()
         return path or snapshot(name, download=False)
 
+    def layout(self) -> tuple[int, int]:
+        """(replica groups, ranks per shard group) of this world."""
+        world = Comm().world_size
+        size = self.shard_size
+        if size == "auto":
+            size = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        size = world if size is None else size
+        if world % size:
+            raise ConfigError(f"fsdp_shard_size: {size} ranks per shard group do not divide the {world} ranks")
+        return world // size, size
+
     def prepare(self, model, device):
-        mesh = init_device_mesh(device.type, (Comm().world_size,))
+        """Every decoder layer an FSDP2 unit, the root the rest. On a 2-D mesh (replicas x shard
+        group, the ranks of a shard group consecutive) FSDP2 gathers within the shard group only:
+        replicas exchange no parameter."""
+        replicas, size = self.layout()
+        self.mesh = mesh = init_device_mesh(device.type, (size,)) if replicas == 1 else \
+            init_device_mesh(device.type, (replicas, size), mesh_dim_names=("replica", "shard"))
         units = set(getattr(model, "_no_split_modules", None) or [])
         if not units:
             raise ConfigError("backend fsdp: the model names no _no_split_modules to shard layer by layer")
@@ -178,7 +200,14 @@ class FSDPBackend:
             row = p.numel() // p.shape[0] if p.shape[0] else 0
             shards.append(Shard(name, local, offset=first * row, global_numel=p.numel(),
                                 weight_decay=decays(name, p.shape), compute_device=offload_compute_device(local)))
-        return shards, Comm()
+        mesh = next(p.device_mesh for p in model.parameters() if isinstance(p, DTensor))
+        return shards, Comm() if mesh.ndim == 1 else Comm(group=mesh.get_group("shard"))
+
+    def named_groups(self) -> dict[tuple[int, ...], str]:
+        """This rank's shard and replica groups by their ranks (the communication ledger's names)."""
+        if self.mesh is None or self.mesh.ndim == 1:
+            return {}
+        return {tuple(dist.get_process_group_ranks(self.mesh.get_group(dim))): dim for dim in ("shard", "replica")}
 
     def full_state_dict(self, model) -> dict[str, torch.Tensor]:
         """The whole model's tensors on rank 0 (a collective: every rank calls it)."""

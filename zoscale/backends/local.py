@@ -37,6 +37,9 @@ class LocalBackend:
     def shards(self, model, master_dtype):
         return local_shards(model, master_dtype=master_dtype), Comm(distributed=False)
 
+    def named_groups(self) -> dict:
+        return {}
+
     def teardown(self) -> None:
         pass
 

@@ -45,12 +45,22 @@ def positive_int(text: str) -> int:
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """Every verb with its help; the arguments of ``verb`` only (its module is imported)."""
     parser = argparse.ArgumentParser(prog="zoscale", description="Zeroth-order finetuning of sharded LLMs.")
+    parser.add_argument("--version", action="version", version=f"zoscale {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, entry in VERBS.items():
         verb_parser = sub.add_parser(name, help=entry.help)
         if name == verb:
             _module(name).add_arguments(verb_parser)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("zoscale")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "(not installed)"
 
 
 def _module(verb: str):

@@ -141,22 +141,27 @@ def compare(plan: Plan, out: Path, jobs: int = 1) -> dict:
     """Runs what is not finished yet, ``jobs`` runs at a time, then writes the report."""
     from zoscale.quickstart import QUICKSTART
     from zoscale.train import checkpoint
+    from zoscale.train.rundir import read_json, refuse_links, write_atomic
 
+    refuse_links(out, "--out")  # its reports, logs and runs are written inside it, never through a link
     saved = out / "plan.json"
     if saved.is_file():
-        if json.loads(saved.read_text()) != asdict(plan):
+        if read_json(saved) is None:
+            raise ConfigError(f"--out: {saved} is unreadable (torn or not JSON): the comparison's arguments are "
+                              f"unknown; use another --out")
+        if read_json(saved) != asdict(plan):
             raise ConfigError(f"--out: {out} holds a comparison with other arguments ({saved}); use another --out")
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out: {out} exists and is not a comparison (no plan.json); nothing is overwritten")
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(asdict(plan), indent=1) + "\n")
+    write_atomic(saved, json.dumps(asdict(plan), indent=1) + "\n")
     (out / "runs").mkdir(exist_ok=True)
     first, pending = True, []
     for seed in plan.seeds:
         for name in plan.optimizers:
             run = out / "runs" / run_name(name, seed)
             steps = plan.steps[name]
-            if (run / "summary.json").is_file():
+            if read_json(run / "summary.json") is not None:
                 first = False
                 continue
             if run.exists() and checkpoint.find(run / "checkpoints", checksums=False).path is None:
@@ -171,8 +176,8 @@ def compare(plan: Plan, out: Path, jobs: int = 1) -> dict:
                             out / "runs" / f"{run.name}.log", f"{run.name}: {steps} steps"))
     _train_all(pending, jobs)
     report = build_report(plan, out)
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(markdown(report))
+    write_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
+    write_atomic(out / "report.md", markdown(report))
     plot(report, out / "curves.png")
     return report
 
@@ -232,14 +237,22 @@ def _devices(jobs: int) -> list[str] | None:
 
 
 def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from zoscale.train.runlog import read_records
+
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: the run's metrics are gone; remove {path.parent} to run it again")
+    return [r for _, r in read_records(path, "compare")]
 
 
 def run_record(run: Path) -> dict:
     """One finished run: its test curve against forward passes and training time, its losses, its summary."""
     from zoscale.train.evaluate import headline
 
-    summary = json.loads((run / "summary.json").read_text())
+    from zoscale.train.rundir import read_json
+
+    summary = read_json(run / "summary.json")
+    if summary is None:
+        raise ConfigError(f"{run / 'summary.json'} is missing or unreadable; run the same command again to write it")
     metrics = _lines(run / "metrics.jsonl")
     steps = [m for m in metrics if "loss" in m]
     at = {m["step"] + 1: (m["forward_passes"], m["step_time"]) for m in steps}  # after that many steps

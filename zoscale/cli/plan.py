@@ -92,7 +92,8 @@ def plan(model: str, backend: str, world_size: int, batch: int = 16, seq: int = 
     root_numel = total - sum(sum(p.numel() for p in m.parameters()) for m in layers)
     sharded = backend in ("fsdp", "deepspeed")
     shard = total * size / (world_size if sharded else 1)
-    buffers = total * REGISTRY[optimizer].buffer_bytes(optimizer_config(optimizer, {}), size) / (world_size if sharded else 1)
+    buffer_bytes = REGISTRY[optimizer].buffer_bytes(optimizer_config(optimizer, {}), size)
+    buffers = total * buffer_bytes / (world_size if sharded else 1)
     gathered_layers = 2 * layer_numel * size if sharded else 0.0
     gathered_root = root_numel * size if sharded else 0.0
     hidden, heads = cfg.hidden_size, cfg.num_attention_heads

@@ -4,12 +4,12 @@ its seed log alone (every update as seeds and coefficients)."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from zoscale.cli.export import initial_model, save_pretrained
 from zoscale.errors import ConfigError
 from zoscale.train.rundir import require_fresh
+from zoscale.train.runlog import read_records
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,26 +29,27 @@ def run(args) -> int:
     if not log.is_file():
         raise ConfigError(f"{args.run} has no seeds.jsonl")
     master = torch.float32 if cfg.model.master_weights else None
-    distribution = cfg.optim.options.get("distribution", "gaussian")
-    version = cfg.optim.options.get("stream", "v1")
-    engine = PerturbationEngine(local_shards(model, master_dtype=master), distribution, version=version)
+    records = [r for _, r in read_records(log, "replay")]
+    # the run as it was: the seed log's header names its stream and distribution (a log without one: v1)
+    header = records[0]["header"] if records and "header" in records[0] else {}
+    properties = {"stream": header.get("stream", "v1"), "distribution": header.get("distribution")}
+    for key, logged in properties.items():
+        configured = cfg.optim.options.get(key, {"stream": "v1", "distribution": "gaussian"}[key])
+        if logged is not None and logged != configured:
+            what = "perturbation stream" if key == "stream" else key
+            raise ConfigError(f"{log} was written with {what} {logged}, but config.yaml says {configured}; restore "
+                              f"config.yaml's optim.{key}")
+    distribution = properties["distribution"] or cfg.optim.options.get("distribution", "gaussian")
+    engine = PerturbationEngine(local_shards(model, master_dtype=master), distribution, version=properties["stream"])
     steps = 0
-    with open(log) as f:
-        for line in f:
-            entry = json.loads(line)
-            if "header" in entry:  # a log without a header was written on v1
-                logged = entry["header"].get("stream", "v1")
-                if logged != version:
-                    raise ConfigError(f"{log} was written on perturbation stream {logged}, but config.yaml says "
-                                      f"{version}; restore config.yaml's optim.stream")
-                continue
-            for update in entry["updates"]:
-                if update is None:
-                    raise ConfigError(f"step {entry['step']} of {args.run} used a buffer ({cfg.optim.name}): "
-                                      f"its update is not a function of seeds alone, so it cannot be replayed")
-                engine.update({int(s): c for s, c in update["terms"]}, update["decay"])
-                engine.flush()
-            steps += 1
+    for entry in records[1 if header else 0 :]:
+        for update in entry["updates"]:
+            if update is None:
+                raise ConfigError(f"step {entry['step']} of {args.run} used a buffer ({cfg.optim.name}): "
+                                  f"its update is not a function of seeds alone, so it cannot be replayed")
+            engine.update({int(s): c for s, c in update["terms"]}, update["decay"])
+            engine.flush()
+        steps += 1
     print(f"replayed {steps} steps")
     save_pretrained(model, tokenizer, args.out)
     return 0

@@ -19,7 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, help="total steps (overrides the config)")
     parser.add_argument("--backend", help="local | ddp | fsdp | deepspeed (overrides the config)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
-    parser.epilog = "Any number of key=value arguments, anywhere, override config keys (e.g. optim.lr=1e-6)."
+    parser.epilog = ("Any number of key=value arguments, anywhere, override config keys (e.g. optim.lr=1e-6). The "
+                     "config's sections: model.* (the model and its source), data.* (task and sampling), optim.* (the "
+                     "optimizer's name and options) and top-level keys (steps, batch_size, backend, ...); every key "
+                     "is documented in docs/training.md, and a wrong one is refused with the valid names.")
 
 
 def run(args) -> int:
@@ -40,6 +43,7 @@ def _train(args) -> int:
     from zoscale.train import resume
     from zoscale.train.rundir import RunDirectory
     from zoscale.train.signals import EXIT_PREEMPTED, exit_when_the_launcher_dies
+    from zoscale.train.stall import StalledRun
     from zoscale.train.trainer import NonFiniteLossError, Preempted, Trainer
 
     plan = resume.plan(args.config, args.overrides, args.out, args.resume, args.auto_resume, args.steps, args.backend,
@@ -55,7 +59,7 @@ def _train(args) -> int:
             return 0
         try:
             trainer.run()
-        except NonFiniteLossError as e:
+        except (NonFiniteLossError, StalledRun) as e:
             if trainer.comm.is_main:
                 print(f"zoscale: error: {e}", file=sys.stderr, flush=True)
             return 1

@@ -26,7 +26,8 @@ _CHUNK_COUNTERS = 1 << 17
 
 # Passes over at least this many counters (4M elements: a full engine chunk) generate their Philox
 # words with a compiled kernel on the CPU: eager, the ten rounds are ~100 separate int64 tensor ops
-# (~87 ns per call of four values on a 2-core machine), compiled one loop (~19x faster). The integers are the same, and Box-Muller stays eager, so every value is
+# (~87 ns per call of four values on a 2-core machine), compiled one loop (~19x faster). The
+# integers are the same, and Box-Muller stays eager, so every value is
 # identical whichever path runs. Compiling takes ~10 s once per process (less with inductor's disk
 # cache); smaller models never compile. ZOSCALE_COMPILE=0 turns it off.
 _COMPILE_MIN_COUNTERS = 1 << 20
@@ -231,8 +232,9 @@ def staged_pass(items, p, device: torch.device, chunk_numel: int, kernel_pass) -
         staged = []
         for shard, out, src, bufs, lo, hi in chunk:
             moved = [b[lo:hi].to(device) for b in bufs]
-            staged.append((kernels.Segment(torch.empty(hi - lo, dtype=out.dtype, device=device), shard.offset + lo,
-                                           shard.stream, src[lo:hi].to(device), moved[0] if moved else None), moved[1:]))
+            segment = kernels.Segment(torch.empty(hi - lo, dtype=out.dtype, device=device), shard.offset + lo,
+                                      shard.stream, src[lo:hi].to(device), moved[0] if moved else None)
+            staged.append((segment, moved[1:]))
         squares += kernel_pass(staged, p, terms)
         for (_, out, _, bufs, lo, hi), (segment, _) in zip(chunk, staged):
             out[lo:hi].copy_(segment.out)

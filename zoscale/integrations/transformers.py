@@ -46,6 +46,7 @@ under torchrun or alone; the Trainer then runs only the loop.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -63,8 +64,10 @@ from zoscale.models import BodyHead, causal_lm
 from zoscale.optim import REGISTRY
 from zoscale.optim.base import Objective
 from zoscale.train import checkpoint
+from zoscale.train.stall import StallWatch
 
 ZO_BACKENDS = ("fsdp", "deepspeed")
+logger = logging.getLogger(__name__)
 _ZO_STATE = "zoscale"  # checkpoint-N/zoscale/: the ZO optimizer's checkpoint
 
 
@@ -137,12 +140,17 @@ class ZOTrainer(Trainer):
 
     def __init__(self, model=None, args: TrainingArguments | None = None, *rest, zo_optimizer: str = "mezo",
                  zo_options: dict | None = None, zo_backend: str | None = None,
-                 zo_deepspeed_config: str | None = None, zo_master_weights: bool = False, **kwargs):
+                 zo_deepspeed_config: str | None = None, zo_master_weights: bool = False,
+                 zo_fsdp_shard_size: int | str | None = None, zo_max_stalled_steps: int = 50, **kwargs):
         """zo_optimizer, zo_options: as for ``zoscale.build_optimizer`` (the same names, options and
         checks; ``seed`` defaults to ``args.seed``, ``lr`` to ``args.learning_rate``). zo_backend:
         None (whole parameters on every rank), "fsdp" or "deepspeed" (zoscale shards ``model``);
         zo_deepspeed_config: a ZeRO-3 JSON for "deepspeed" (configs/deepspeed/, e.g. with offload).
-        zo_master_weights: an fp32 copy of half-precision trainable weights (without zo_backend)."""
+        zo_master_weights: an fp32 copy of half-precision trainable weights (without zo_backend).
+        zo_fsdp_shard_size: with zo_backend "fsdp", ranks per shard group, replicas across groups
+        ("auto": one node's ranks), as ``fsdp_shard_size`` in zoscale train's config.
+        zo_max_stalled_steps: consecutive steps that change nothing (a projected gradient of exactly
+        0, or a loss equal to the last bit) before training stops with StalledRun (0: never)."""
         args = args or TrainingArguments("trainer_output")
         self.zo_name, self.zo_options, self.zo = zo_optimizer, dict(zo_options or {}), None
         check = {"lr": args.learning_rate, **self.zo_options}
@@ -159,7 +167,10 @@ class ZOTrainer(Trainer):
             if zo_backend != "deepspeed":
                 raise ValueError("zo_deepspeed_config: needs zo_backend='deepspeed'")
             check_deepspeed_json(zo_deepspeed_config)
-        self.zo_backend = backends.get(zo_backend, zo_deepspeed_config) if zo_backend else None
+        if zo_fsdp_shard_size is not None and zo_backend != "fsdp":
+            raise ValueError("zo_fsdp_shard_size: shard groups are FSDP2's; needs zo_backend='fsdp'")
+        self.zo_backend = backends.get(zo_backend, zo_deepspeed_config, fsdp_shard_size=zo_fsdp_shard_size) \
+            if zo_backend else None
         if self.zo_backend is not None:
             _, device = self.zo_backend.setup(args.ddp_timeout)
             model = self.zo_backend.prepare(model.to(device), device)
@@ -170,6 +181,7 @@ class ZOTrainer(Trainer):
         self.sharding = self.zo_backend  # whose shards, head and gathered state dict: set once the model is sharded
         self._micro_batches: list = []
         self._since_log: list = []
+        self.stall = StallWatch(zo_max_stalled_steps)
 
     # -- the optimizer ------------------------------------------------------------------------------
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
@@ -230,6 +242,9 @@ class ZOTrainer(Trainer):
         model.eval()  # no dropout: the forwards of one step must see one function
         result = self.zo.step(self.objective_for(model, batches))
         self._since_log.append(result)
+        warning = self.stall.observe(result)  # StalledRun past the limit
+        if warning:
+            logger.warning(warning)
         return torch.tensor(result.loss, device=self.args.device)
 
     def objective_for(self, model, batches: list[dict]) -> Objective:
@@ -320,9 +335,8 @@ class ZOTrainer(Trainer):
         else:
             super()._save_optimizer_and_scheduler(output_dir)  # the lr carrier and the scheduler
         zo = self.zo
-        owns = zo.shard_comm.distributed or self.comm.is_main  # replicas: rank 0 writes the pieces
         checkpoint.save(Path(output_dir) / _ZO_STATE, self.state.global_step, zo.shards, zo.shard_buffers(),
-                        zo.state_dict(buffers=False), {"optimizer": self.zo_name}, self.comm, owns, keep=1)
+                        zo.state_dict(buffers=False), {"optimizer": self.zo_name}, self.comm, zo.writes_pieces, keep=1)
 
     def _load_optimizer_and_scheduler(self, resume_from: str | None) -> None:
         if resume_from is None:

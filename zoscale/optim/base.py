@@ -125,6 +125,8 @@ def coerce(value, annotation, key: str):
     """Integers where floats are expected (lr: 1), lists where tuples are (beta_warmup: [200, 2000]);
     a string or a boolean where a number belongs is an error naming the key."""
     text = str(annotation)
+    if isinstance(value, str) and "str" in text:
+        return value
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if text.startswith(("float", "int")) and not number and not (value is None and "None" in text):
         raise ConfigError(f"{key}: expected a number, got {value!r}")
@@ -206,6 +208,12 @@ class ZOOptimizer:
                 self.engine.perturb({k: sign * eps * c for k, c in direction.items()})
                 raw.append(closure())
         return raw
+
+    @property
+    def writes_pieces(self) -> bool:
+        """Whether this rank writes its shards into a checkpoint: the ranks of the first shard group
+        (world ranks [0, size)), so every element is written once and replicas write one copy."""
+        return self.comm.rank < self.shard_comm.world_size
 
     def param_sums(self, values: Sequence[float]) -> list[float]:
         """Per-rank partial sums over parameter elements -> global sums, in one all-reduce."""

@@ -43,24 +43,7 @@ from safetensors.torch import save_file
 from zoscale.engine import Shard, ShardBuffer, resident
 from zoscale.engine.comm import Comm
 from zoscale.errors import CheckpointError
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+from zoscale.train.rundir import fsync_dir, write_atomic
 
 
 def _save_synced(write: Callable[[Path], object], path: Path) -> None:
@@ -93,7 +76,7 @@ def _commit(root: Path, name: str, comm: Comm, write_rank: Callable[[Path], None
     already = comm.all_reduce_sum([float(comm.is_main and problem(final) is None)])[0]
     if already:
         if comm.is_main:
-            _write_atomic(root / "latest", final.name + "\n")
+            write_atomic(root / "latest", final.name + "\n")
         return final
     if comm.is_main:
         root.mkdir(parents=True, exist_ok=True)
@@ -123,8 +106,8 @@ def _commit(root: Path, name: str, comm: Comm, write_rank: Callable[[Path], None
             os.replace(final, stale)
             shutil.rmtree(stale)
         os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / "latest", final.name + "\n")
+        fsync_dir(root)
+        write_atomic(root / "latest", final.name + "\n")
         if keep:
             for stale in sorted(root.glob("step-*"))[:-keep]:
                 if stale != final:

@@ -8,7 +8,6 @@ together, its states read once; a run complete already is ``RunComplete`` under 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, replace
@@ -18,6 +17,7 @@ from zoscale.config import TrainConfig, load, to_dict
 from zoscale.engine import Comm, print0
 from zoscale.errors import ConfigError
 from zoscale.train import checkpoint
+from zoscale.train.rundir import read_json
 
 # What a resumed run must share with the checkpoint it continues (the trajectory); the rest
 # (steps, backend, evaluation and logging cadence) may change between sessions.
@@ -88,7 +88,10 @@ def find_point(run_dir: Path, cfg: TrainConfig, comm: Comm, auto: bool) -> Resum
         raise ConfigError(f"--resume: {run_dir} has no complete checkpoint")
     optimizer_state, trainer_state = checkpoint.load(found.path, comm)
     step = trainer_state["step"]
-    if cfg.steps <= step:
+    if cfg.steps <= step and auto and read_json(run_dir / "summary.json") is None:
+        print0(f"{run_dir} is complete at step {step}, but its summary.json is missing or unreadable: evaluating "
+               f"its last checkpoint again to write it")
+    elif cfg.steps <= step:
         if auto:
             raise RunComplete(f"{run_dir} is complete at step {step}; nothing to do")
         raise ConfigError(f"--resume: {run_dir} is at step {step} already ({found.path.name}); "
@@ -100,24 +103,3 @@ def find_point(run_dir: Path, cfg: TrainConfig, comm: Comm, auto: bool) -> Resum
                               f"{found.path.name} was trained with ({before[key]} -> {now[key]}); restore it, or "
                               f"start a new run")
     return ResumePoint(found.path, optimizer_state, trainer_state)
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keep what was logged before the checkpoint; a torn last line (a kill or a full disk mid-append) is dropped."""
-    if not path.exists():
-        return
-    lines = path.read_text(errors="replace").splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append((line, json.loads(line)))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise ConfigError(f"--resume: {path} line {number} is not valid JSON (only a torn last line is "
-                                  f"dropped)") from None
-            print0(f"--resume: dropped a torn last line of {path}")
-    keep = [line for line, r in records
-            if "step" not in r or r["step"] < step or (r.get("split") and r["step"] <= step)]  # a header stays
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)

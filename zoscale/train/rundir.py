@@ -7,6 +7,7 @@ when the process ends, however it ends (kill -9 included), so a stale lock never
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,48 @@ LOCK = ".lock"
 
 def _contents(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.name != LOCK) if path.is_dir() else []
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """``path`` holds the old text or the new, never a part: a full disk or a kill mid-write leaves
+    the old file (or none) and a stray temporary file beside it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file a run wrote, or None when it is missing or unreadable (torn, empty, not JSON)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def refuse_links(path: Path, flag: str) -> None:
+    """A run directory holds no symbolic link: every file a run writes (its lock, logs, summary,
+    checkpoints, a comparison's reports) then stays inside it, whatever was planted there."""
+    if path.is_symlink():
+        raise ConfigError(f"{flag} {path} is a symbolic link; give the directory itself")
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            if os.path.islink(os.path.join(root, name)):
+                link = Path(root, name).relative_to(path)
+                raise ConfigError(f"{flag} {path}: {link} is a symbolic link; a run directory holds none (nothing is "
+                                  f"written through one)")
 
 
 def require_fresh(path: Path, flag: str) -> None:
@@ -40,6 +83,7 @@ class RunDirectory:
     def __enter__(self) -> RunDirectory:
         if not self.main:
             return self
+        refuse_links(self.path, self.flag)
         if self.fresh:
             require_fresh(self.path, self.flag)
             self.created = not self.path.exists()
@@ -47,8 +91,8 @@ class RunDirectory:
                 self.path.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ConfigError(f"{self.flag} {self.path}: cannot create it ({e.strerror})") from None
-        try:
-            self.handle = open(self.path / LOCK, "a+")
+        try:  # never through a link planted after the check
+            self.handle = os.fdopen(os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
         except OSError as e:
             raise ConfigError(f"{self.flag} {self.path}: cannot write in it ({e.strerror})") from None
         try:

@@ -4,6 +4,7 @@
     metrics.jsonl   one line per step (and per evaluation); TensorBoard scalars beside it if asked
     seeds.jsonl     a header (the perturbation stream), then each step's updates as seeds and
                     coefficients (`zoscale replay`)
+    comm.json       the collectives of the first steps, per process group and kind (calls, bytes)
     summary.json    evaluations and parameter statistics at the end
 """
 
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from zoscale.train.resume import truncate_log
+from zoscale.engine import print0
+from zoscale.errors import ConfigError
+from zoscale.train.rundir import write_atomic
 
 
 class RunLog:
@@ -60,6 +63,38 @@ class RunLog:
         with open(self.run_dir / "seeds.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
 
-    def summary(self, summary: dict) -> None:
+    def comm(self, ledger: dict) -> None:
         if self.main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            (self.run_dir / "comm.json").write_text(json.dumps(ledger, indent=1))
+
+    def summary(self, summary: dict) -> None:
+        """Written last and atomically: a run is finished when its summary.json is readable."""
+        if self.main:
+            write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+
+
+def read_records(path: Path, flag: str) -> list[tuple[str, dict]]:
+    """A JSON-lines log as (line, record) pairs. A torn last line (what a kill or a full disk leaves
+    mid-append) is dropped, with a line saying so; a bad line before it is an error naming it."""
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ConfigError(f"{flag}: {path} line {number} is not valid JSON (only a torn last line is "
+                                  f"dropped)") from None
+            print0(f"{flag}: dropped a torn last line of {path}")
+    return records
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep what was logged before the checkpoint at ``step``; a torn last line is dropped."""
+    if not path.exists():
+        return
+    keep = [line for line, r in read_records(path, "--resume")
+            if "step" not in r or r["step"] < step or (r.get("split") and r["step"] <= step)]  # a header stays
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)

@@ -22,6 +22,7 @@ from zoscale import backends
 from zoscale.config import TrainConfig, to_dict
 from zoscale.engine import resident
 from zoscale.engine.comm import print0
+from zoscale.engine.ledger import CommLedger
 from zoscale.errors import ConfigError
 from zoscale.models import build_tokenizer
 from zoscale.optim import REGISTRY
@@ -33,6 +34,7 @@ from zoscale.train.losses import Batch, sequence_length
 from zoscale.train.memory import MemorySampler
 from zoscale.train.runlog import RunLog
 from zoscale.train.signals import StopRequest
+from zoscale.train.stall import StallWatch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,7 +60,8 @@ class Trainer:
         """``resume``: continue run_dir from its newest complete checkpoint (``auto_resume``: a
         requeued job, for which a complete run raises ``RunComplete``)."""
         self.cfg, self.run_dir = cfg, run_dir
-        self.backend = backends.get(cfg.backend, cfg.deepspeed_config, cfg.fsdp_compute_dtype, cfg.fsdp_cpu_offload)
+        self.backend = backends.get(cfg.backend, cfg.deepspeed_config, cfg.fsdp_compute_dtype, cfg.fsdp_cpu_offload,
+                                    cfg.fsdp_shard_size)
         self.comm, self.device = self.backend.setup(cfg.collective_timeout_s)
         try:
             self.resume_point = resume_run.find_point(run_dir, cfg, self.comm, auto_resume) if resume else None
@@ -97,11 +100,13 @@ class Trainer:
         shards, shard_comm = self.backend.shards(self.model, torch.float32 if cfg.model.master_weights else None)
         self.optimizer = zoscale.build_optimizer(cfg.optim.name, shards, comm=self.comm, shard_comm=shard_comm,
                                                  phase=self.phase, **options)
-        self.owns_shards = shard_comm.distributed or self.comm.is_main  # replicas: rank 0 writes checkpoints
+        world = tuple(range(self.comm.world_size))
+        self.ledger = CommLedger({**self.backend.named_groups(), world: "world"})
 
         self.step = 0
         self.forward_passes = 0.0  # over one training batch each, since step 0
         self.consecutive_nonfinite = self.total_nonfinite = 0
+        self.stall = StallWatch(cfg.max_stalled_steps)
         self.best: dict | None = None
         self.history: dict = {}
         self.last_checkpoint: Path | None = None
@@ -167,6 +172,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         start_time = time.time()
+        trained = self.step < cfg.steps
         if self.step == 0 and cfg.eval_before:
             self.history["eval_before"] = self.evaluate("test")
             print0(f"before training: test {self._fmt(self.history['eval_before'])}")
@@ -176,13 +182,17 @@ class Trainer:
             for step in bar:
                 batch = self.batch(step)
                 t0 = time.time()
-                result = self.train_step(batch)
+                with self.counting(step):
+                    result = self.train_step(batch)
                 elapsed = time.time() - t0
                 if cfg.check_sync:
                     self.comm.assert_same((result.projected_grads, result.lr, result.skipped), f"step {step}'s update")
                 self.step = step + 1
                 self._check_update(step, result)
                 self._log_step(result, elapsed, batch)
+                warning = self.stall.observe(result)
+                if warning:
+                    print0(warning)
                 if result.skipped:
                     self._count_nonfinite(step)
                 else:
@@ -196,16 +206,29 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
                 # one all-reduce a step in a sharded or data-parallel run: every rank stops at the same step
-                if self.step < cfg.steps and self.comm.all_reduce_sum([float(stop.received is not None)])[0]:
+                with self.counting(step):
+                    stopping = self.step < cfg.steps and self.comm.all_reduce_sum([float(stop.received is not None)])[0]
+                if step + 1 == min(cfg.comm_ledger_steps, cfg.steps):
+                    self._write_ledger(step)
+                if stopping:
                     bar.close()
                     self.save()
                     raise Preempted(f"stopped by {stop.name or 'a signal on another rank'} at step {self.step}; "
                                     f"{self.last_checkpoint.name} written; continue with: zoscale train --resume "
                                     f"{self.run_dir}")
         bar.close()
-        self._dev_eval()
-        self.save()
+        if trained:  # else a complete run whose summary is being written again: its last checkpoint stands
+            self._dev_eval()
+            self.save()
         return self._finish(time.time() - start_time)
+
+    def counting(self, step: int):
+        """The communication ledger's record of ``step``, for the first ``comm_ledger_steps``."""
+        return self.ledger.record(step) if step < self.cfg.comm_ledger_steps else contextlib.nullcontext()
+
+    def _write_ledger(self, step: int) -> None:
+        self.log.comm(self.ledger.as_dict())
+        print0(f"communication of step {step} (rank 0; RUN/comm.json): {self.ledger.summary(step)}")
 
     def _finish(self, seconds: float) -> dict:
         summary = {"steps": self.step, "optimizer": self.cfg.optim.name, "task": self.task.name,
@@ -253,7 +276,7 @@ class Trainer:
         self.log.metrics({"step": self.step, "split": "dev", **metrics})
         if self.best is None or headline(metrics) > self.best["score"]:
             self.best = {"step": self.step, "score": headline(metrics), **metrics}
-            checkpoint.save_best(self.run_dir, self.step, self.optimizer.shards, self.comm, self.owns_shards)
+            checkpoint.save_best(self.run_dir, self.step, self.optimizer.shards, self.comm, self.optimizer.writes_pieces)
 
     # -- logging and checkpoints --------------------------------------------------------------------
     def _log_step(self, result, elapsed: float, batch: Batch) -> None:
@@ -303,11 +326,12 @@ class Trainer:
         self._check_parameters(self.step - 1, "before a checkpoint")
         state = self.optimizer.state_dict(buffers=False)  # flushes; the buffers go with the shards
         trainer_state = {"consecutive_nonfinite": self.consecutive_nonfinite, "config": to_dict(self.cfg),
+                         "consecutive_stalled": self.stall.count,
                          "forward_passes": self.forward_passes,
                          "total_nonfinite": self.total_nonfinite, "best": self.best, "history": self.history}
         self.last_checkpoint = checkpoint.save(self.run_dir, self.step, self.optimizer.shards,
                                                self.optimizer.shard_buffers(), state, trainer_state, self.comm,
-                                               self.owns_shards, self.cfg.keep_checkpoints)
+                                               self.optimizer.writes_pieces, self.cfg.keep_checkpoints)
 
     def _resume(self, point: resume_run.ResumePoint) -> None:
         self.last_checkpoint = point.path
@@ -316,6 +340,7 @@ class Trainer:
         state = point.trainer_state
         self.step = state["step"]
         self.consecutive_nonfinite, self.total_nonfinite = state["consecutive_nonfinite"], state["total_nonfinite"]
+        self.stall.count = state.get("consecutive_stalled", 0)
         self.forward_passes = state.get("forward_passes", 0.0)
         self.best, self.history = state["best"], state["history"]
         self.log.resume(self.step)

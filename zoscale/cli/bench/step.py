@@ -21,6 +21,7 @@ import torch
 import zoscale
 from zoscale.cli.bench import device_description
 from zoscale.engine import PerturbationEngine
+from zoscale.engine.ledger import CommLedger
 from zoscale.train.memory import GIB
 
 
@@ -86,7 +87,12 @@ def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: s
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     forward = _timed(loss, repeats)
-    opt.step(loss)  # ConMeZO's first step has no momentum to read yet
+    world = tuple(range(comm.world_size))
+    ledger = CommLedger({**backend.named_groups(), world: "world"})
+    with ledger.record(0):  # ConMeZO's first step has no momentum to read yet: the ledger counts the second
+        opt.step(loss)
+    with ledger.record(1):
+        opt.step(loss)
     traffic = opt.engine.traffic
     zo_step = _timed(lambda: opt.step(loss), repeats)
     local_numel = sum(s.tensor.numel() for s in shards)
@@ -113,6 +119,7 @@ def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: s
         "rademacher_pass_ms": rademacher_pass * 1e3, "rademacher_over_in_place": rademacher_pass / in_place,
         "in_place_bandwidth_gb_s": 2 * local_bytes / in_place / 1e9,
         "perturbation_bandwidth_gb_s": 2 * local_bytes / perturb_pass / 1e9,
+        "comm_per_step": ledger.as_dict()["1"], "comm_summary": ledger.summary(1),
     }
     if reference and backend_name in ("local", "ddp"):  # the reference code knows no shards
         reference = _timed(lambda: reference_mezo_step(model, loss, 1e-3, 1e-7, 7), repeats)
@@ -150,6 +157,8 @@ def markdown(r: dict) -> str:
             ("Rademacher perturbation pass", f"{r['rademacher_pass_ms']:.2f} ms = "
                                              f"{r['rademacher_over_in_place']:.2f} x in-place"),
             ("in-place pass `x.add_(c)`", f"{r['in_place_pass_ms']:.2f} ms ({r['in_place_bandwidth_gb_s']:.1f} GB/s)")]
+    if "comm_summary" in r:
+        rows.append(("collectives of a step (rank 0)", r["comm_summary"]))
     if "reference_mezo_step_ms" in r:
         rows.append(("reference MeZO step (4 RNG passes)",
                      f"{r['reference_mezo_step_ms']:.2f} ms = {r['reference_over_two_forwards']:.2f} x two forwards"))

@@ -1,0 +1,92 @@
+"""Hybrid sharding: FSDP2 shard groups with replicas across them, on 4 gloo ranks as 2 "nodes" x 2,
+as 4 replicas (shard groups of 1) and as one flat group of 4, give the single-process trajectory
+for all four optimizers; replicas exchange no parameter (the communication ledger); a hybrid
+checkpoint resumes flat and a flat one hybrid."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from distributed import launch, run_group
+
+SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "train_runs.py")
+OPTIMIZERS = ("mezo", "conmezo", "mezo_svrg", "pseuzo")
+COMMON = ["steps=4", "eval_every=0", "save_every=0", "eval_before=false", "data.num_train=64", "data.num_dev=16",
+          "data.num_test=16", "batch_size=8", "eval_batch_size=8"]
+# a float32 momentum: bf16 would round the ranks' loss-sum orders into the trajectory
+EXTRA = {"conmezo": ["optim.buffer_dtype=float32"]}
+LAYOUTS = {"hybrid": 2, "replicas": 1, "flat": 4}  # ranks per shard group, of 4
+
+
+def run(name: str, optimizer: str, *extra: str) -> list:
+    return [name, [*COMMON, f"optim.name={optimizer}", *EXTRA.get(optimizer, []), *extra], False]
+
+
+def summary(path: Path) -> dict:
+    return json.loads((path / "summary.json").read_text())
+
+
+def same_trajectory(got: Path, expected: Path) -> None:
+    # the batch is split over ranks: only the order of the fp32 loss sums differs
+    assert summary(got)["param_sq_sum"] == pytest.approx(summary(expected)["param_sq_sum"], rel=1e-6), got.name
+    assert summary(got)["param_sum"] == pytest.approx(summary(expected)["param_sum"], rel=1e-6, abs=1e-6), got.name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    local = [run(f"local-{o}", o) for o in OPTIMIZERS] + [run("local-conmezo-8", "conmezo", "steps=8")]
+    done = run_group([sys.executable, SCRIPT, str(out), json.dumps(local)], timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    sharded = [run(f"{layout}-{o}", o, "backend=fsdp", f"fsdp_shard_size={size}")
+               for layout, size in LAYOUTS.items() for o in OPTIMIZERS]
+    sharded += [run("hybrid-to-flat", "conmezo", "backend=fsdp", "fsdp_shard_size=2"),
+                run("flat-to-hybrid", "conmezo", "backend=fsdp"),
+                ["hybrid-to-flat", {"steps": 8, "fsdp_shard_size": None}, True],
+                ["flat-to-hybrid", {"steps": 8, "fsdp_shard_size": 2}, True]]
+    done = launch(4, SCRIPT, str(out), json.dumps(sharded), timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_layout_follows_the_single_process_trajectory(layout, runs):
+    for optimizer in OPTIMIZERS:
+        same_trajectory(runs / f"{layout}-{optimizer}", runs / f"local-{optimizer}")
+
+
+def test_a_hybrid_checkpoint_resumes_flat_and_a_flat_one_hybrid(runs):
+    for name in ("hybrid-to-flat", "flat-to-hybrid"):
+        assert summary(runs / name)["steps"] == 8
+        same_trajectory(runs / name, runs / "local-conmezo-8")
+
+
+def test_the_ledger_shows_only_scalars_between_replicas(runs):
+    """RUN/comm.json: per step, the collectives on each group as issued (FSDP2's own included)."""
+    for layout, size in LAYOUTS.items():
+        for optimizer in OPTIMIZERS:
+            step = json.loads((runs / f"{layout}-{optimizer}" / "comm.json").read_text())["1"]
+            assert "replica" not in step, (layout, optimizer, step)  # no parameter crosses replicas
+            assert step["world"]["all_reduce"]["bytes"] <= 1024  # the losses and the stop flag
+            if size == 1:  # whole replicas: nothing is gathered at all
+                assert not any("all_gather" in kinds for kinds in step.values()), step
+                continue
+            gathers = step["world" if size == 4 else "shard"]["all_gather"]
+            assert gathers["calls"] > 0 and gathers["bytes"] > 0
+    hybrid, flat = (json.loads((runs / f"{name}-mezo" / "comm.json").read_text())["1"] for name in ("hybrid", "flat"))
+    # a shard group of 2 gathers the same layers as one of 4 (padded to the group's size)
+    assert hybrid["shard"]["all_gather"]["calls"] == flat["world"]["all_gather"]["calls"]
+    assert hybrid["shard"]["all_gather"]["bytes"] == pytest.approx(flat["world"]["all_gather"]["bytes"], rel=0.05)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["backend=fsdp", "fsdp_shard_size=2"], "fsdp_shard_size: 2 ranks per shard group do not divide the 1 ranks"),
+    (["backend=fsdp", "fsdp_shard_size=0"], "fsdp_shard_size: must be a positive integer or auto, got 0"),
+    (["backend=deepspeed", "fsdp_shard_size=2"], "fsdp_shard_size: shard groups are FSDP2's (backend fsdp)"),
+])
+def test_bad_shard_sizes_are_refused_in_one_line(overrides, message, tmp_path):
+    done = run_group([sys.executable, "-m", "zoscale", "train", "--out", str(tmp_path / "run"), *COMMON, *overrides])
+    last = done.stdout.strip().splitlines()[-1]
+    assert done.returncode == 2 and last.startswith(f"zoscale: error: {message}"), done.stdout[-2000:]
+    assert not (tmp_path / "run").exists()
