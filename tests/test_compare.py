@@ -29,6 +29,7 @@ def four(tmp_path_factory):
     done = zoscale("compare", "--optimizers", "mezo,conmezo,mezo_svrg,pseuzo", "--seeds", 1, "--steps", 12,
                    "--evals", 2, "--out", out, *TINY, "mezo_svrg:optim.q=3")
     assert done.returncode == 0, done.stdout + done.stderr
+    (out.parent / "stdout.txt").write_text(done.stdout)
     return out, json.loads((out / "report.json").read_text())
 
 
@@ -57,6 +58,9 @@ def test_the_report_has_the_table_curves_and_zero_shot_row(four):
     assert {"plan.json", "report.json", "report.md", "curves.png", "runs"} <= {p.name for p in out.iterdir()}
     table = (out / "report.md").read_text()
     assert "| zero-shot | 0 | 0 |" in table and all(f"| {n} |" in table for n in report["rows"])
+    assert "±" not in table  # one seed: no spread to show
+    # each run's evaluations are shown while it trains
+    assert "mezo-seed0: step 6, dev accuracy" in (out.parent / "stdout.txt").read_text()
     summary = json.loads((out / "runs" / "mezo-seed0" / "summary.json").read_text())
     assert report["zero_shot"] == summary["eval_before"]["accuracy"]
     assert report["target"] == summary["eval_final"]["accuracy"] == report["rows"]["mezo"]["final"][0]

@@ -158,6 +158,7 @@ def test_two_gloo_ranks_follow_the_single_process_trajectory(tmp_path, single, b
     ({"zo_options": {"eps": True}}, "eps: expected a number, got True"),
     ({"zo_options": {"lr": "1e-3"}}, "lr: expected a number, got '1e-3'"),
     ({"zo_fsdp_shard_size": 2}, "zo_fsdp_shard_size: shard groups are FSDP2's"),
+    ({"zo": "adamw"}, "zo_optimizer: adamw is a first-order baseline"),
     ({"zo_backend": "megatron"}, "zo_backend"),
     ({"optimizers": (torch.optim.SGD([torch.zeros(1, requires_grad=True)]), None)}, "optimizers"),
 ])

@@ -113,9 +113,12 @@ class TrainConfig:
         _require(self.collective_timeout_s > 0, "collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
         from zoscale.optim import REGISTRY
 
-        split = "outputs" in getattr(REGISTRY.get(self.optim.name), "needs", ())
-        _require(self.model.kind == "causal" or not split, "optim.name",
+        needs = getattr(REGISTRY.get(self.optim.name), "needs", ())
+        _require(self.model.kind == "causal" or "outputs" not in needs, "optim.name",
                  f"{self.optim.name} needs a causal LM (its body/head split), but model.kind is masked")
+        _require(self.backend not in ("fsdp", "deepspeed") or "gradient" not in needs, "optim.name",
+                 f"{self.optim.name} backpropagates through whole parameters: backend local or ddp (fsdp and "
+                 f"deepspeed shard them without the gradient machinery zoscale's baselines use)")
         for key in ("eval_every", "save_every", "keep_checkpoints", "max_nonfinite", "max_stalled_steps",
                     "comm_ledger_steps"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")

@@ -194,6 +194,7 @@ def _train_all(pending: list[tuple[list[str], Path, str]], jobs: int) -> None:
     continues it); a failed run lets the others finish, then stops the comparison."""
     running: dict[subprocess.Popen, tuple[Path, int]] = {}  # a child: its log and its slot
     stopping, failed = False, []
+    progress: dict[Path, int] = {}  # a run: how much of its metrics.jsonl was shown
     devices = _devices(jobs)
 
     def forward(signum, frame):
@@ -210,10 +211,14 @@ def _train_all(pending: list[tuple[list[str], Path, str]], jobs: int) -> None:
                 slot = min(set(range(jobs)) - {s for _, s in running.values()})
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": devices[slot]} if devices else None
                 print(announce, flush=True)
+                metrics = log.with_suffix("") / "metrics.jsonl"  # runs/NAME.log beside runs/NAME/
+                progress[metrics] = metrics.stat().st_size if metrics.is_file() else 0
                 with open(log, "a") as f:
                     running[subprocess.Popen([sys.executable, "-m", "zoscale", "train", *args], stdout=f,
                                              stderr=subprocess.STDOUT, env=env)] = (log, slot)
             time.sleep(0.2)
+            for log, _ in running.values():
+                _show_evaluations(log.with_suffix("") / "metrics.jsonl", progress)
             for child in [c for c in running if c.poll() is not None]:
                 log, _ = running.pop(child)
                 if child.returncode != 0:
@@ -225,6 +230,26 @@ def _train_all(pending: list[tuple[list[str], Path, str]], jobs: int) -> None:
         log, code = failed[0]
         raise RunFailed(f"compare: {log.stem} ended with exit code {code}; its output is in {log} (run the same "
                         f"command again to continue)", code)
+
+
+def _show_evaluations(metrics: Path, progress: dict[Path, int]) -> None:
+    """A line for each evaluation a running run has logged since the last look."""
+    if not metrics.is_file():
+        return
+    with open(metrics, "rb") as f:
+        f.seek(progress.get(metrics, 0))
+        text = f.read()
+    whole = text[: text.rfind(b"\n") + 1]  # a line still being written waits for the next look
+    progress[metrics] = progress.get(metrics, 0) + len(whole)
+    for line in whole.decode(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("split"):
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in record.items()
+                               if k not in ("step", "split", "examples") and isinstance(v, (int, float)))
+            print(f"{metrics.parent.name}: step {record['step']}, {record['split']} {scores}", flush=True)
 
 
 def _devices(jobs: int) -> list[str] | None:
@@ -247,7 +272,6 @@ def _lines(path: Path) -> list[dict]:
 def run_record(run: Path) -> dict:
     """One finished run: its test curve against forward passes and training time, its losses, its summary."""
     from zoscale.train.evaluate import headline
-
     from zoscale.train.rundir import read_json
 
     summary = read_json(run / "summary.json")
@@ -311,15 +335,30 @@ def build_report(plan: Plan, out: Path) -> dict:
                       "training_seconds": _mean_sd([r["training_seconds"] for r in records])[0],
                       "peak_memory_gib": max((r["peak_memory_gib"] or 0.0) for r in records) or None}
     base, loss_base = rows[reference]["passes_to_target"], rows[reference]["passes_to_loss_target"]
+    zero_shot = headline(before) if before else None
+    ceiling = _ceiling(rows)  # the best first-order baseline: backpropagation's result at this budget
     for row in rows.values():
-        row["speedup"] = base / row["passes_to_target"] if base and row["passes_to_target"] else None
+        # a speedup only where every seed reached the target (a mean over the seeds that did would flatter)
+        every, loss_every = (row[k].split("/")[0] == row[k].split("/")[1] for k in ("reached", "loss_reached"))
+        row["speedup"] = base / row["passes_to_target"] if base and row["passes_to_target"] and every else None
         row["loss_speedup"] = loss_base / row["passes_to_loss_target"] \
-            if loss_base and row["passes_to_loss_target"] else None
+            if loss_base and row["passes_to_loss_target"] and loss_every else None
+        gain = None if ceiling is None or zero_shot is None else rows[ceiling]["final"][0] - zero_shot
+        row["of_ft_gain"] = (row["final"][0] - zero_shot) / gain if gain else None
     return {"plan": asdict(plan), "reference": reference, "target": target, "loss_target": loss_target,
+            "ceiling": ceiling,
             "loss_window": window,
-            "zero_shot": headline(before) if before else None,
+            "zero_shot": zero_shot,
             "zero_shot_balanced": before.get("balanced_accuracy", math.nan) if before else math.nan,
             "majority": runs[reference][0]["majority"], "rows": rows, "runs": runs}
+
+
+def _ceiling(rows: dict) -> str | None:
+    """The first-order row (an optimizer that backpropagates) with the highest mean final score."""
+    from zoscale.optim import REGISTRY
+
+    first_order = [name for name in rows if "gradient" in REGISTRY[name].needs]
+    return max(first_order, key=lambda name: rows[name]["final"][0], default=None)
 
 
 def markdown(report: dict) -> str:
@@ -329,24 +368,28 @@ def markdown(report: dict) -> str:
              f"steps); seeds {plan['seeds']}; config {plan['config'] or 'the quickstart'}; overrides "
              f"{plan['overrides'] or '-'}" + "".join(f"; {k}: {v}" for k, v in plan["per_optimizer"].items() if v) + ".",
              f"Scores are the task's headline metric on the test sample (accuracy, or F1 for generation); "
-             f"mean ± sd over seeds. 'final': the last parameters; 'best dev': the test score of the best "
+             f"{'mean ± sd over seeds' if len(plan['seeds']) > 1 else 'one seed'}. 'final': the last parameters; 'best dev': the test score of the best "
              f"dev checkpoint (MeZO's protocol). Target: {report['reference']}'s mean final score, "
              f"{report['target']:.3f}, at the evaluations; and, on the training loss of every step (moving "
              f"averages over {report['loss_window']} steps), {report['reference']}'s mean final average, "
              f"{report['loss_target']:.4f}. Passes are the mean over the seeds that reached the target."
              + (f" The test sample's most common label is {report['majority']:.3f} of it: always answering it "
                 f"scores that accuracy, and a balanced accuracy (mean recall over labels) of 1 / the number of labels."
-                if report.get("majority") else ""), "",
+                if report.get("majority") else "")
+             + (f" FT ceiling: {report['ceiling']}'s mean final score (backpropagation on the same parameters, data "
+                f"and budget, a backward counted as two forward passes); 'of FT's gain': (final - zero-shot) / "
+                f"(FT's final - zero-shot)." if report.get("ceiling") else ""), "",
              "| optimizer | steps | forward passes | final test | final balanced | best dev → test | dev (best) | "
              "passes to target score (reached) | speedup | passes to target loss (reached) | speedup | "
-             "step time (median) | training time | peak memory |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "step time (median) | training time | peak memory | of FT's gain |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     balanced = report.get("zero_shot_balanced", math.nan)
     if report["zero_shot"] is not None:
         lines.append(f"| zero-shot | 0 | 0 | {report['zero_shot']:.3f} | "
-                     f"{'-' if math.isnan(balanced) else f'{balanced:.3f}'} | - | - | - | - | - | - | - | - | - |")
+                     f"{'-' if math.isnan(balanced) else f'{balanced:.3f}'} | - | - | - | - | - | - | - | - | - | 0 |")
     for name, r in rows.items():
-        fmt = lambda pair: "-" if math.isnan(pair[0]) else f"{pair[0]:.3f} ± {pair[1]:.3f}"  # noqa: E731
+        sd = len(plan["seeds"]) > 1  # one seed has no spread to show
+        fmt = lambda pair: "-" if math.isnan(pair[0]) else f"{pair[0]:.3f}" + (f" ± {pair[1]:.3f}" if sd else "")  # noqa: E731
         passes = lambda p, hits: f"{p:.0f} ({hits})" if p else f"- ({hits})"  # noqa: E731
         times = lambda x: f"{x:.2f}x" if x else "-"  # noqa: E731
         memory = f"{r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] else "-"
@@ -354,7 +397,7 @@ def markdown(report: dict) -> str:
                      f"{fmt(r['best_dev_test'])} | {fmt(r['best_dev'])} | {passes(r['passes_to_target'], r['reached'])} | "
                      f"{times(r['speedup'])} | {passes(r['passes_to_loss_target'], r['loss_reached'])} | "
                      f"{times(r['loss_speedup'])} | {r['step_time_median']:.3f} s | {r['training_seconds']:.1f} s | "
-                     f"{memory} |")
+                     f"{memory} | {'-' if r['of_ft_gain'] is None else format(r['of_ft_gain'], '.2f')} |")
     lines += ["", "Peak memory: the process's GPU memory (NVML) where there is a GPU, else its host RSS. "
               "Curves: curves.png; every run: runs/ and report.json.", ""]
     return "\n".join(lines)

@@ -43,7 +43,7 @@ def run(args) -> int:
     from zoscale.optim import REGISTRY
     from zoscale.quickstart import QUICKSTART
 
-    known = [*REGISTRY, *FIRST_ORDER]
+    known = list(dict.fromkeys([*REGISTRY, *FIRST_ORDER]))  # its own first-order step (any backend) for these
     methods = [m for m in (args.optimizers or ",".join(known)).split(",") if m]
     unknown = sorted(set(methods) - set(known))
     if unknown or not methods:

@@ -32,6 +32,16 @@ class Comm:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
         return packed.tolist()
 
+    def all_reduce_tensors_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Sum each tensor over ranks, in place: one collective over their concatenation (first-order
+        baselines' gradients)."""
+        if not self.distributed or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
+
     def assert_same(self, value, what: str) -> None:
         """Debug check: every rank holds the same picklable value."""
         if not self.distributed:

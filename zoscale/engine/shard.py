@@ -43,6 +43,8 @@ class Shard:
              valid only inside ``resident()``, and a meta placeholder outside it
     compute_device: the GPU the forward runs on, for a shard held in host memory (CPU or NVMe
              offload): the engine generates its perturbations there, a chunk at a time
+    parameter: the Parameter a whole shard views (``local_shards``), whose gradient a first-order
+             baseline reads
     """
 
     name: str
@@ -53,6 +55,7 @@ class Shard:
     master: torch.Tensor | None = None
     storage: Storage | None = field(default=None, repr=False)
     compute_device: torch.device | None = None
+    parameter: torch.nn.Parameter | None = field(default=None, repr=False)
     stream: int = field(init=False)
 
     def __post_init__(self):
@@ -126,7 +129,7 @@ def local_shards(model: torch.nn.Module, master_dtype: torch.dtype | None = None
         master = None
         if master_dtype is not None and p.dtype != master_dtype:
             master = p.detach().to(master_dtype).clone()
-        shards.append(Shard(name, p.data, weight_decay=decays(name, p.shape), master=master))
+        shards.append(Shard(name, p.data, weight_decay=decays(name, p.shape), master=master, parameter=p))
     if not shards:
         raise ValueError("the model has no trainable parameters")
     return shards

@@ -124,6 +124,9 @@ def check_arguments(args: TrainingArguments, zo_optimizer: str, zo_backend: str 
         if args.use_cpu or not torch.cuda.is_available():
             raise ValueError("TrainingArguments.fsdp: the Trainer's FSDP needs CUDA (on CPU it falls back to DDP "
                              "without sharding); pass zo_backend='fsdp' (FSDP2 by zoscale) instead")
+    if "gradient" in REGISTRY[zo_optimizer].needs:
+        raise ValueError(f"zo_optimizer: {zo_optimizer} is a first-order baseline of zoscale train and compare; a "
+                         f"Trainer backpropagates with its own optimizer (TrainingArguments.optim)")
     if zo_backend is not None and zo_backend not in ZO_BACKENDS:
         raise ValueError(f"zo_backend: {zo_backend!r} is not one of {list(ZO_BACKENDS)} (or None: whole replicas)")
     if "outputs" in REGISTRY[zo_optimizer].needs:

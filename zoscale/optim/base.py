@@ -31,11 +31,14 @@ class Objective:
                     output under no_grad, ``kind`` "hidden" (the head's input) or "logits" (the
                     head's output, (batch, position, vocab)); ``head_loss(output)`` is the loss,
                     differentiable with respect to ``output``
+    gradient()      the loss (loss_sum, count) with the loss_sum's gradient accumulated into the
+                    trainable parameters' ``.grad``: backpropagation, for first-order baselines
     """
 
     loss: Closure | None = None
     full_loss: Closure | None = None
     outputs: Callable[[str], tuple] | None = None
+    gradient: Closure | None = None
 
     def require(self, optimizer: ZOOptimizer) -> Objective:
         absent = [need for need in optimizer.needs if getattr(self, need) is None]

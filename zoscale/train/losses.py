@@ -152,14 +152,24 @@ class Batch:
             logits = self.head(model, hidden)
         return logits, lambda o: self.loss_from_token_logprobs(self.logprobs_from_logits(o[self.scored]))
 
+    def loss_tensor(self, model) -> tuple[torch.Tensor, int]:
+        """(loss_sum, count), differentiable when grad is enabled."""
+        if self.objective == "masked":
+            scores = self.mask_scores(model)
+            return sum(-F.log_softmax(s, 0)[y] for s, y in zip(scores, self.labels)), self.examples
+        return self.head_loss(model, self.body(model))
+
     def loss(self, model) -> tuple[float, int]:
         with torch.no_grad():
-            if self.objective == "masked":
-                scores = self.mask_scores(model)
-                total = sum(-F.log_softmax(s, 0)[y] for s, y in zip(scores, self.labels))
-                return float(total), self.examples
-            total, count = self.head_loss(model, self.body(model))
-        return total.item(), count
+            total, count = self.loss_tensor(model)
+        return float(total), count
+
+    def backward(self, model) -> tuple[float, int]:
+        """The loss, its sum's gradient accumulated into the trainable parameters (first-order baselines)."""
+        with torch.enable_grad():
+            total, count = self.loss_tensor(model)
+            total.backward()
+        return float(total.detach()), count
 
     def predictions(self, model) -> torch.Tensor:
         """The highest-scoring candidate of each example (classification batches)."""

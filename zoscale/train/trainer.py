@@ -163,7 +163,7 @@ class Trainer:
         outputs = None if self.loss_kind == "masked" else forward(lambda kind: batch.outputs(model, kind))
         return Objective(loss=forward(lambda: batch.loss(model)),
                          full_loss=forward(self.full_batch_loss, len(self.train) / self.cfg.batch_size),
-                         outputs=outputs)
+                         outputs=outputs, gradient=forward(lambda: batch.backward(model), 3.0))
 
     def train_step(self, batch: Batch):
         return self.optimizer.step(self.objective_for(batch))
