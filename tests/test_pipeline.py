@@ -242,6 +242,9 @@ def test_eval_shows_solved_examples_before_each_one(cli, tmp_path):
     assert result["prompts_cut"] == 0 and "warning" not in done.stdout
     cut = cli("eval", "--shots", 4, "data.num_test=20", "data.max_length=24")  # no room for 4 reviews
     assert cut.returncode == 0 and "warning: 20 of 20 prompts were longer than data.max_length 24" in cut.stdout
+    # 8 reviews exceed the quickstart model's 64 positions: cut to them, with the warning, never an IndexError
+    long = cli("eval", "--shots", 8, "data.num_test=20")
+    assert long.returncode == 0 and "longer than the model's 64 positions" in long.stdout, long.stderr[-2000:]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -254,3 +257,31 @@ def test_eval_refuses_bad_input_in_one_line(args, message, cli):
     done = cli("eval", *args)
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_outputs_are_checked_before_the_work_and_appear_whole(cli, finished_run, tmp_path, monkeypatch):
+    """An --out that cannot be written is one line before anything is built; an export that fails
+    midway (a full disk) leaves no directory, and the same command then succeeds."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for command in (["export", finished_run], ["replay", finished_run], ["eval"]):
+        done = cli(*command, "--out", blocker / "out")
+        assert done.returncode == 2 and "--out" in done.stderr and "cannot create" in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    from transformers import PreTrainedTokenizerBase
+
+    real = PreTrainedTokenizerBase.save_pretrained
+
+    def full_disk(self, directory, *args, **kwargs):
+        (Path(directory) / "tokenizer.json").write_text("")  # what a full disk leaves
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full_disk)
+    out = tmp_path / "exported"
+    full = cli("export", finished_run, "--out", out)
+    assert full.returncode == 1 and full.stderr.strip().endswith("zoscale: error: [Errno 28] No space left on device")
+    assert "Traceback" not in full.stderr
+    assert not out.exists() and not list(tmp_path.glob(".exported*"))
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", real)
+    again = cli("export", finished_run, "--out", out)
+    assert again.returncode == 0 and (out / "tokenizer.json").stat().st_size > 0, again.stderr

@@ -2,7 +2,8 @@
 
 A verb's module gives ``add_arguments(parser)`` and ``run(args) -> exit code``, and imports what
 is heavy inside ``run`` (only the chosen verb's module is loaded). Every one-line user error is a
-``ConfigError``, printed here as `zoscale: error: ...` with exit code 2.
+``ConfigError``, printed here as `zoscale: error: ...` with exit code 2; an OSError (a full disk)
+is printed the same way with exit code 1.
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"zoscale: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's word (a full disk, a permission): what was written is whole or gone
+        print(f"zoscale: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from zoscale.config import load, to_dict
 from zoscale.errors import ConfigError
+from zoscale.train.rundir import require_writable, write_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +53,8 @@ def run(args) -> int:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zoscale" / "gguf"
     if args.out is not None and args.out.exists():
         raise ConfigError(f"--out: {args.out} exists (nothing is overwritten)")
+    if args.out is not None:
+        require_writable(args.out, "--out")
     try:
         task = tasks.get(cfg.data.task)
     except ValueError as e:
@@ -75,7 +78,10 @@ def run(args) -> int:
     model.to(device).eval()
     masked = cfg.model.kind == "masked"
     shown = [tasks.with_demonstrations(e, demonstrations) for e in examples]
-    encoded = [data.encode(e, tokenizer, cfg.data.max_length, masked) for e in shown]
+    # the model reads at most its positions: longer prompts lose their first tokens, as data.max_length cuts them
+    positions = getattr(model.config, "max_position_embeddings", None) or cfg.data.max_length
+    limit = min(cfg.data.max_length, positions)
+    encoded = [data.encode(e, tokenizer, limit, masked) for e in shown]
     cut = sum(len(tokenizer(e.prompt)["input_ids"]) > len(x.prompt) for e, x in zip(shown, encoded))
     metrics = evaluate(model, tokenizer, encoded, task.evaluation, cfg.eval_batch_size, tokenizer.pad_token_id,
                        device, Comm(), cfg.data.max_new_tokens, mask_id=tokenizer.mask_token_id if masked else None)
@@ -84,9 +90,9 @@ def run(args) -> int:
     scores = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "examples")
     print(f"{task.name} {args.split}, {args.shots}-shot: {scores} ({int(metrics['examples'])} examples)")
     if cut:  # the prompt's start goes first: demonstrations, or the examples' own beginnings
-        print(f"warning: {cut} of {len(shown)} prompts were longer than data.max_length {cfg.data.max_length} and "
-              f"lost their first tokens; raise data.max_length to keep them whole")
+        bound = f"data.max_length {limit}" if limit == cfg.data.max_length else f"the model's {limit} positions"
+        print(f"warning: {cut} of {len(shown)} prompts were longer than {bound} and lost their first tokens"
+              + ("; raise data.max_length to keep them whole" if limit == cfg.data.max_length else ""))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_atomic(args.out, json.dumps(result, indent=1) + "\n")
     return 0

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from zoscale.errors import ConfigError
-from zoscale.train.rundir import require_fresh
+from zoscale.train.rundir import require_fresh, require_writable, written_whole
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,10 +48,12 @@ def initial_model(run: Path):
 
 
 def save_pretrained(model, tokenizer, out: Path) -> None:
+    """A save_pretrained directory that appears whole or not at all."""
     from zoscale.models import unwrap
 
-    unwrap(model).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with written_whole(out) as tmp:
+        unwrap(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     print(f"wrote {out}")
 
 
@@ -61,13 +63,15 @@ def run(args) -> int:
     from zoscale.train import checkpoint
 
     require_fresh(args.out, "--out")
+    require_writable(args.out, "--out")
     source = checkpoint.latest(args.run / ("checkpoints" if args.checkpoint == "latest" else "best"))
     if source is None:
         raise ConfigError(f"{args.run} has no {args.checkpoint} checkpoint")
     cfg = run_config(args.run)
     pretrained = snapshot(cfg.model.name_or_path) if cfg.model.name_or_path and cfg.model.lora is None else None
     if pretrained is not None and list(pretrained.glob("*.safetensors")):  # file by file, never the whole model
-        export_pretrained(cfg.model, pretrained, source, build_tokenizer(cfg.model), args.out)
+        with written_whole(args.out) as out:
+            export_pretrained(cfg.model, pretrained, source, build_tokenizer(cfg.model), out)
         print(f"wrote {args.out}: the files of {pretrained} with the trained parameters, one file at a time")
         return 0
     _, model, tokenizer = initial_model(args.run)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from zoscale.cli.export import initial_model, save_pretrained
 from zoscale.errors import ConfigError
-from zoscale.train.rundir import require_fresh
+from zoscale.train.rundir import require_fresh, require_writable
 from zoscale.train.runlog import read_records
 
 
@@ -24,6 +24,7 @@ def run(args) -> int:
     from zoscale.engine import PerturbationEngine, local_shards
 
     require_fresh(args.out, "--out")
+    require_writable(args.out, "--out")
     cfg, model, tokenizer = initial_model(args.run)
     log = args.run / "seeds.jsonl"
     if not log.is_file():

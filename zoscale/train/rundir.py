@@ -6,9 +6,11 @@ when the process ends, however it ends (kill -9 included), so a stale lock never
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 
 from zoscale.errors import ConfigError
@@ -60,6 +62,33 @@ def refuse_links(path: Path, flag: str) -> None:
                 link = Path(root, name).relative_to(path)
                 raise ConfigError(f"{flag} {path}: {link} is a symbolic link; a run directory holds none (nothing is "
                                   f"written through one)")
+
+
+def require_writable(path: Path, flag: str) -> None:
+    """``path``'s directory exists (made if missing) and takes files: checked before any work, so
+    an unwritable output is one line at the start, not a traceback at the end."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create {path.parent} ({e.strerror})") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {path.parent} is not writable")
+
+
+@contextlib.contextmanager
+def written_whole(path: Path):
+    """A directory that appears whole or not at all: written beside ``path`` (a missing or empty
+    directory), renamed into place at the end; on any failure (a full disk) nothing is left."""
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        (path / LOCK).unlink(missing_ok=True)  # a failed start's lock file is all an empty --out may hold
+        if path.is_dir():
+            path.rmdir()
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def require_fresh(path: Path, flag: str) -> None:
