@@ -285,3 +285,21 @@ def test_outputs_are_checked_before_the_work_and_appear_whole(cli, finished_run,
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", real)
     again = cli("export", finished_run, "--out", out)
     assert again.returncode == 0 and (out / "tokenizer.json").stat().st_size > 0, again.stderr
+
+
+def test_eval_and_export_say_which_checkpoint_they_took_and_why(cli, finished_run, tmp_path):
+    """A damaged newest checkpoint is skipped with a line saying why, and the output names the older one."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    newest, older = sorted((run / "checkpoints").glob("step-*"), reverse=True)[:2]
+    shard = next(newest.glob("shards-rank0*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)  # same size, other bytes: the checksum differs
+    done = cli("eval", "--run", run, "--out", tmp_path / "eval.json")
+    assert done.returncode == 0, done.stderr
+    assert f"eval: skipped {newest.name}: " in done.stdout and f"using {older.name}" in done.stdout
+    assert json.loads((tmp_path / "eval.json").read_text())["checkpoint"] == older.name
+    exported = cli("export", run, "--out", tmp_path / "hf")
+    assert exported.returncode == 0 and f"export: skipped {newest.name}" in exported.stdout
+    assert f"exporting {older.name}" in exported.stdout

@@ -44,7 +44,7 @@ def run(args) -> int:
         cfg = load(args.run / "config.yaml", args.overrides)
         if to_dict(cfg)["model"] != to_dict(load(args.run / "config.yaml"))["model"]:
             raise ConfigError("--run: model.* is the run's; only data.* and evaluation keys may change")
-        source = checkpoint.latest(args.run / ("checkpoints" if args.checkpoint == "latest" else "best"))
+        source = checkpoint.find(args.run / ("checkpoints" if args.checkpoint == "latest" else "best")).report("eval")
         if source is None:
             raise ConfigError(f"--run: {args.run} has no {args.checkpoint} checkpoint")
         cache = args.run / "cache" / "gguf"
@@ -86,7 +86,8 @@ def run(args) -> int:
     metrics = evaluate(model, tokenizer, encoded, task.evaluation, cfg.eval_batch_size, tokenizer.pad_token_id,
                        device, Comm(), cfg.data.max_new_tokens, mask_id=tokenizer.mask_token_id if masked else None)
     result = {"task": task.name, "split": args.split, "shots": args.shots, "prompts_cut": cut,
-              "model": str(args.run or model_cfg.name_or_path or "config"), **metrics}
+              "model": str(args.run or model_cfg.name_or_path or "config"),
+              "checkpoint": None if args.run is None else source.name, **metrics}
     scores = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "examples")
     print(f"{task.name} {args.split}, {args.shots}-shot: {scores} ({int(metrics['examples'])} examples)")
     if cut:  # the prompt's start goes first: demonstrations, or the examples' own beginnings

@@ -64,7 +64,7 @@ def run(args) -> int:
 
     require_fresh(args.out, "--out")
     require_writable(args.out, "--out")
-    source = checkpoint.latest(args.run / ("checkpoints" if args.checkpoint == "latest" else "best"))
+    source = checkpoint.find(args.run / ("checkpoints" if args.checkpoint == "latest" else "best")).report("export")
     if source is None:
         raise ConfigError(f"{args.run} has no {args.checkpoint} checkpoint")
     cfg = run_config(args.run)
@@ -72,10 +72,12 @@ def run(args) -> int:
     if pretrained is not None and list(pretrained.glob("*.safetensors")):  # file by file, never the whole model
         with written_whole(args.out) as out:
             export_pretrained(cfg.model, pretrained, source, build_tokenizer(cfg.model), out)
-        print(f"wrote {args.out}: the files of {pretrained} with the trained parameters, one file at a time")
+        print(f"wrote {args.out}: the files of {pretrained} with the trained parameters of {source.name}, one file "
+              f"at a time")
         return 0
     _, model, tokenizer = initial_model(args.run)
     checkpoint.read_shards(source, local_shards(model))  # the pieces of every rank, into whole parameters
+    print(f"exporting {source.name} of {args.run}")
     save_pretrained(model, tokenizer, args.out)
     return 0
 

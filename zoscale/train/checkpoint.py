@@ -151,6 +151,12 @@ class Found:
     def describe(self) -> str:
         return "; ".join(f"skipped {name}: {why}" for name, why in self.skipped)
 
+    def report(self, flag: str) -> Path | None:
+        """The checkpoint found, after a line naming the newer ones skipped and why (if any)."""
+        if self.skipped:
+            print(f"{flag}: {self.describe()}; {'using ' + self.path.name if self.path else 'none is complete'}")
+        return self.path
+
 
 def find(root: Path, comm: Comm | None = None, checksums: bool = True) -> Found:
     """The newest complete checkpoint under ``root`` (RUN/checkpoints or RUN/best), its checksums
