@@ -12,16 +12,17 @@
 set -euo pipefail
 stage=$1 out=$2
 config=configs/real/smollm2_tweets_compare_cpu.yaml
+ZO=mezo,conmezo,mezo_svrg,pseuzo  # the ZO optimizers (compare's default adds the first-order baselines)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [ "$stage" = sweep ]; then
   # test is not read in the sweep: a small sample keeps its evaluations cheap
   for lr in 3e-5 1e-4 3e-4; do
-    zoscale compare --config "$config" --seeds 1 --steps 100 --evals 2 --out "$out/lr-$lr" data.num_test=50 \
+    zoscale compare --config "$config" --optimizers "$ZO" --seeds 1 --steps 100 --evals 2 --out "$out/lr-$lr" data.num_test=50 \
       optim.lr=$lr mezo_svrg:optim.anchor_lr=$lr mezo_svrg:optim.q=8
   done
 elif [ "$stage" = main ]; then
   # the rates with the best dev score in the sweep (profiling/reports/smollm2-tweets-2026-12-03-cpu/README.md)
-  zoscale compare --config "$config" --seeds 3 --steps 150 --evals 3 --jobs "${JOBS:-2}" --out "$out" \
+  zoscale compare --config "$config" --optimizers "$ZO" --seeds 3 --steps 150 --evals 3 --jobs "${JOBS:-2}" --out "$out" \
     mezo:optim.lr="${MEZO_LR:-3e-4}" conmezo:optim.lr="${CONMEZO_LR:-3e-4}" pseuzo:optim.lr="${PSEUZO_LR:-3e-5}" \
     mezo_svrg:optim.lr="${SVRG_LR:-3e-5}" mezo_svrg:optim.anchor_lr="${SVRG_LR:-3e-5}" mezo_svrg:optim.q=8
 elif [ "$stage" = icl ]; then
@@ -50,7 +51,7 @@ for split in ("train", "validation"):
     with open(f"{sys.argv[1]}/{split}.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows if id(r) in kept)
 PY
-  zoscale compare --config "$config" --seeds 3 --steps 100 --evals 2 --jobs "${JOBS:-2}" --out "$out/compare" \
+  zoscale compare --config "$config" --optimizers "$ZO" --seeds 3 --steps 100 --evals 2 --jobs "${JOBS:-2}" --out "$out/compare" \
     data.path="$(realpath "$out/data")" \
     mezo:optim.lr="${MEZO_LR:-3e-4}" conmezo:optim.lr="${CONMEZO_LR:-3e-4}" pseuzo:optim.lr="${PSEUZO_LR:-3e-5}" \
     mezo_svrg:optim.lr="${SVRG_LR:-3e-5}" mezo_svrg:optim.anchor_lr="${SVRG_LR:-3e-5}" mezo_svrg:optim.q=8
