@@ -146,10 +146,11 @@ def compare(plan: Plan, out: Path, jobs: int = 1) -> dict:
     refuse_links(out, "--out")  # its reports, logs and runs are written inside it, never through a link
     saved = out / "plan.json"
     if saved.is_file():
-        if read_json(saved) is None:
+        recorded = read_json(saved)
+        if recorded is None:
             raise ConfigError(f"--out: {saved} is unreadable (torn or not JSON): the comparison's arguments are "
                               f"unknown; use another --out")
-        if read_json(saved) != asdict(plan):
+        if recorded != asdict(plan):
             raise ConfigError(f"--out: {out} holds a comparison with other arguments ({saved}); use another --out")
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out: {out} exists and is not a comparison (no plan.json); nothing is overwritten")

@@ -40,8 +40,9 @@ class CommLedger:
     """``with ledger.record(step):`` counts the collectives issued inside into ``ledger.steps[step]``
     as {group: {kind: {"calls": n, "bytes": b}}}; a step may be recorded in several pieces."""
 
-    def __init__(self, names: dict[tuple[int, ...], str] | None = None):
-        self.names = dict(names or {})
+    def __init__(self, world_size: int, names: dict[tuple[int, ...], str] | None = None):
+        """``names``: this rank's other groups by their ranks; the group of every rank is "world"."""
+        self.names = {**(names or {}), tuple(range(world_size)): "world"}
         self.steps: dict[int, dict] = {}
 
     @contextlib.contextmanager

@@ -106,14 +106,14 @@ class FirstOrder(ZOOptimizer):
 
     def state_dict(self, buffers: bool = True) -> dict:
         state = super().state_dict(buffers)
-        state["torch_steps"] = [float(self.torch_optimizer.state[p].get("step", 0.0)) for p in self.params[:1]]
+        state["torch_step"] = float(self.torch_optimizer.state[self.params[0]].get("step", 0.0))  # every parameter's
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         for p in self.params:
             if "step" in self.torch_optimizer.state[p]:
-                self.torch_optimizer.state[p]["step"].fill_(state["torch_steps"][0])
+                self.torch_optimizer.state[p]["step"].fill_(state["torch_step"])
 
 
 @register("adamw")

@@ -100,8 +100,7 @@ class Trainer:
         shards, shard_comm = self.backend.shards(self.model, torch.float32 if cfg.model.master_weights else None)
         self.optimizer = zoscale.build_optimizer(cfg.optim.name, shards, comm=self.comm, shard_comm=shard_comm,
                                                  phase=self.phase, **options)
-        world = tuple(range(self.comm.world_size))
-        self.ledger = CommLedger({**self.backend.named_groups(), world: "world"})
+        self.ledger = CommLedger(self.comm.world_size, self.backend.named_groups())
 
         self.step = 0
         self.forward_passes = 0.0  # over one training batch each, since step 0

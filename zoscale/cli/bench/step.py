@@ -87,8 +87,7 @@ def run(model_config: str, batch: int, seq: int, optimizer: str, backend_name: s
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     forward = _timed(loss, repeats)
-    world = tuple(range(comm.world_size))
-    ledger = CommLedger({**backend.named_groups(), world: "world"})
+    ledger = CommLedger(comm.world_size, backend.named_groups())
     with ledger.record(0):  # ConMeZO's first step has no momentum to read yet: the ledger counts the second
         opt.step(loss)
     with ledger.record(1):
