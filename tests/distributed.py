@@ -19,13 +19,19 @@ def run_group(cmd: list[str], env: dict | None = None, timeout: float = 180.0) -
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    return communicate(proc, timeout)
+
+
+def communicate(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """``proc``'s outputs and exit code; on a timeout its whole process group is killed first."""
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        output, errors = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout}s:\n{output[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
+        output, errors = proc.communicate()
+        raise AssertionError(f"{' '.join(map(str, proc.args))} timed out after {timeout}s:\n"
+                             f"{(errors or output)[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, output, errors or "")
 
 
 def launch(nproc: int, *program: str, timeout: float = 180.0, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,9 +1,4 @@
-import subprocess
-import sys
-
-
-def zoscale(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zoscale", *args], capture_output=True, text=True, timeout=timeout)
+from runs import zoscale
 
 
 def test_bad_arguments_exit_2_with_a_one_line_error(cli):

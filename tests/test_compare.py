@@ -9,18 +9,10 @@ import time
 
 import pytest
 from distributed import REPO
+from runs import lines, zoscale
 
 TINY = ["data.num_train=32", "data.num_dev=8", "data.num_test=16", "batch_size=8", "eval_batch_size=16",
         "log_every=1"]
-
-
-def zoscale(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "zoscale", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
-
-
-def lines(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,13 @@ evaluations as the ZO optimizers, in zoscale train and as rows of zoscale compar
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
-from distributed import REPO, launch
+from distributed import launch
+from runs import summary, zoscale
 
 QUICK = ["eval_every=0", "eval_before=true", "data.num_train=200", "data.num_dev=16", "data.num_test=100",
          "batch_size=16"]
-
-
-def zoscale(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "zoscale", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
-
-
-def summary(run):
-    return json.loads((run / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -97,7 +97,7 @@ def test_generation_evaluation_runs_greedy_decoding():
     metrics = ev.evaluate(model, tokenizer, examples, "generate", 2, tokenizer.pad_token_id, "cpu", Comm(),
                           max_new_tokens=3)
     assert metrics["examples"] == 2 and 0.0 <= metrics["f1"] <= 1.0 and 0.0 <= metrics["exact_match"] <= 1.0
-    texts = ev.generate(model, tokenizer, examples, 3, "cpu")
+    texts, _ = ev.generate(model, tokenizer, examples, 3, "cpu")
     assert len(texts) == 2 and all(1 <= len(t.split()) <= 3 for t in texts)  # three greedy words each
 
 

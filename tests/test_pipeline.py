@@ -1,31 +1,17 @@
 """`zoscale train | export | replay` end to end on tiny models and shipped data."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from runs import lines, summary, zoscale
 
 from zoscale.quickstart import QUICKSTART
 from zoscale.train import checkpoint
 
 # A fast variant of the quickstart: fewer steps and evaluation examples.
 FAST = ["steps=40", "eval_every=20", "save_every=20", "data.num_dev=40", "data.num_test=60", "log_every=5"]
-
-
-def zoscale(*args, timeout=600, cwd=None):
-    return subprocess.run([sys.executable, "-m", "zoscale", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
-
-
-def summary(run: Path) -> dict:
-    return json.loads((run / "summary.json").read_text())
-
-
-def lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

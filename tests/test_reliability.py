@@ -15,6 +15,7 @@ import psutil
 import pytest
 import torch
 from distributed import REPO, run_group, wait_for_lines
+from runs import lines, zoscale
 
 from zoscale.config import load
 from zoscale.quickstart import QUICKSTART
@@ -26,15 +27,6 @@ from zoscale.train.trainer import NonFiniteLossError, Trainer
 
 SMALL = ["eval_every=0", "eval_before=false", "data.num_train=64", "data.num_dev=8", "data.num_test=16",
          "log_every=1"]
-
-
-def zoscale(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "zoscale", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def one_line_error(done, code=2) -> str:

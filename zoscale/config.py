@@ -70,6 +70,42 @@ class DataConfig:
         _require(self.max_length > 0, "data.max_length", "must be > 0")
 
 
+OBJECTIVES = ("loss", "accuracy", "f1", "exact_match", "reward")
+
+
+@dataclass
+class ObjectiveConfig:
+    """What a step minimizes (docs/training.md, "Objectives"); the measured ones as minus their value."""
+
+    name: str = "loss"  # loss | accuracy | f1 | exact_match | reward
+    rewards: list[str] = field(default_factory=list)  # reward: MODULE:FUNCTION or path/file.py:FUNCTION each
+    weights: list[float] | None = None  # reward: one per function (default: 1 each)
+    max_new_tokens: int = 16  # generation (f1, exact_match, reward): greedy, with the KV cache
+    stop: list[str] = field(default_factory=lambda: ["\n"])  # a completion ends before the first of these
+
+    def __post_init__(self):
+        _choice(self.name, OBJECTIVES, "objective.name")
+        _require(self.max_new_tokens > 0, "objective.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        _require((self.name == "reward") == bool(self.rewards), "objective.rewards",
+                 "name the reward functions (MODULE:FUNCTION) of objective reward, and only of it")
+        for spec in self.rewards:
+            module, sep, function = spec.rpartition(":")
+            _require(bool(sep and module and function.isidentifier()), "objective.rewards",
+                     f"{spec!r} is not MODULE:FUNCTION (or path/to/file.py:FUNCTION)")
+        if self.rewards:  # import errors and missing functions: before any run directory
+            from zoscale.train.objectives import load_function
+
+            for spec in self.rewards:
+                load_function(spec)
+        _require(self.weights is None or len(self.weights) == len(self.rewards), "objective.weights",
+                 f"{len(self.weights or [])} weights for {len(self.rewards)} reward functions")
+        _require(all(s for s in self.stop), "objective.stop", "stop strings must not be empty")
+
+    @property
+    def generates(self) -> bool:
+        return self.name in ("f1", "exact_match", "reward")
+
+
 @dataclass
 class OptimConfig:
     name: str = "mezo"
@@ -81,6 +117,7 @@ class TrainConfig:
     model: ModelConfig
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     steps: int = 20_000
     batch_size: int = 16
     eval_every: int = 4000  # 0: only before and after training
@@ -119,6 +156,13 @@ class TrainConfig:
         _require(self.backend not in ("fsdp", "deepspeed") or "gradient" not in needs, "optim.name",
                  f"{self.optim.name} backpropagates through whole parameters: backend local or ddp (fsdp and "
                  f"deepspeed shard them without the gradient machinery zoscale's baselines use)")
+        if self.objective.name != "loss":
+            loss_only = [n for n, cls in REGISTRY.items() if not {"outputs", "gradient"} & set(cls.needs)]
+            _require("outputs" not in needs and "gradient" not in needs, "objective.name",
+                     f"{self.optim.name} differentiates the loss; objective {self.objective.name} has no gradient "
+                     f"(optimizers that need only its values: {', '.join(loss_only)})")
+            _require(self.model.kind == "causal" or not self.objective.generates, "objective.name",
+                     f"{self.objective.name} scores generated text; a masked LM (model.kind masked) does not generate")
         for key in ("eval_every", "save_every", "keep_checkpoints", "max_nonfinite", "max_stalled_steps",
                     "comm_ledger_steps"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
@@ -191,11 +235,13 @@ def apply_override(raw: dict, assignment: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"{key}: {part} is not a section")
     node[leaf] = parse_value(value)
+    _expand_objective(raw)  # objective=NAME, then objective.KEY=VALUE
 
 
 def from_dict(raw: dict) -> TrainConfig:
     """Validate a raw dict (from YAML plus overrides) into a TrainConfig."""
     raw = dict(raw)
+    _expand_objective(raw)
     optim = dict(raw.pop("optim", None) or {})
     raw["optim"] = {"name": optim.pop("name", "mezo"), "options": optim}
     if "model" not in raw:
@@ -227,7 +273,7 @@ def _check_types(cfg) -> None:
     """dacite takes booleans for numbers (bool is an int in Python): refuse them, naming the key."""
     from zoscale.optim.base import coerce
 
-    for section, node in (("", cfg), ("model.", cfg.model), ("data.", cfg.data)):
+    for section, node in (("", cfg), ("model.", cfg.model), ("data.", cfg.data), ("objective.", cfg.objective)):
         for f in dataclasses.fields(node):
             coerce(getattr(node, f.name), f.type, f"{section}{f.name}")
 
@@ -278,7 +324,8 @@ def _type_name(annotation) -> str:
 
 def _check_keys(raw: dict) -> None:
     """Unknown keys, named with their section and the valid choices."""
-    for section, cls in (("", TrainConfig), ("model.", ModelConfig), ("data.", DataConfig)):
+    for section, cls in (("", TrainConfig), ("model.", ModelConfig), ("data.", DataConfig),
+                         ("objective.", ObjectiveConfig)):
         node = raw if not section else raw.get(section[:-1])
         if not isinstance(node, dict):
             continue
@@ -321,6 +368,7 @@ PATH_KEYS = (("model", "name_or_path"), ("model", "gguf_file"), ("model", "confi
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:
+    _expand_objective(raw, base)
     for section, key in PATH_KEYS:
         node = raw if section is None else (raw.get(section) or {})
         value = node.get(key)
@@ -328,6 +376,33 @@ def _resolve_paths(raw: dict, base: Path) -> None:
             continue  # a task name, not a file
         if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
             node[key] = str((base / value).resolve())
+
+
+def _expand_objective(raw: dict, base: Path | None = None) -> None:
+    """``objective: accuracy`` or ``objective: MODULE:FUNCTION`` (one reward) as the section they
+    stand for; reward files found relative to ``base`` (default: the working directory) as
+    absolute paths; integer weights as floats."""
+    objective = raw.get("objective")
+    if isinstance(objective, str):
+        _require(objective in OBJECTIVES or ":" in objective, "objective",
+                 f"{objective!r} is neither one of {list(OBJECTIVES[:-1])} nor a reward function MODULE:FUNCTION")
+        objective = raw["objective"] = {"name": objective} if objective in OBJECTIVES else \
+            {"name": "reward", "rewards": [objective]}
+    if isinstance(objective, dict) and isinstance(objective.get("rewards"), list):  # files as absolute paths
+        objective["rewards"] = [_resolve_file_spec(spec, base or Path.cwd()) for spec in objective["rewards"]]
+    if isinstance(objective, dict) and isinstance(objective.get("weights"), list):
+        objective["weights"] = [float(w) if isinstance(w, int) and not isinstance(w, bool) else w
+                                for w in objective["weights"]]
+
+
+def _resolve_file_spec(spec, base: Path):
+    """path/file.py:FUNCTION with a relative path that exists under ``base``: made absolute."""
+    if not isinstance(spec, str):
+        return spec
+    path, sep, function = spec.rpartition(":")
+    if sep and path.endswith(".py") and not Path(path).is_absolute() and (base / path).is_file():
+        return f"{(base / path).resolve()}:{function}"
+    return spec
 
 
 def to_dict(cfg: TrainConfig) -> dict:

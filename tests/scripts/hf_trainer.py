@@ -5,7 +5,8 @@
 Keys: optimizer, backend (none | fsdp | deepspeed: zoscale shards the model; trainer-deepspeed,
 trainer-fsdp: the Trainer's own integrations, TrainingArguments(deepspeed=...) or fsdp=..., the
 latter on CUDA), steps, batch (the global batch), accumulation,
-save_steps, resume (a checkpoint directory), lr, dtype, master (fp32 master weights), save_model.
+save_steps, resume (a checkpoint directory), lr, dtype, master (fp32 master weights), save_model,
+objective (loss, or reward: the prompts' greedy words scored by the quickstart's reward function).
 Every rank writes OUT/rank{r}.json: the Trainer's log history, the parameter checksum and the files
 of OUT/run.
 """
@@ -55,6 +56,14 @@ def dataset(tok, rows: int = 64):
     return Dataset.from_dict({"text": texts}).map(lambda b: tok(b["text"]), batched=True, remove_columns=["text"])
 
 
+def prompts(rows: int = 64):
+    """Reviews as prompts with their labels (TRL's layout: a prompt column and the others)."""
+    from datasets import Dataset
+
+    lines = [json.loads(line) for line in REVIEWS.read_text().splitlines()[:rows]]
+    return Dataset.from_list([{"prompt": f"{r['sentence']} It was", "label": r["label"]} for r in lines])
+
+
 def main(out: Path, options: dict) -> None:
     from transformers import DataCollatorForLanguageModeling, TrainingArguments
 
@@ -71,10 +80,16 @@ def main(out: Path, options: dict) -> None:
                              train_sampling_strategy="sequential", seed=0, dataloader_drop_last=True,
                              disable_tqdm=True, **TRAINER_SHARDING.get(options.get("backend", "none"), {"use_cpu": True}))
     backend = options.get("backend", "none")
+    if options.get("objective", "loss") == "reward":
+        args.remove_unused_columns = False
+        data = {"train_dataset": prompts(), "zo_objective": "zoscale.quickstart.rewards:sentiment_word",
+                "zo_max_new_tokens": 2, "zo_max_stalled_steps": 0}
+    else:
+        data = {"train_dataset": dataset(tok), "data_collator": DataCollatorForLanguageModeling(tok, mlm=False)}
+    eps = 0.03 if options.get("objective") == "reward" else 1e-3
     trainer = ZOTrainer(model=model(len(tok), dtype=options.get("dtype", "float32")), args=args,
-                        train_dataset=dataset(tok), processing_class=tok,
-                        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-                        zo_optimizer=options.get("optimizer", "mezo"), zo_options={"eps": 1e-3},
+                        processing_class=tok, **data,
+                        zo_optimizer=options.get("optimizer", "mezo"), zo_options={"eps": eps},
                         zo_backend=backend if backend in ("fsdp", "deepspeed") else None,
                         zo_master_weights=bool(int(options.get("master", 0))))
     trainer.train(resume_from_checkpoint=options.get("resume"))

@@ -22,6 +22,7 @@ from zoscale.models import BodyHead, build_model
 class Backend(Protocol):
     name: str
     split: BodyHead  # the model's body and head, as the losses call them
+    sharded: bool  # a forward gathers parameters: every rank must run as many forwards as the others
 
     def setup(self, timeout_s: float) -> tuple[Comm, torch.device]:
         """The process group (if any) and this rank's device."""

@@ -68,6 +68,7 @@ def resolve_auto(config: dict, dtype: torch.dtype) -> dict:
 
 class DeepSpeedBackend:
     name = "deepspeed"
+    sharded = True
 
     def __init__(self, config_path: str | None = None):
         self.config_path = config_path

@@ -92,6 +92,7 @@ def _draw_rows(model, seed: int) -> None:
 
 class FSDPBackend:
     name = "fsdp"
+    sharded = True
 
     def __init__(self, compute_dtype: str | None = None, cpu_offload: bool = False,
                  shard_size: int | str | None = None):

@@ -22,6 +22,7 @@ from zoscale.models import BodyHead
 
 class LocalBackend:
     name = "local"
+    sharded = False
     split = BodyHead()  # the base model called directly (no full-vocabulary logits), the head at scored positions
 
     def setup(self, timeout_s: float) -> tuple[Comm, torch.device]:

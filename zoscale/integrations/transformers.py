@@ -30,6 +30,18 @@ callbacks, `save_steps`/`save_total_limit`, `save_model`. What is replaced, and 
 - ``log``: ``projected_grad`` and the ZO step's lr in the training logs, no ``grad_norm``;
   ``evaluation_loop`` and ``save_model`` flush a deferred update first.
 
+- ``prediction_step`` with an objective other than the loss: the evaluation's ``eval_loss`` is the
+  objective's mean (minus the accuracy, F1 or reward), as the ZO step minimizes it.
+
+Objectives (``zo_objective``, docs/training.md "Objectives"): "loss" (``compute_loss``),
+"accuracy" (minus the fraction of label tokens, or rows for a classifier, that the logits' argmax
+gets right), "f1" and "exact_match" (greedy generations from the dataset's ``prompt`` column
+against its ``answers``), or reward functions (a callable, a "MODULE:FUNCTION" string, or a list
+of them with ``zo_reward_weights``: TRL's GRPO signature ``f(prompts, completions, **columns)``).
+The generating objectives read rows, not tensors: keep the dataset's columns
+(``remove_unused_columns=False``) and pass ``processing_class`` (the tokenizer); without a
+``data_collator`` the rows are batched as they are.
+
 - ``_prepare_for_training`` (under the Trainer's own ``deepspeed=`` or ``fsdp=``): the model alone
   goes through ``accelerator.prepare``, so ZeRO-3 partitions it (or FSDP2 shards it) without an
   optimizer, whose fp32 states a ZO step has no use for (they would triple the memory); the ZO
@@ -57,13 +69,16 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 import zoscale
 from zoscale import backends
-from zoscale.config import check_deepspeed_json
+from zoscale.config import OBJECTIVES, check_deepspeed_json
 from zoscale.engine import local_shards
 from zoscale.engine.comm import Comm
+from zoscale.errors import ConfigError
 from zoscale.models import BodyHead, causal_lm
 from zoscale.optim import REGISTRY
 from zoscale.optim.base import Objective
 from zoscale.train import checkpoint
+from zoscale.train.data import Encoded
+from zoscale.train.objectives import Measure, rewards_of
 from zoscale.train.stall import StallWatch
 
 ZO_BACKENDS = ("fsdp", "deepspeed")
@@ -90,6 +105,29 @@ class _NoDDP(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+
+class Rows(dict):
+    """A batch of dataset rows as they are (the generating objectives), with a tensor whose length
+    is the batch's, so that the Trainer's loops can count its examples."""
+
+    @classmethod
+    def collate(cls, rows: list[dict]) -> Rows:
+        return cls(rows=list(rows), size=torch.zeros(len(rows)))
+
+
+def resolve_objective(objective, weights) -> tuple[str, list]:
+    """(the objective's name, its reward functions) from ``zo_objective``."""
+    if isinstance(objective, str) and objective in OBJECTIVES[:-1]:
+        return objective, []
+    functions = list(objective) if isinstance(objective, (list, tuple)) else [objective]
+    if not functions or any(not (callable(f) or (isinstance(f, str) and ":" in f)) for f in functions):
+        raise ValueError(f"zo_objective: {objective!r} is neither one of {list(OBJECTIVES[:-1])} nor reward functions "
+                         f"(callables or MODULE:FUNCTION strings)")
+    try:
+        return "reward", rewards_of(functions, weights)
+    except ConfigError as e:
+        raise ValueError(str(e).replace("objective.", "zo_objective: ", 1)) from None
 
 
 def check_arguments(args: TrainingArguments, zo_optimizer: str, zo_backend: str | None) -> None:
@@ -144,7 +182,9 @@ class ZOTrainer(Trainer):
     def __init__(self, model=None, args: TrainingArguments | None = None, *rest, zo_optimizer: str = "mezo",
                  zo_options: dict | None = None, zo_backend: str | None = None,
                  zo_deepspeed_config: str | None = None, zo_master_weights: bool = False,
-                 zo_fsdp_shard_size: int | str | None = None, zo_max_stalled_steps: int = 50, **kwargs):
+                 zo_fsdp_shard_size: int | str | None = None, zo_max_stalled_steps: int = 50,
+                 zo_objective="loss", zo_reward_weights: list[float] | None = None, zo_max_new_tokens: int = 16,
+                 zo_stop: tuple[str, ...] = ("\n",), **kwargs):
         """zo_optimizer, zo_options: as for ``zoscale.build_optimizer`` (the same names, options and
         checks; ``seed`` defaults to ``args.seed``, ``lr`` to ``args.learning_rate``). zo_backend:
         None (whole parameters on every rank), "fsdp" or "deepspeed" (zoscale shards ``model``);
@@ -153,8 +193,29 @@ class ZOTrainer(Trainer):
         zo_fsdp_shard_size: with zo_backend "fsdp", ranks per shard group, replicas across groups
         ("auto": one node's ranks), as ``fsdp_shard_size`` in zoscale train's config.
         zo_max_stalled_steps: consecutive steps that change nothing (a projected gradient of exactly
-        0, or a loss equal to the last bit) before training stops with StalledRun (0: never)."""
+        0, or a loss equal to the last bit) before training stops with StalledRun (0: never).
+        zo_objective: what a step minimizes (the module docstring); zo_reward_weights: one per
+        reward function; zo_max_new_tokens, zo_stop: the greedy generation of f1, exact_match and
+        rewards."""
         args = args or TrainingArguments("trainer_output")
+        self.zo_objective, rewards = resolve_objective(zo_objective, zo_reward_weights)
+        generates = self.zo_objective in ("f1", "exact_match", "reward")
+        if self.zo_objective != "loss" and {"outputs", "gradient"} & set(REGISTRY[zo_optimizer].needs):
+            raise ValueError(f"zo_objective: {zo_optimizer} differentiates the loss; {self.zo_objective} has no "
+                             f"gradient")
+        if generates:
+            if kwargs.get("processing_class") is None:
+                raise ValueError(f"zo_objective: {self.zo_objective} generates text; pass processing_class (the "
+                                 f"tokenizer)")
+            if args.remove_unused_columns:
+                raise ValueError(f"TrainingArguments.remove_unused_columns: zo_objective {self.zo_objective} reads the "
+                                 f"dataset's prompt column (and the reward functions its others); set it to False")
+            columns = getattr(kwargs.get("train_dataset"), "column_names", None) or []
+            needed = ["prompt"] + (["answers"] if self.zo_objective != "reward" else [])
+            missing = [c for c in needed if columns and c not in columns]
+            if missing:
+                raise ValueError(f"train_dataset: zo_objective {self.zo_objective} needs the column(s) {missing}")
+            kwargs["data_collator"] = kwargs.get("data_collator") or Rows.collate
         self.zo_name, self.zo_options, self.zo = zo_optimizer, dict(zo_options or {}), None
         check = {"lr": args.learning_rate, **self.zo_options}
         if check.get("schedule", "constant") != "constant":
@@ -184,7 +245,10 @@ class ZOTrainer(Trainer):
         self.sharding = self.zo_backend  # whose shards, head and gathered state dict: set once the model is sharded
         self._micro_batches: list = []
         self._since_log: list = []
-        self.stall = StallWatch(zo_max_stalled_steps)
+        self.stall = StallWatch(zo_max_stalled_steps, same_values=self.zo_objective == "loss")
+        sharded = (self.zo_backend is not None or bool(args.deepspeed or args.fsdp)) and self.comm.world_size > 1
+        self.measure = Measure(self.zo_objective, self.processing_class, self.args.device, sharded, rewards,
+                               zo_max_new_tokens, zo_stop) if generates else None
 
     # -- the optimizer ------------------------------------------------------------------------------
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
@@ -258,13 +322,50 @@ class ZOTrainer(Trainer):
                          outputs=lambda kind: self._outputs(batches[0], kind))
 
     def _loss(self, model, batches) -> tuple[float, float]:
+        """The objective's (sum, count) over this rank's micro-batches."""
         total = count = 0.0
         with torch.no_grad(), self.compute_loss_context_manager():
             for inputs in batches:
-                n = self._items(inputs)
-                total += float(self.compute_loss(model, dict(inputs))) * n
-                count += n
+                if self.measure is not None:
+                    value, n = self.measure.generated_value(causal_lm(self.model), self._encoded(inputs["rows"]))
+                elif self.zo_objective == "accuracy":
+                    value, n = self._accuracy(model, inputs)
+                else:
+                    n = self._items(inputs)
+                    value = float(self.compute_loss(model, dict(inputs))) * n
+                total, count = total + value, count + n
         return total, count
+
+    def _encoded(self, rows: list[dict]) -> list[Encoded]:
+        tok = self.processing_class
+        out = []
+        for row in rows:
+            answers = row.get("answers", [])
+            out.append(Encoded(tok(row["prompt"])["input_ids"], [], None, [],
+                               [answers] if isinstance(answers, str) else list(answers), row["prompt"],
+                               {k: v for k, v in row.items() if k != "prompt"}))
+        return out
+
+    def _accuracy(self, model, inputs: dict) -> tuple[float, float]:
+        """Minus the label tokens (a classifier: rows) that the logits' argmax gets right, and their count."""
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        logits = model(**inputs).logits
+        if logits.dim() == 2 and labels.dim() == 1:  # a classifier: a label per row
+            return -float((logits.argmax(-1) == labels).sum()), float(labels.numel())
+        if self._loss_shifts_labels:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        scored = labels.ne(-100)
+        return -float(((logits.argmax(-1) == labels) & scored).sum()), float(scored.sum())
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The objective's mean as ``eval_loss`` (minus the accuracy, F1 or reward), when it is not the loss."""
+        if self.zo_objective == "loss":
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        model.eval()
+        total, count = self._loss(model, [inputs])
+        return torch.tensor(total / max(count, 1.0), device=self.args.device), None, None
 
     def _items(self, inputs: dict) -> float:
         """What the model's mean loss averages over: label tokens (shifted for a causal LM), else rows."""

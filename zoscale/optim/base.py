@@ -307,3 +307,31 @@ def _sum_count(value) -> tuple[float, float]:
 
 def all_finite(values: Sequence[float]) -> bool:
     return all(math.isfinite(v) for v in values)
+
+
+SHAPINGS = ("none", "normalize", "centered_ranks")
+
+
+def shape(values: Sequence[float], how: str) -> list[float]:
+    """A step's objective values, reshaped as evolution strategies do before their differences are
+    taken (docs/optimizers.md, "Shaping"): ``normalize`` subtracts the step's mean and divides by
+    its standard deviation (all equal: all 0), ``centered_ranks`` replaces each value by its rank
+    mapped onto [-0.5, 0.5] (ties share their mean rank). Non-finite values pass unchanged."""
+    values = list(values)
+    if how == "none" or not all_finite(values) or len(values) < 2:
+        return values
+    if how == "normalize":
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+        return [(v - mean) / std if std > 0 else 0.0 for v in values]
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):  # ties: the mean of the ranks they span
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start : end + 1]:
+            ranks[i] = (start + end) / 2
+        start = end + 1
+    return [r / (len(values) - 1) - 0.5 for r in ranks]

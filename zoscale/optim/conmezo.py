@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from zoscale.engine import ShardBuffer
-from zoscale.optim.base import StepResult, ZOConfig, ZOOptimizer, _check, all_finite, register
+from zoscale.optim.base import SHAPINGS, StepResult, ZOConfig, ZOOptimizer, _check, all_finite, register, shape
 
 _DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -36,9 +36,11 @@ class ConMeZOConfig(ZOConfig):
     noise: str = "unprojected"  # unprojected (reference) | projected
     momentum_init: str = "zero"  # zero (synthetic code) | random (LLM code: m_0 = u, |m_0| = sqrt(d))
     buffer_dtype: str = "bfloat16"  # the same quadratic-benchmark results as float32 (docs/optimizers.md)
+    shaping: str = "none"  # none | normalize | centered_ranks: over the step's 2 values (base.shape)
 
     def __post_init__(self):
         super().__post_init__()
+        _check(self.shaping in SHAPINGS, "shaping", f"must be one of {list(SHAPINGS)}, got {self.shaping!r}")
         _check(0.0 < self.cone_theta <= math.pi / 2, "cone_theta", f"must be in (0, pi/2], got {self.cone_theta}")
         _check(0.0 <= self.beta <= 1.0, "beta", f"must be in [0, 1], got {self.beta}")
         _check(self.norm in ("exact", "predicted"), "norm", f"must be 'exact' or 'predicted', got {self.norm!r}")
@@ -130,7 +132,8 @@ class ConMeZO(ZOOptimizer):
         lr, beta, seed = self.lr_at(step), self.beta_at(step), self.seed_for(step, 0)
         direction = {seed: 1.0} if self.is_mezo else self._direction(seed)
         loss_plus, loss_minus = self.global_means(self.evaluate_pairs([direction], closure))
-        pg = (loss_plus - loss_minus) / (2 * cfg.eps)
+        shaped_plus, shaped_minus = shape([loss_plus, loss_minus], cfg.shaping)
+        pg = (shaped_plus - shaped_minus) / (2 * cfg.eps)
         skipped = not all_finite([loss_plus, loss_minus])
         if skipped:  # restore the parameters; the momentum stays
             self.engine.flush()

@@ -3,7 +3,7 @@
 One step, with n directions at the same theta (n-SPSA, n = 1 by default):
 
     for each direction j:  theta + eps z_j -> l+_j ;  theta - eps z_j -> l-_j
-    one all-reduce of all losses;  pg_j = (l+_j - l-_j) / (2 eps)
+    one all-reduce of all losses;  optionally shaped (``shaping``);  pg_j = (l+_j - l-_j) / (2 eps)
     theta <- (1 - lr wd) theta - lr/n sum_j pg_j z_j     (wd only on matrices)
 
 The restore (+eps z_n) and the update go out in one pass; with ``defer_update`` they wait for
@@ -14,17 +14,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zoscale.optim.base import StepResult, ZOConfig, ZOOptimizer, _check, all_finite, register
+from zoscale.optim.base import SHAPINGS, StepResult, ZOConfig, ZOOptimizer, _check, all_finite, register, shape
 
 
 @dataclass
 class MeZOConfig(ZOConfig):
     n_directions: int = 1
     defer_update: bool = False
+    shaping: str = "none"  # none | normalize | centered_ranks: over the step's 2 n values (base.shape)
 
     def __post_init__(self):
         super().__post_init__()
         _check(self.n_directions >= 1, "n_directions", f"must be >= 1, got {self.n_directions}")
+        _check(self.shaping in SHAPINGS, "shaping", f"must be one of {list(SHAPINGS)}, got {self.shaping!r}")
 
 
 @register("mezo")
@@ -41,8 +43,9 @@ class MeZO(ZOOptimizer):
         lr = self.lr_at(step)
         seeds = [self.seed_for(step, j) for j in range(cfg.n_directions)]
         losses = self.global_means(self.evaluate_pairs([{seed: 1.0} for seed in seeds], closure))
-        plus, minus = losses[0::2], losses[1::2]
-        pgs = tuple((lp - lm) / (2 * cfg.eps) for lp, lm in zip(plus, minus))
+        plus = losses[0::2]
+        shaped = shape(losses, cfg.shaping)
+        pgs = tuple((lp - lm) / (2 * cfg.eps) for lp, lm in zip(shaped[0::2], shaped[1::2]))
         skipped = not all_finite(losses)
         if not skipped:  # else the flush below only restores theta
             n = cfg.n_directions

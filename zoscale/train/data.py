@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,8 @@ class Encoded:
     label: int | None
     target: list[int]  # lm objective: the gold answer's tokens
     answers: list[str]
+    text: str = ""  # the prompt as text
+    columns: dict = field(default_factory=dict)  # the raw example's fields
 
 
 def _local_split(path: Path, split: str):
@@ -117,7 +119,8 @@ def sample(cfg: DataConfig, task: Task) -> dict[str, list[Example]]:
                 used = position
                 break
             try:
-                example = task.build(pool[i])
+                row = pool[i]
+                example = task.build(row)
             except (KeyError, ValueError, TypeError, IndexError) as e:
                 raise ConfigError(f"data: {split} row {i + 1} does not fit task {task.name} ({type(e).__name__}: "
                                   f"{e})") from None
@@ -137,7 +140,7 @@ def sample(cfg: DataConfig, task: Task) -> dict[str, list[Example]]:
                 if per_label[example.label] == count // classes:
                     continue
                 per_label[example.label] += 1
-            out.append(example)
+            out.append(replace(example, columns=dict(row)))
         if cfg.balance and out and len(out) < count:
             short = min(range(classes), key=lambda label: per_label[label])
             raise ConfigError(f"data.balance: {split} holds {per_label[short]} examples of label {short}, "
@@ -173,13 +176,15 @@ def encode(example: Example, tokenizer, max_length: int, masked: bool = False) -
                 raise ConfigError(f"model.kind: masked LMs score one token at the mask; candidate {text!r} is "
                                   f"{len(ids)} tokens for this tokenizer")
         prompt = tokenizer(example.prompt + tokenizer.mask_token)["input_ids"]
-        return Encoded(prompt[-max_length:], candidates, example.label, [], list(example.answers))
+        return Encoded(prompt[-max_length:], candidates, example.label, [], list(example.answers), example.prompt,
+                       example.columns)
     prompt = tokenizer(example.prompt)["input_ids"]
     candidates = [piece(c) for c in example.candidates]
     target = piece(example.answers[0]) if example.answers else (candidates[example.label] if candidates else [])
     longest = max([len(c) for c in candidates] + [len(target)])
     keep = max(1, max_length - longest)
-    return Encoded(prompt[-keep:], candidates, example.label, target, list(example.answers))
+    return Encoded(prompt[-keep:], candidates, example.label, target, list(example.answers), example.prompt,
+                   example.columns)
 
 
 def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:

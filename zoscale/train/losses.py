@@ -46,7 +46,7 @@ class Batch:
                  pad_to: int = 0, mask_id: int | None = None):
         """``split``: the model's body and head (a sharded backend's own). ``pad_to``: pad to at least
         this length (a rank's share of a global batch pads like the whole batch)."""
-        self.objective, self.split = objective, split
+        self.objective, self.split, self.encoded = objective, split, examples
         sequences, spans, self.groups, labels = [], [], [], []
         self.candidate_ids = [ex.candidates for ex in examples]
         # shared: one sequence (the prompt) per example, scored at its last position, where each

@@ -21,7 +21,7 @@ from zoscale.train.rundir import read_json
 
 # What a resumed run must share with the checkpoint it continues (the trajectory); the rest
 # (steps, backend, evaluation and logging cadence) may change between sessions.
-TRAJECTORY_KEYS = ("model", "data", "optim", "seed", "batch_size")
+TRAJECTORY_KEYS = ("model", "data", "optim", "objective", "seed", "batch_size")
 
 
 class RunComplete(Exception):
@@ -98,7 +98,7 @@ def find_point(run_dir: Path, cfg: TrainConfig, comm: Comm, auto: bool) -> Resum
                           f"--steps must be larger to continue it (nothing was changed)")
     before, now = trainer_state.get("config"), to_dict(cfg)
     for key in TRAJECTORY_KEYS if before is not None else ():
-        if before[key] != now[key]:
+        if key in before and before[key] != now[key]:  # (checkpoints older than a key lack it)
             raise ConfigError(f"--resume: {key} in {run_dir / 'config.yaml'} differs from what "
                               f"{found.path.name} was trained with ({before[key]} -> {now[key]}); restore it, or "
                               f"start a new run")

@@ -22,6 +22,7 @@ class Example:
     candidates: list[str] = field(default_factory=list)  # answers appended to the prompt
     label: int | None = None  # index of the gold candidate
     answers: list[str] = field(default_factory=list)  # generation: gold answers (train on the first)
+    columns: dict = field(default_factory=dict)  # the raw example's fields (what reward functions are given)
 
 
 @dataclass(frozen=True)

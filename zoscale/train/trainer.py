@@ -27,9 +27,9 @@ from zoscale.errors import ConfigError
 from zoscale.models import build_tokenizer
 from zoscale.optim import REGISTRY
 from zoscale.optim.base import Objective
-from zoscale.train import checkpoint, data, gguf, tasks
+from zoscale.train import checkpoint, data, gguf, objectives, tasks
 from zoscale.train import resume as resume_run
-from zoscale.train.evaluate import evaluate, headline
+from zoscale.train.evaluate import evaluate, headline, rank_batches
 from zoscale.train.losses import Batch, sequence_length
 from zoscale.train.memory import MemorySampler
 from zoscale.train.runlog import RunLog
@@ -76,6 +76,10 @@ class Trainer:
         if masked and (self.task.train_objective != "classification" or self.task.evaluation != "candidates"):
             raise ConfigError(f"model.kind: masked LMs score candidates at a mask; task {self.task.name} is not a "
                               f"classification task")
+        objectives.check_task(cfg.objective, self.task)
+        if cfg.batch_size < self.comm.world_size:
+            raise ConfigError(f"batch_size: {cfg.batch_size} is smaller than the {self.comm.world_size} ranks; every "
+                              f"rank needs a share of each batch")
         self.loss_kind = "masked" if masked else self.task.train_objective
         self.model_config = gguf.materialize(cfg.model, run_dir / "cache" / "gguf", self.comm)
         self.tokenizer = build_tokenizer(self.model_config)
@@ -89,6 +93,9 @@ class Trainer:
         encode = lambda examples: [data.encode(e, self.tokenizer, cfg.data.max_length, masked)  # noqa: E731
                                    for e in examples]
         self.train, self.dev, self.test = (encode(splits[k]) for k in ("train", "dev", "test"))
+        # a sharded forward is a collective: ranks run equally many (generation included)
+        self.sharded = self.backend.sharded and self.comm.world_size > 1
+        self.measure = objectives.Measure.of(cfg.objective, self.tokenizer, self.device, synced=self.sharded)
 
         self.model = self.backend.build(self.model_config, len(self.tokenizer), self.device)
         options = {"seed": cfg.seed, **cfg.optim.options}
@@ -105,7 +112,7 @@ class Trainer:
         self.step = 0
         self.forward_passes = 0.0  # over one training batch each, since step 0
         self.consecutive_nonfinite = self.total_nonfinite = 0
-        self.stall = StallWatch(cfg.max_stalled_steps)
+        self.stall = StallWatch(cfg.max_stalled_steps, same_values=not self.measure.discrete)
         self.best: dict | None = None
         self.history: dict = {}
         self.last_checkpoint: Path | None = None
@@ -138,14 +145,21 @@ class Trainer:
                      pad_to=pad_to, mask_id=self.mask_id)
 
     def full_batch_loss(self) -> tuple[float, int]:
-        """MeZO-SVRG's anchor loss: this rank's share of the whole training sample."""
-        mine = data.rank_share(list(range(len(self.train))), self.comm.rank, self.comm.world_size)
+        """MeZO-SVRG's anchor: the objective over this rank's share of the whole training sample."""
+        mine = data.rank_share(self.train, self.comm.rank, self.comm.world_size)
         total = count = 0
-        for start in range(0, len(mine), self.cfg.eval_batch_size):
-            chunk = [self.train[i] for i in mine[start : start + self.cfg.eval_batch_size]]
-            s, c = self.pack(chunk).loss(self.model)
-            total, count = total + s, count + c
+        for chunk, counts in rank_batches(mine, self.cfg.eval_batch_size, self.fillers(self.train)):
+            s, c = self.measure.value(self.model, self.pack(chunk))
+            if counts:
+                total, count = total + s, count + c
         return total, count
+
+    def fillers(self, examples: list) -> tuple[int, object] | None:
+        """When forwards are collectives: (the largest rank's share of ``examples``, an example to
+        forward in a missing batch's place), as evaluate.rank_batches takes them."""
+        if not (self.sharded and examples):
+            return None
+        return math.ceil(len(examples) / self.comm.world_size), examples[0]
 
     def objective_for(self, batch: Batch) -> Objective:
         """Everything an optimizer's step may ask for (it calls only what its ``needs`` name; a
@@ -160,7 +174,7 @@ class Trainer:
 
         model = self.model
         outputs = None if self.loss_kind == "masked" else forward(lambda kind: batch.outputs(model, kind))
-        return Objective(loss=forward(lambda: batch.loss(model)),
+        return Objective(loss=forward(lambda: self.measure.value(model, batch)),
                          full_loss=forward(self.full_batch_loss, len(self.train) / self.cfg.batch_size),
                          outputs=outputs, gradient=forward(lambda: batch.backward(model), 3.0))
 
@@ -231,7 +245,8 @@ class Trainer:
 
     def _finish(self, seconds: float) -> dict:
         summary = {"steps": self.step, "optimizer": self.cfg.optim.name, "task": self.task.name,
-                   "seconds": seconds, "forward_passes": self.forward_passes, "nonfinite_steps": self.total_nonfinite, **parameter_stats(self.optimizer)}
+                   "objective": self.cfg.objective.name, "seconds": seconds, "forward_passes": self.forward_passes,
+                   "nonfinite_steps": self.total_nonfinite, **parameter_stats(self.optimizer)}
         summary["eval_final"] = self.evaluate("test")
         summary["eval_after"] = summary["eval_final"]
         if self.best is not None:
@@ -260,13 +275,15 @@ class Trainer:
         self.optimizer.flush()
         examples = {"dev": self.dev, "test": self.test}[split]
         mine = data.rank_share(examples, self.comm.rank, self.comm.world_size)
+        sharded = self.fillers(examples)
         with self.phase("evaluation"):
-            return self._evaluate(mine)
-
-    def _evaluate(self, mine) -> dict[str, float]:
-        return evaluate(self.model, self.tokenizer, mine, self.task.evaluation, self.cfg.eval_batch_size,
-                        self.tokenizer.pad_token_id, self.device, self.comm, self.cfg.data.max_new_tokens,
-                        split=self.backend.split, mask_id=self.mask_id)
+            metrics = evaluate(self.model, self.tokenizer, mine, self.task.evaluation, self.cfg.eval_batch_size,
+                               self.tokenizer.pad_token_id, self.device, self.comm, self.cfg.data.max_new_tokens,
+                               split=self.backend.split, mask_id=self.mask_id, sharded=sharded)
+            if self.measure.rewards:
+                metrics["reward"] = self.measure.mean_reward(self.model, mine, self.cfg.eval_batch_size, self.comm,
+                                                             sharded)
+        return metrics
 
     def _dev_eval(self) -> None:
         if not self.dev:
