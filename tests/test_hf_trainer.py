@@ -161,6 +161,12 @@ def test_two_gloo_ranks_follow_the_single_process_trajectory(tmp_path, single, b
     ({"zo": "adamw"}, "zo_optimizer: adamw is a first-order baseline"),
     ({"zo_backend": "megatron"}, "zo_backend"),
     ({"optimizers": (torch.optim.SGD([torch.zeros(1, requires_grad=True)]), None)}, "optimizers"),
+    ({"max_grad_norm": 0.5}, "max_grad_norm=0.5: a ZO step has no gradient to clip"),
+    ({"adam_beta2": 0.95}, "adam_beta2=0.95: it configures the first-order optimizer"),
+    ({"warmup_steps": 10, "zo_options": {"lr": 1e-3}}, "warmup_steps: zo_options' lr/schedule replace"),
+    ({"lr_scheduler_type": "cosine", "zo_options": {"schedule": "linear", "total_steps": 10}}, "lr_scheduler_type"),
+    ({"weight_decay": 0.5, "zo_options": {"weight_decay": 0.1}}, "weight_decay=0.5 and zo_options weight_decay=0.1"),
+    ({"zo_options": {"lr": "1e-3"}}, "lr: expected a number, got '1e-3'"),
 ])
 def test_combinations_a_zo_step_cannot_honour_are_refused(tmp_path, change, message):
     from transformers import TrainingArguments
@@ -188,6 +194,22 @@ def test_combinations_a_zo_step_cannot_honour_are_refused(tmp_path, change, mess
         # args' ZeRO-3 config is a process-wide setting while anything holds it (the traceback does):
         # later from_pretrained calls in this process would build under deepspeed.zero.Init
         unset_hf_deepspeed_config()
+
+
+def test_weight_decay_from_the_training_arguments_is_applied(tmp_path):
+    """ZO's decoupled decay (1 - lr wd) on matrices, as AdamW's Trainer decays all but biases and norms."""
+    plain, decayed = run(tmp_path / "plain", steps=3), run(tmp_path / "decayed", steps=3, weight_decay=0.5)
+    assert steps(decayed)[0] == steps(plain)[0]  # the decay comes with the first update
+    assert steps(decayed)[1:] != steps(plain)[1:] and decayed["param_sum"] != plain["param_sum"]
+    from transformers import TrainingArguments
+
+    from zoscale.integrations.transformers import ZOTrainer
+
+    tok = hf_trainer.tokenizer()
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to=[], use_cpu=True, weight_decay=0.5)
+    trainer = ZOTrainer(model=hf_trainer.model(len(tok)), args=args, train_dataset=hf_trainer.dataset(tok, 8))
+    trainer.create_optimizer()
+    assert trainer.zo.config.weight_decay == 0.5
 
 
 @pytest.mark.gpu

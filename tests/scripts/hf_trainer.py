@@ -5,7 +5,7 @@
 Keys: optimizer, backend (none | fsdp | deepspeed: zoscale shards the model; trainer-deepspeed,
 trainer-fsdp: the Trainer's own integrations, TrainingArguments(deepspeed=...) or fsdp=..., the
 latter on CUDA), steps, batch (the global batch), accumulation,
-save_steps, resume (a checkpoint directory), lr, dtype, master (fp32 master weights), save_model,
+save_steps, resume (a checkpoint directory), lr, dtype, master (fp32 master weights), save_model, weight_decay,
 objective (loss, or reward: the prompts' greedy words scored by the quickstart's reward function).
 Every rank writes OUT/rank{r}.json: the Trainer's log history, the parameter checksum and the files
 of OUT/run.
@@ -78,6 +78,7 @@ def main(out: Path, options: dict) -> None:
                              lr_scheduler_type=options.get("schedule", "constant"), logging_steps=1,
                              save_steps=int(options.get("save_steps", 1000)), save_strategy="steps", report_to=[],
                              train_sampling_strategy="sequential", seed=0, dataloader_drop_last=True,
+                             weight_decay=float(options.get("weight_decay", 0.0)),
                              disable_tqdm=True, **TRAINER_SHARDING.get(options.get("backend", "none"), {"use_cpu": True}))
     backend = options.get("backend", "none")
     if options.get("objective", "loss") == "reward":

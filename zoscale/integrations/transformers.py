@@ -130,8 +130,36 @@ def resolve_objective(objective, weights) -> tuple[str, list]:
         raise ValueError(str(e).replace("objective.", "zo_objective: ", 1)) from None
 
 
-def check_arguments(args: TrainingArguments, zo_optimizer: str, zo_backend: str | None) -> None:
+# TrainingArguments of the first-order step a ZO step replaces: changed from their defaults, refused
+FIRST_ORDER_ONLY = {"max_grad_norm": "a ZO step has no gradient to clip (its projected gradient is one scalar)",
+                    "adam_beta1": "it configures the first-order optimizer that zo_optimizer replaces",
+                    "adam_beta2": "it configures the first-order optimizer that zo_optimizer replaces",
+                    "adam_epsilon": "it configures the first-order optimizer that zo_optimizer replaces",
+                    "optim_args": "it configures the first-order optimizer that zo_optimizer replaces"}
+# the Trainer's lr schedule, which zo_options' lr or schedule replace
+SCHEDULE_ARGUMENTS = ("lr_scheduler_type", "warmup_steps", "lr_scheduler_kwargs")
+
+
+def _changed(args: TrainingArguments, name: str) -> bool:
+    default = TrainingArguments.__dataclass_fields__[name].default
+    return getattr(args, name) not in (default, {} if default is None else default)
+
+
+def check_arguments(args: TrainingArguments, zo_optimizer: str, zo_backend: str | None,
+                    zo_options: dict | None = None) -> None:
     """Combinations a ZO step cannot honour, each a one-line error naming the argument."""
+    zo_options = zo_options or {}
+    for name, why in FIRST_ORDER_ONLY.items():
+        if _changed(args, name) and not (name == "max_grad_norm" and not args.max_grad_norm):
+            raise ValueError(f"TrainingArguments.{name}={getattr(args, name)!r}: {why}; leave it at its default")
+    if "lr" in zo_options or "schedule" in zo_options:
+        for name in SCHEDULE_ARGUMENTS:
+            if _changed(args, name):
+                raise ValueError(f"TrainingArguments.{name}: zo_options' lr/schedule replace the Trainer's schedule; "
+                                 f"set it in zo_options (schedule, warmup_steps, total_steps, min_lr_ratio) instead")
+    if args.weight_decay and zo_options.get("weight_decay", args.weight_decay) != args.weight_decay:
+        raise ValueError(f"TrainingArguments.weight_decay={args.weight_decay} and zo_options weight_decay="
+                         f"{zo_options['weight_decay']} disagree; set one")
     optim, default = (str(getattr(o, "value", o)) for o in (args.optim, TrainingArguments.optim))
     if optim != default:
         raise ValueError(f"TrainingArguments.optim={optim}: ZOTrainer's step is zo_optimizer's "
@@ -217,11 +245,11 @@ class ZOTrainer(Trainer):
                 raise ValueError(f"train_dataset: zo_objective {self.zo_objective} needs the column(s) {missing}")
             kwargs["data_collator"] = kwargs.get("data_collator") or Rows.collate
         self.zo_name, self.zo_options, self.zo = zo_optimizer, dict(zo_options or {}), None
-        check = {"lr": args.learning_rate, **self.zo_options}
+        check = {"lr": args.learning_rate, "weight_decay": args.weight_decay, **self.zo_options}
         if check.get("schedule", "constant") != "constant":
             check.setdefault("total_steps", check.get("warmup_steps", 0) + 1)  # the Trainer's, once known
         zoscale.optimizer_config(zo_optimizer, **check)
-        check_arguments(args, zo_optimizer, zo_backend)
+        check_arguments(args, zo_optimizer, zo_backend, self.zo_options)
         if kwargs.get("optimizers", (None, None)) != (None, None):
             raise ValueError("optimizers: ZOTrainer builds its own (zo_optimizer, zo_options); leave optimizers out")
         if zo_master_weights and zo_backend is not None:
@@ -282,7 +310,8 @@ class ZOTrainer(Trainer):
             else:
                 shards, shard_comm = local_shards(module, master_dtype=self.zo_master_dtype), None
             own_schedule = "lr" in self.zo_options or "schedule" in self.zo_options
-            options = {"seed": self.args.seed, "lr": self.args.learning_rate, **self.zo_options}
+            options = {"seed": self.args.seed, "lr": self.args.learning_rate, "weight_decay": self.args.weight_decay,
+                       **self.zo_options}
             if options.get("schedule", "constant") != "constant":
                 options.setdefault("total_steps", self.state.max_steps)
             self.zo = zoscale.build_optimizer(self.zo_name, shards, comm=self.comm, shard_comm=shard_comm, **options)
