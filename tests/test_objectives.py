@@ -10,7 +10,6 @@ import pytest
 import torch
 from distributed import launch, torchrun
 from runs import REPO, lines, summary, zoscale
-from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
 from zoscale.quickstart import QUICKSTART
 from zoscale.train.data import Encoded
@@ -46,18 +45,9 @@ def test_a_reward_function_alone_teaches_the_quickstart_a_word_of_the_right_sent
     assert result["eval_after"]["reward"] > result["eval_before"]["reward"] + 0.15
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = AutoTokenizer.from_pretrained(QUICKSTART.parent / "tokenizer")
-    torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, ffn_dim=32,
-                                     num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16,
-                                     pad_token_id=tokenizer.pad_token_id, dropout=0.0)).eval()
-    return model, tokenizer
-
-
-def test_f1_and_exact_match_are_minus_the_scores_of_the_greedy_generations(tiny):
-    model, tokenizer = tiny
+def test_f1_and_exact_match_are_minus_the_scores_of_the_greedy_generations():
+    tokenizer = hf_trainer.tokenizer()
+    model = hf_trainer.model(len(tokenizer))
     prompts = ["the movie was", "overall the plot is really", "a dull film and a"]
     encode = lambda p, answers: Encoded(tokenizer(p)["input_ids"], [], None, [], answers, p)  # noqa: E731
     texts, ids = generate(model, tokenizer, [encode(p, []) for p in prompts], 3, "cpu", stop=("\n",))

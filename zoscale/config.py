@@ -71,6 +71,7 @@ class DataConfig:
 
 
 OBJECTIVES = ("loss", "accuracy", "f1", "exact_match", "reward")
+GENERATING = ("f1", "exact_match", "reward")  # the objectives that score generated text
 
 
 @dataclass
@@ -103,7 +104,7 @@ class ObjectiveConfig:
 
     @property
     def generates(self) -> bool:
-        return self.name in ("f1", "exact_match", "reward")
+        return self.name in GENERATING
 
 
 @dataclass

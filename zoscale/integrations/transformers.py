@@ -69,7 +69,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 import zoscale
 from zoscale import backends
-from zoscale.config import OBJECTIVES, check_deepspeed_json
+from zoscale.config import GENERATING, OBJECTIVES, check_deepspeed_json
 from zoscale.engine import local_shards
 from zoscale.engine.comm import Comm
 from zoscale.errors import ConfigError
@@ -227,7 +227,7 @@ class ZOTrainer(Trainer):
         rewards."""
         args = args or TrainingArguments("trainer_output")
         self.zo_objective, rewards = resolve_objective(zo_objective, zo_reward_weights)
-        generates = self.zo_objective in ("f1", "exact_match", "reward")
+        generates = self.zo_objective in GENERATING
         if self.zo_objective != "loss" and {"outputs", "gradient"} & set(REGISTRY[zo_optimizer].needs):
             raise ValueError(f"zo_objective: {zo_optimizer} differentiates the loss; {self.zo_objective} has no "
                              f"gradient")

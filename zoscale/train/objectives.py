@@ -18,6 +18,7 @@ columns as keyword arguments, one list each), so the ones written for TRL work u
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -39,6 +40,7 @@ from zoscale.train.tasks import Task
 RESERVED = ("prompts", "completions", "completion_ids", "prompt", "completion")
 
 
+@functools.cache  # a file is executed once, though the config check and the trainer both ask for it
 def load_function(spec: str) -> Callable:
     """MODULE:FUNCTION, or path/to/file.py:FUNCTION; a one-line ConfigError names what is wrong."""
     where, _, name = spec.rpartition(":")
