@@ -44,6 +44,29 @@ def test_zero3_ranks_follow_the_local_trajectory(world, optimizer, offload, tmp_
     assert b["eval_after"] == a["eval_after"]
 
 
+def test_zero3_gathers_a_layer_at_a_time_and_dual_forward_gathers_it_once(tmp_path):
+    """Decoder layers are ZeRO-3 leaf modules: a forward of the quickstart's 2 layers issues at most
+    layers + 4 all-gathers (the embeddings, the final norm and the head besides), and dual_forward
+    half as many per step as two forwards, on the single-process trajectory."""
+    common = ["steps=4", "eval_every=0", "save_every=0", "eval_before=false", "data.num_train=64",
+              "data.num_dev=16", "data.num_test=16", "batch_size=8", "eval_batch_size=8"]
+    script = str(Path(__file__).resolve().parent / "scripts" / "train_runs.py")
+    done = run_group([sys.executable, script, str(tmp_path), json.dumps([["local", common, False]])], timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    plan = [[name, [*common, "backend=deepspeed", *extra], False]
+            for name, extra in (("two", []), ("dual", ["dual_forward=true"]))]
+    done = launch(2, script, str(tmp_path), json.dumps(plan), timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:]
+    gathers, local = {}, summary(tmp_path / "local")
+    for name in ("two", "dual"):
+        assert summary(tmp_path / name)["param_sum"] == pytest.approx(local["param_sum"], rel=1e-6)
+        gathers[name] = json.loads((tmp_path / name / "comm.json").read_text())["1"]["world"]["all_gather"]
+    layers = 2
+    assert gathers["two"]["calls"] <= 2 * (layers + 4)  # two forwards
+    assert 2 * gathers["dual"]["calls"] == gathers["two"]["calls"]
+    assert 2 * gathers["dual"]["bytes"] == gathers["two"]["bytes"]
+
+
 def test_the_shipped_zero3_config_is_the_generated_one():
     """It is written for the Trainer too ("auto" values); zoscale resolves them by the model's dtype."""
     import torch

@@ -98,6 +98,15 @@ def test_resume_from_checkpoint_continues_the_same_trajectory(tmp_path, name, op
     assert steps(resumed) == steps(whole) and resumed["param_sum"] == whole["param_sum"]
 
 
+def test_dual_forward_follows_the_two_forward_trajectory(tmp_path, single):
+    """zo_dual_forward: both sides from one forward of the batch taken twice (the loss computed by
+    ZOTrainer itself rather than by the model: rounding apart)."""
+    dual = run(tmp_path, steps=6, dual=1)
+    for (step, loss, pg), (_, loss_d, pg_d) in zip(steps(single), steps(dual), strict=True):
+        assert loss_d == pytest.approx(loss, rel=1e-5) and pg_d == pytest.approx(pg, rel=2e-3, abs=2e-3), step
+    assert dual["param_sum"] == pytest.approx(single["param_sum"], rel=1e-6)
+
+
 def loaded_sum(model_dir: Path) -> float:
     """The parameters of a saved model as plain transformers loads them (tied weights once, as in the shards)."""
     from transformers import AutoModelForCausalLM
@@ -167,6 +176,7 @@ def test_two_gloo_ranks_follow_the_single_process_trajectory(tmp_path, single, b
     ({"lr_scheduler_type": "cosine", "zo_options": {"schedule": "linear", "total_steps": 10}}, "lr_scheduler_type"),
     ({"weight_decay": 0.5, "zo_options": {"weight_decay": 0.1}}, "weight_decay=0.5 and zo_options weight_decay=0.1"),
     ({"zo_options": {"lr": "1e-3"}}, "lr: expected a number, got '1e-3'"),
+    ({"zo_dual_forward": True, "zo": "conmezo"}, "zo_dual_forward: conmezo does not take its losses as"),
 ])
 def test_combinations_a_zo_step_cannot_honour_are_refused(tmp_path, change, message):
     from transformers import TrainingArguments
@@ -174,7 +184,8 @@ def test_combinations_a_zo_step_cannot_honour_are_refused(tmp_path, change, mess
     from zoscale.integrations.transformers import ZOTrainer
 
     change = dict(change)
-    trainer_keys = {k: change.pop(k) for k in ("zo_options", "zo_backend", "zo_fsdp_shard_size", "optimizers")
+    trainer_keys = {k: change.pop(k) for k in ("zo_options", "zo_backend", "zo_fsdp_shard_size", "optimizers",
+                                               "zo_dual_forward")
                     if k in change}
     name = change.pop("zo", "mezo")
     try:

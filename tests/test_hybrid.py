@@ -1,7 +1,8 @@
 """Hybrid sharding: FSDP2 shard groups with replicas across them, on 4 gloo ranks as 2 "nodes" x 2,
 as 4 replicas (shard groups of 1) and as one flat group of 4, give the single-process trajectory
 for all four optimizers; replicas exchange no parameter (the communication ledger); a hybrid
-checkpoint resumes flat and a flat one hybrid."""
+checkpoint resumes flat and a flat one hybrid. `dual_forward` (both sides of a step in one
+forward) equals the two-forward step and gathers each layer once a step."""
 
 import json
 import sys
@@ -36,7 +37,8 @@ def same_trajectory(got: Path, expected: Path) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    local = [run(f"local-{o}", o) for o in OPTIMIZERS] + [run("local-conmezo-8", "conmezo", "steps=8")]
+    local = [run(f"local-{o}", o) for o in OPTIMIZERS] + [run("local-conmezo-8", "conmezo", "steps=8"),
+                                                            run("local-dual", "mezo", "dual_forward=true")]
     done = run_group([sys.executable, SCRIPT, str(out), json.dumps(local)], timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
     sharded = [run(f"{layout}-{o}", o, "backend=fsdp", f"fsdp_shard_size={size}")
@@ -44,7 +46,9 @@ def runs(tmp_path_factory):
     sharded += [run("hybrid-to-flat", "conmezo", "backend=fsdp", "fsdp_shard_size=2"),
                 run("flat-to-hybrid", "conmezo", "backend=fsdp"),
                 ["hybrid-to-flat", {"steps": 8, "fsdp_shard_size": None}, True],
-                ["flat-to-hybrid", {"steps": 8, "fsdp_shard_size": 2}, True]]
+                ["flat-to-hybrid", {"steps": 8, "fsdp_shard_size": 2}, True],
+                run("hybrid-dual", "mezo", "backend=fsdp", "fsdp_shard_size=2", "dual_forward=true"),
+                run("flat-dual", "mezo", "backend=fsdp", "dual_forward=true")]
     done = launch(4, SCRIPT, str(out), json.dumps(sharded), timeout=900)
     assert done.returncode == 0, done.stdout[-3000:]
     return out
@@ -80,10 +84,48 @@ def test_the_ledger_shows_only_scalars_between_replicas(runs):
     assert hybrid["shard"]["all_gather"]["bytes"] == pytest.approx(flat["world"]["all_gather"]["bytes"], rel=0.05)
 
 
+def losses(path: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def test_dual_forward_equals_the_two_forward_step(runs):
+    """Its first step reads the same perturbed values (the same losses, bit for bit); the update
+    then lands on theta itself, not on theta after the +eps/-2eps/+eps round trip: rounding apart."""
+    dual, two = runs / "local-dual", runs / "local-mezo"
+    assert losses(dual)[0] == losses(two)[0]
+    assert losses(dual) == pytest.approx(losses(two), rel=1e-6)
+    same_trajectory(dual, two)
+    for layout in ("hybrid", "flat"):
+        same_trajectory(runs / f"{layout}-dual", dual)
+
+
+def test_dual_forward_gathers_each_layer_once_a_step(runs):
+    for layout, group in (("hybrid", "shard"), ("flat", "world")):
+        dual, two = (json.loads((runs / f"{layout}-{o}" / "comm.json").read_text()) for o in ("dual", "mezo"))
+        gathers, twice = dual["1"][group]["all_gather"], two["1"][group]["all_gather"]
+        assert 2 * gathers["calls"] == twice["calls"] and 2 * gathers["bytes"] == twice["bytes"], (dual, two)
+        assert "replica" not in dual["1"]
+        # the work it adds: every rank draws z for whole gathered parameters, both sides
+        work = dual["dual_forward"]
+        assert work["z_elements_per_step"] >= 2 * work["shard_elements"] * LAYOUTS[layout]
+
+
+def test_the_slurm_scripts_default_shard_size_applies_only_where_none_is_named(monkeypatch):
+    from zoscale.config import load
+    from zoscale.quickstart import QUICKSTART
+
+    monkeypatch.setenv("ZOSCALE_FSDP_SHARD_SIZE", "auto")
+    assert load(None, ["backend=fsdp"], defaults=QUICKSTART).fsdp_shard_size == "auto"
+    assert load(None, ["backend=fsdp", "fsdp_shard_size=4"], defaults=QUICKSTART).fsdp_shard_size == 4
+    assert load(None, ["backend=deepspeed"], defaults=QUICKSTART).fsdp_shard_size is None
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["backend=fsdp", "fsdp_shard_size=2"], "fsdp_shard_size: 2 ranks per shard group do not divide the 1 ranks"),
     (["backend=fsdp", "fsdp_shard_size=0"], "fsdp_shard_size: must be a positive integer or auto, got 0"),
     (["backend=deepspeed", "fsdp_shard_size=2"], "fsdp_shard_size: shard groups are FSDP2's (backend fsdp)"),
+    (["optim.name=pseuzo", "dual_forward=true"], "dual_forward: pseuzo does not take its losses as (+eps, -eps) pairs"),
+    (["dual_forward=true", "objective=accuracy"], "dual_forward: the objective must be the loss"),
 ])
 def test_bad_shard_sizes_are_refused_in_one_line(overrides, message, tmp_path):
     done = run_group([sys.executable, "-m", "zoscale", "train", "--out", str(tmp_path / "run"), *COMMON, *overrides])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,9 @@ class TrainConfig:
     # backend fsdp: ranks per shard group, replicas across groups, which exchange no parameter (only
     # the losses); auto: the ranks of one node (LOCAL_WORLD_SIZE); default: the whole world
     fsdp_shard_size: int | str | None = None
+    # the +eps and -eps forwards as one forward of the batch taken twice: each layer gathered once a
+    # step, the shards take only the update (engine/dual.py; optimizers that declare `pairs`)
+    dual_forward: bool = False
     comm_ledger_steps: int = 2  # RUN/comm.json: the collectives of the first steps, per group and kind
     eval_before: bool = True
     eval_test: bool = False  # also the test split at every periodic evaluation (learning curves)
@@ -164,6 +168,16 @@ class TrainConfig:
                      f"(optimizers that need only its values: {', '.join(loss_only)})")
             _require(self.model.kind == "causal" or not self.objective.generates, "objective.name",
                      f"{self.objective.name} scores generated text; a masked LM (model.kind masked) does not generate")
+        if self.dual_forward:
+            cls = REGISTRY.get(self.optim.name)
+            _require(getattr(cls, "pairs", False), "dual_forward", f"{self.optim.name} does not take its losses as "
+                     f"(+eps, -eps) pairs around theta; optimizers that do: "
+                     f"{', '.join(n for n, c in REGISTRY.items() if c.pairs)}")
+            _require(self.objective.name == "loss", "dual_forward", f"the objective must be the loss (objective "
+                     f"{self.objective.name} is measured on generations or predictions, one forward per side)")
+            _require(self.model.kind == "causal", "dual_forward", "needs a causal LM's body/head split")
+            _require(not self.model.master_weights, "dual_forward", "not with model.master_weights (the copies "
+                     "would be made from the half-precision weights, not the fp32 masters)")
         for key in ("eval_every", "save_every", "keep_checkpoints", "max_nonfinite", "max_stalled_steps",
                     "comm_ledger_steps"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
@@ -352,6 +366,9 @@ def load(path: Path | None, overrides: list[str] = (), defaults: Path | None = N
         _resolve_paths(raw, Path(source).resolve().parent)
     for assignment in overrides:
         apply_override(raw, assignment)
+    launcher_shard_size = os.environ.get("ZOSCALE_FSDP_SHARD_SIZE")  # the SLURM scripts' default: one node
+    if launcher_shard_size and raw.get("backend") == "fsdp" and "fsdp_shard_size" not in raw:
+        raw["fsdp_shard_size"] = parse_value(launcher_shard_size)
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("config"), str):  # a config.json, e.g. configs/models/
         _require(Path(model["config"]).is_file(), "model.config", f"no such file {model['config']}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from zoscale.config import ModelConfig
+from zoscale.engine import dual
 from zoscale.errors import ConfigError
 
 
@@ -131,3 +132,13 @@ class BodyHead:
         if self.head_fn is not None:
             return self.head_fn(model, hidden)
         return causal_lm(model).get_output_embeddings()(hidden)
+
+
+def linear_head(head: torch.nn.Module, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The output embedding applied with gathered copies of its parameters; inside a dual forward
+    (engine/dual.py), each half of ``hidden`` with its side's perturbation of them."""
+    pair = dual.active()
+    if pair is None:
+        return torch.nn.functional.linear(hidden, weight, bias)
+    return pair.run(head, {"weight": weight, "bias": bias},
+                    lambda values, h: torch.nn.functional.linear(h, values["weight"], values["bias"]), hidden)

@@ -2,10 +2,12 @@
 
 `deepspeed.initialize` partitions the model with no optimizer (ZO needs none). Partition r of a
 parameter holds its flattened elements [r * P, (r + 1) * P) with P = ceil(numel / world); the last
-rank's partition is padded, and the padding is cut off the shard. The persistence threshold is 0:
-parameters below it stay gathered after the first forward, and edits to their partitions would
-then stop reaching the forward. The head gathers its parameters with
-`GatheredParameters`, on every rank.
+rank's partition is padded, and the padding is cut off the shard. Decoder layers are ZeRO-3 leaf
+modules: a layer's parameters are gathered in one collective. The persistence threshold is 0:
+DeepSpeed keeps a parameter below it gathered only once its trace of the forward is complete, and
+releases it (to be gathered again from the partitions) whenever the trace is incomplete or
+invalidated, so neither the gathered copy nor the partition can hold the state alone. The head
+gathers its parameters with `GatheredParameters`, on every rank.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from zoscale.backends.base import build_whole, destroy_distributed, init_distrib
 from zoscale.engine import Shard, decays, offload_compute_device
 from zoscale.engine.comm import Comm, print0
 from zoscale.errors import ConfigError
-from zoscale.models import BodyHead, auto_class, causal_lm, select_trainable, transformers_config
+from zoscale.models import BodyHead, auto_class, causal_lm, linear_head, select_trainable, transformers_config
 
 
 def _deepspeed():
@@ -115,7 +117,16 @@ class DeepSpeedBackend:
             return resolve_auto(json.load(f), dtype)
 
     def prepare(self, model, device):
+        """Each decoder layer (the model's `_no_split_modules` classes) a ZeRO-3 leaf: its
+        parameters are gathered together when it starts, one collective per layer and forward,
+        instead of one per parameter as its submodules start."""
         dtype = next(model.parameters()).dtype
+        units = set(getattr(model, "_no_split_modules", None) or [])
+        layers = {type(m) for m in model.modules() if type(m).__name__ in units}
+        if layers:
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, sorted(layers, key=lambda c: c.__name__))
         engine, *_ = _deepspeed().initialize(model=model, config=self._config(dtype))
         return engine.module
 
@@ -173,7 +184,7 @@ def _gathered_head(model, hidden: torch.Tensor) -> torch.Tensor:
     with _deepspeed().zero.GatheredParameters(params):
         weight = head.weight.detach().clone()
         bias = None if head.bias is None else head.bias.detach().clone()
-    return torch.nn.functional.linear(hidden, weight, bias)
+    return linear_head(head, hidden, weight, bias)
 
 
 class NVMeStorage:

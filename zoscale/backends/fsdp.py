@@ -27,7 +27,7 @@ from zoscale.backends.base import build_whole, destroy_distributed, init_distrib
 from zoscale.engine import PerturbationEngine, Shard, decays, offload_compute_device, rng
 from zoscale.engine.comm import Comm, print0
 from zoscale.errors import ConfigError
-from zoscale.models import BodyHead, auto_class, causal_lm, select_trainable, snapshot, transformers_config
+from zoscale.models import BodyHead, auto_class, causal_lm, linear_head, select_trainable, snapshot, transformers_config
 
 _INIT_STREAM = 0x1A17  # mixed into the init seed, so the weights never share a seed with a step
 
@@ -245,4 +245,4 @@ def _gathered_head(model, hidden: torch.Tensor) -> torch.Tensor:
 
     weight = gather(head.weight)
     bias = None if head.bias is None else gather(head.bias)
-    return torch.nn.functional.linear(hidden, weight, bias)
+    return linear_head(head, hidden, weight, bias)

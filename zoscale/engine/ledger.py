@@ -1,7 +1,8 @@
 """A ledger of the collectives a process issues: calls and bytes, per process group and kind.
 
 Every collective of torch.distributed (zoscale's own all-reduces, FSDP2's all-gathers, DeepSpeed's)
-reaches the dispatcher as a ``c10d`` operator, whatever Python function issued it; a dispatch mode
+reaches the dispatcher as a ``c10d`` operator, and DTensor's redistributions (``full_tensor()``) as
+``_c10d_functional`` ones, whatever Python function issued it; a dispatch mode
 sees each one there with its tensors and its process group, so the ledger counts what runs, not
 what a formula predicts. Bytes are the collective's result on this rank (an all-gather's gathered
 tensor, an all-reduce's or a broadcast's tensor). Groups are named by the caller (``names``: the
@@ -26,6 +27,13 @@ _KINDS = {"allreduce_": ("all_reduce", 0), "allreduce_coalesced_": ("all_reduce"
           "alltoall_": ("all_to_all", 0), "alltoall_base_": ("all_to_all", 0), "gather_": ("gather", 0),
           "scatter_": ("scatter", 0), "reduce_": ("reduce", 0), "barrier": ("barrier", None),
           "send": ("send", 0), "recv_": ("recv", 0)}
+
+
+# functional collectives (DTensor's redistributions, e.g. full_tensor()): the result is the op's output
+_FUNCTIONAL = {"all_gather_into_tensor": "all_gather", "all_gather_into_tensor_coalesced": "all_gather",
+               "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce",
+               "reduce_scatter_tensor": "reduce_scatter", "reduce_scatter_tensor_coalesced": "reduce_scatter",
+               "all_to_all_single": "all_to_all", "broadcast": "broadcast"}
 
 
 def _nbytes(value) -> int:
@@ -95,7 +103,20 @@ class _Observer(TorchDispatchMode):
             group = next((_unbox(a) for a in args if isinstance(a, torch.ScriptObject) and _unbox(a) is not None), None)
             if group is not None:
                 self.observe(group, kind, 0 if result is None else _nbytes(args[result]))
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func.namespace == "_c10d_functional" and func._opname in _FUNCTIONAL:
+            name = kwargs.get("group_name", args[-1] if args and isinstance(args[-1], str) else None)
+            group = _resolve(name)
+            if group is not None:
+                self.observe(group, _FUNCTIONAL[func._opname], _nbytes(out))
+        return out
+
+
+def _resolve(name):
+    try:
+        return dist.distributed_c10d._resolve_process_group(name)
+    except (RuntimeError, ValueError, TypeError):
+        return None
 
 
 def _unbox(obj):

@@ -72,6 +72,7 @@ from zoscale import backends
 from zoscale.config import GENERATING, OBJECTIVES, check_deepspeed_json
 from zoscale.engine import local_shards
 from zoscale.engine.comm import Comm
+from zoscale.engine.dual import DualForward
 from zoscale.errors import ConfigError
 from zoscale.models import BodyHead, causal_lm
 from zoscale.optim import REGISTRY
@@ -212,7 +213,7 @@ class ZOTrainer(Trainer):
                  zo_deepspeed_config: str | None = None, zo_master_weights: bool = False,
                  zo_fsdp_shard_size: int | str | None = None, zo_max_stalled_steps: int = 50,
                  zo_objective="loss", zo_reward_weights: list[float] | None = None, zo_max_new_tokens: int = 16,
-                 zo_stop: tuple[str, ...] = ("\n",), **kwargs):
+                 zo_stop: tuple[str, ...] = ("\n",), zo_dual_forward: bool = False, **kwargs):
         """zo_optimizer, zo_options: as for ``zoscale.build_optimizer`` (the same names, options and
         checks; ``seed`` defaults to ``args.seed``, ``lr`` to ``args.learning_rate``). zo_backend:
         None (whole parameters on every rank), "fsdp" or "deepspeed" (zoscale shards ``model``);
@@ -244,6 +245,13 @@ class ZOTrainer(Trainer):
             if missing:
                 raise ValueError(f"train_dataset: zo_objective {self.zo_objective} needs the column(s) {missing}")
             kwargs["data_collator"] = kwargs.get("data_collator") or Rows.collate
+        if zo_dual_forward:
+            if not REGISTRY[zo_optimizer].pairs:
+                raise ValueError(f"zo_dual_forward: {zo_optimizer} does not take its losses as (+eps, -eps) pairs")
+            if self.zo_objective != "loss" or type(self).compute_loss is not Trainer.compute_loss:
+                raise ValueError("zo_dual_forward: computes the causal-LM loss on labels itself; not with another "
+                                 "zo_objective or an overridden compute_loss")
+        self.zo_dual_forward, self.dual = zo_dual_forward, None
         self.zo_name, self.zo_options, self.zo = zo_optimizer, dict(zo_options or {}), None
         check = {"lr": args.learning_rate, "weight_decay": args.weight_decay, **self.zo_options}
         if check.get("schedule", "constant") != "constant":
@@ -315,6 +323,8 @@ class ZOTrainer(Trainer):
             if options.get("schedule", "constant") != "constant":
                 options.setdefault("total_steps", self.state.max_steps)
             self.zo = zoscale.build_optimizer(self.zo_name, shards, comm=self.comm, shard_comm=shard_comm, **options)
+            if self.zo_dual_forward:
+                self.dual = DualForward(module, self.zo.config.distribution, self.zo.config.stream)
             self.optimizer = LrCarrier(self.zo.config.lr)
             if not own_schedule:
                 self.zo.lr_source = lambda step: self.optimizer.param_groups[0]["lr"]
@@ -347,8 +357,25 @@ class ZOTrainer(Trainer):
         """This rank's micro-batches as the closure protocol: the item-weighted loss of
         ``compute_loss`` (the model's own loss by default), the whole training set's for MeZO-SVRG's
         anchors, and a causal LM's body/head split for PseuZO."""
+        pair = None if self.dual is None else lambda terms: self._pair_loss(model, batches, terms)
         return Objective(loss=lambda: self._loss(model, batches), full_loss=lambda: self._full_loss(model),
-                         outputs=lambda kind: self._outputs(batches[0], kind))
+                         outputs=lambda kind: self._outputs(batches[0], kind), pair=pair)
+
+    def _pair_loss(self, model, batches, terms) -> list[tuple[float, float]]:
+        """(sum, count) of the shifted cross-entropy at theta + terms and at theta - terms, each
+        micro-batch forwarded once, taken twice (engine/dual.py)."""
+        sides = [[0.0, 0.0], [0.0, 0.0]]
+        for inputs in batches:
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")[:, 1:]
+            doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            with torch.no_grad(), self.compute_loss_context_manager(), self.dual.pair(terms, rows=2 * len(labels)):
+                logits = model(**doubled).logits
+            for side, half in zip(sides, logits.chunk(2)):
+                side[0] += float(F.cross_entropy(half[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                 ignore_index=-100, reduction="sum"))
+                side[1] += float(labels.ne(-100).sum())
+        return [tuple(side) for side in sides]
 
     def _loss(self, model, batches) -> tuple[float, float]:
         """The objective's (sum, count) over this rank's micro-batches."""

@@ -33,12 +33,17 @@ class Objective:
                     differentiable with respect to ``output``
     gradient()      the loss (loss_sum, count) with the loss_sum's gradient accumulated into the
                     trainable parameters' ``.grad``: backpropagation, for first-order baselines
+    pair(terms)     [loss at theta + terms, loss at theta - terms] from one forward that perturbs
+                    gathered copies and never the shards (``dual_forward``, engine/dual.py); offered
+                    by a trainer only when asked for, and used by the optimizers that declare
+                    ``pairs`` in place of two ``loss()`` calls around engine passes
     """
 
     loss: Closure | None = None
     full_loss: Closure | None = None
     outputs: Callable[[str], tuple] | None = None
     gradient: Closure | None = None
+    pair: Callable[[dict], list] | None = None
 
     def require(self, optimizer: ZOOptimizer) -> Objective:
         absent = [need for need in optimizer.needs if getattr(self, need) is None]
@@ -159,6 +164,7 @@ class ZOOptimizer:
     name = "base"
     Config = ZOConfig
     needs: tuple[str, ...] = ("loss",)  # the Objective fields a step calls; a bare callable is the first
+    pairs = False  # whether its step's losses are (+, -) pairs around theta that Objective.pair may give
     # Options a run keeps from its first step: a resumed run not naming them takes its checkpoint's
     # values, so that a default changed since does not change the run (states without "stream": v1)
     run_properties: tuple[str, ...] = ("stream",)
@@ -202,10 +208,16 @@ class ZOOptimizer:
     def seed_for(self, step: int, *tags: int) -> int:
         return rng.mix_seed(self.config.seed, step, *tags)
 
-    def evaluate_pairs(self, directions: Sequence[dict], closure: Closure) -> list:
+    def evaluate_pairs(self, directions: Sequence[dict], closure: Closure, pair: Callable | None = None) -> list:
         """Closure results at theta + eps d and theta - eps d for each direction d (engine terms),
-        in that order; theta - eps d_last stays pending until the next update/flush."""
+        in that order; theta - eps d_last stays pending until the next update/flush. With ``pair``
+        (Objective.pair) each direction is one dual forward and the shards stay at theta."""
         eps, raw = self.config.eps, []
+        if pair is not None:
+            self.engine.flush()  # the gathered copies are perturbed from theta itself
+            for direction in directions:
+                raw.extend(pair({k: eps * c for k, c in direction.items()}))
+            return raw
         for direction in directions:
             for sign in (1.0, -1.0):
                 self.engine.perturb({k: sign * eps * c for k, c in direction.items()})

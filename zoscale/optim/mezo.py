@@ -32,17 +32,19 @@ class MeZOConfig(ZOConfig):
 @register("mezo")
 class MeZO(ZOOptimizer):
     Config = MeZOConfig
+    pairs = True
 
     @classmethod
     def forward_passes(cls, config: MeZOConfig, step: int, full_batches: float) -> float:
         return 2.0 * config.n_directions
 
     def _step(self, objective) -> StepResult:
-        closure = self.objective(objective).loss
+        objective = self.objective(objective)
         cfg, step = self.config, self.step_count
         lr = self.lr_at(step)
         seeds = [self.seed_for(step, j) for j in range(cfg.n_directions)]
-        losses = self.global_means(self.evaluate_pairs([{seed: 1.0} for seed in seeds], closure))
+        directions = [{seed: 1.0} for seed in seeds]
+        losses = self.global_means(self.evaluate_pairs(directions, objective.loss, objective.pair))
         plus = losses[0::2]
         shaped = shape(losses, cfg.shaping)
         pgs = tuple((lp - lm) / (2 * cfg.eps) for lp, lm in zip(shaped[0::2], shaped[1::2]))

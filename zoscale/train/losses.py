@@ -159,6 +159,19 @@ class Batch:
             return sum(-F.log_softmax(s, 0)[y] for s, y in zip(scores, self.labels)), self.examples
         return self.head_loss(model, self.body(model))
 
+    def pair_loss(self, model, dual, terms) -> list[tuple[float, int]]:
+        """(loss_sum, count) at theta + terms and at theta - terms from one forward of the batch
+        taken twice (engine/dual.py): a sharded layer is gathered once for both."""
+        ids, mask = self.input_ids.repeat(2, 1), self.attention_mask.repeat(2, 1)
+        with torch.no_grad(), dual.pair(terms, rows=ids.shape[0]):
+            plus, minus = self.split.body(model, ids, mask).chunk(2)
+            logits = self.head(model, torch.cat([plus[self.scored], minus[self.scored]]))
+        losses = []
+        for half in logits.chunk(2):
+            total, count = self.loss_from_token_logprobs(self.logprobs_from_logits(half))
+            losses.append((float(total), count))
+        return losses
+
     def loss(self, model) -> tuple[float, int]:
         with torch.no_grad():
             total, count = self.loss_tensor(model)

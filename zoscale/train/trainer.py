@@ -22,6 +22,7 @@ from zoscale import backends
 from zoscale.config import TrainConfig, to_dict
 from zoscale.engine import resident
 from zoscale.engine.comm import print0
+from zoscale.engine.dual import DualForward
 from zoscale.engine.ledger import CommLedger
 from zoscale.errors import ConfigError
 from zoscale.models import build_tokenizer
@@ -108,6 +109,8 @@ class Trainer:
         self.optimizer = zoscale.build_optimizer(cfg.optim.name, shards, comm=self.comm, shard_comm=shard_comm,
                                                  phase=self.phase, **options)
         self.ledger = CommLedger(self.comm.world_size, self.backend.named_groups())
+        self.dual = DualForward(self.model, self.optimizer.config.distribution, self.optimizer.config.stream) \
+            if cfg.dual_forward else None
 
         self.step = 0
         self.forward_passes = 0.0  # over one training batch each, since step 0
@@ -174,9 +177,10 @@ class Trainer:
 
         model = self.model
         outputs = None if self.loss_kind == "masked" else forward(lambda kind: batch.outputs(model, kind))
+        pair = None if self.dual is None else forward(lambda terms: batch.pair_loss(model, self.dual, terms), 2.0)
         return Objective(loss=forward(lambda: self.measure.value(model, batch)),
                          full_loss=forward(self.full_batch_loss, len(self.train) / self.cfg.batch_size),
-                         outputs=outputs, gradient=forward(lambda: batch.backward(model), 3.0))
+                         outputs=outputs, gradient=forward(lambda: batch.backward(model), 3.0), pair=pair)
 
     def train_step(self, batch: Batch):
         return self.optimizer.step(self.objective_for(batch))
@@ -195,6 +199,8 @@ class Trainer:
             for step in bar:
                 batch = self.batch(step)
                 t0 = time.time()
+                if self.dual is not None:
+                    self.dual.generated = 0  # the ledger reports one step's
                 with self.counting(step):
                     result = self.train_step(batch)
                 elapsed = time.time() - t0
@@ -240,7 +246,11 @@ class Trainer:
         return self.ledger.record(step) if step < self.cfg.comm_ledger_steps else contextlib.nullcontext()
 
     def _write_ledger(self, step: int) -> None:
-        self.log.comm(self.ledger.as_dict())
+        record = self.ledger.as_dict()
+        if self.dual is not None:  # the work dual_forward adds: every rank draws z for whole gathered parameters
+            record["dual_forward"] = {"z_elements_per_step": self.dual.generated,
+                                      "shard_elements": sum(s.numel for s in self.optimizer.shards)}
+        self.log.comm(record)
         print0(f"communication of step {step} (rank 0; RUN/comm.json): {self.ledger.summary(step)}")
 
     def _finish(self, seconds: float) -> dict:
