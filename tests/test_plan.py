@@ -35,3 +35,36 @@ def test_plan_command_prints_a_table_and_refuses_a_missing_model():
     done = subprocess.run([sys.executable, "-m", "zoscale", "plan", "--model", "/nonexistent/config.json"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("zoscale: error: --model")
+
+
+def test_cluster_layouts_put_only_scalars_on_the_network_unless_a_shard_group_spans_nodes():
+    from zoscale.cli.layouts import layouts
+
+    found = layouts(str(MODELS / "opt-13b.json"), nodes=2, gpus_per_node=8, gpu_memory_gib=80, intra_gbps=3600,
+                    inter_gbps=400, batch=32)
+    by = {(lay.shard_size, lay.dual, lay.name == "offload"): lay for lay in found}
+    assert sorted({lay.shard_size for lay in found}) == [1, 2, 4, 8, 16]
+    model_bytes = 12.85e9 * 2
+    for size in (1, 2, 4, 8):  # within a node: the losses alone cross it
+        assert by[size, False, False].inter_bytes <= 1024
+    flat = by[16, False, False]
+    # two forwards, each half from the other node
+    assert flat.inter_bytes == pytest.approx(2 * 8 / 16 * model_bytes, rel=0.01)
+    for size in (2, 4, 8, 16):  # dual_forward gathers each layer once a step
+        assert by[size, True, False].intra_bytes == pytest.approx(by[size, False, False].intra_bytes / 2)
+    assert by[16, False, True].host_bytes > 0 and by[16, False, True].memory_gib < flat.memory_gib
+    assert [lay.fits for lay in found if lay.fastest] == [True]
+    small = layouts(str(MODELS / "opt-13b.json"), 2, 8, 10, 3600, 400, batch=32)  # 10 GiB: no whole replica
+    assert next(lay for lay in small if lay.fastest).shard_size > 1
+    assert not next(lay for lay in small if lay.shard_size == 1).fits
+
+
+def test_plan_command_lists_a_clusters_layouts_with_its_constants():
+    done = subprocess.run([sys.executable, "-m", "zoscale", "plan", "--model", str(MODELS / "opt-13b.json"),
+                           "--nodes", "2", "--batch", "32"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("**fastest**") == 1 and "| flop_rate |" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "zoscale", "plan", "--model", str(MODELS / "opt-13b.json"),
+                           "--nodes", "4"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == ("zoscale: error: --batch: 16 sequences do not give each "
+                                                            "of the 32 GPUs one")

@@ -16,7 +16,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoscale.cli import positive_int
+from zoscale.cli import positive_float, positive_int
 from zoscale.errors import ConfigError
 
 GIB = 2**30
@@ -31,6 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=positive_int, default=128)
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--optimizer", default="mezo", help="a registered optimizer (its per-parameter buffers)")
+    cluster = parser.add_argument_group("a cluster's layouts (cli/layouts.py): replicas, hybrid, flat, offload")
+    cluster.add_argument("--nodes", type=positive_int, help="list the layouts for this many nodes")
+    cluster.add_argument("--gpus-per-node", type=positive_int, default=8)
+    cluster.add_argument("--gpu-memory", type=positive_float, default=80.0, help="GiB per GPU")
+    cluster.add_argument("--intra-gbps", type=positive_float, default=3600.0,
+                         help="Gbit/s per GPU and direction within a node (H100 NVLink: 3600)")
+    cluster.add_argument("--inter-gbps", type=positive_float, default=400.0,
+                         help="Gbit/s per GPU and direction between nodes (one 400G NIC per GPU: 400)")
 
 
 def run(args) -> int:
@@ -38,6 +46,20 @@ def run(args) -> int:
 
     if args.optimizer not in REGISTRY:
         raise ConfigError(f"--optimizer: unknown {args.optimizer!r}; choose one of {sorted(REGISTRY)}")
+    if args.nodes is not None:
+        from zoscale.cli import layouts
+
+        if args.batch < args.nodes * args.gpus_per_node:
+            raise ConfigError(f"--batch: {args.batch} sequences do not give each of the "
+                              f"{args.nodes * args.gpus_per_node} GPUs one")
+        try:
+            found = layouts.layouts(args.model, args.nodes, args.gpus_per_node, args.gpu_memory, args.intra_gbps,
+                                    args.inter_gbps, args.batch, args.seq, args.dtype, args.optimizer)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--model {args.model}: {str(e).splitlines()[0]}") from None
+        print(layouts.table(Path(args.model).stem, args.nodes, args.gpus_per_node, found))
+        print("\n" + layouts.constants_table())
+        return 0
     try:
         plans = [plan(args.model, args.backend, n, args.batch, args.seq, args.dtype, args.optimizer)
                  for n in args.world_size]
@@ -53,6 +75,8 @@ class MemoryEstimate:
     backend: str
     world_size: int
     parameters: int
+    bytes_per_parameter: int
+    layers: int
     parameter_shard_gib: float
     optimizer_buffers_gib: float
     gathered_layers_gib: float
@@ -75,7 +99,9 @@ def load_model_config(model: str):
 
 
 def plan(model: str, backend: str, world_size: int, batch: int = 16, seq: int = 128, dtype: str = "bfloat16",
-         optimizer: str = "mezo") -> MemoryEstimate:
+         optimizer: str = "mezo", world: int | None = None) -> MemoryEstimate:
+    """``world_size``: the ranks a parameter is sharded over; ``world`` (default the same): the
+    ranks the batch is split over (more under hybrid sharding)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -98,12 +124,13 @@ def plan(model: str, backend: str, world_size: int, batch: int = 16, seq: int = 
     gathered_root = root_numel * size if sharded else 0.0
     hidden, heads = cfg.hidden_size, cfg.num_attention_heads
     ffn = getattr(cfg, "ffn_dim", None) or getattr(cfg, "intermediate_size", 4 * hidden)
-    per_rank_batch = batch / world_size if backend != "local" else batch
+    per_rank_batch = batch / (world or world_size) if backend != "local" else batch
     tokens = per_rank_batch * seq
     activations = tokens * (6 * hidden + 2 * ffn) * size + per_rank_batch * heads * seq * seq * size \
         + tokens * cfg.vocab_size * 4
     parts = [shard, buffers, gathered_layers, gathered_root, activations]
     return MemoryEstimate(model=Path(model).stem, backend=backend, world_size=world_size, parameters=total,
+                bytes_per_parameter=size, layers=len(layers),
                 parameter_shard_gib=shard / GIB, optimizer_buffers_gib=buffers / GIB,
                 gathered_layers_gib=gathered_layers / GIB, gathered_root_gib=gathered_root / GIB,
                 activations_gib=activations / GIB, total_gib=sum(parts) / GIB)
