@@ -38,7 +38,9 @@ def same_trajectory(got: Path, expected: Path) -> None:
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     local = [run(f"local-{o}", o) for o in OPTIMIZERS] + [run("local-conmezo-8", "conmezo", "steps=8"),
-                                                            run("local-dual", "mezo", "dual_forward=true")]
+                                                            run("local-dual", "mezo", "dual_forward=true"),
+                                                            run("local-n2", "mezo", "optim.n_directions=2"),
+                                                            run("local-n4", "mezo", "optim.n_directions=4")]
     done = run_group([sys.executable, SCRIPT, str(out), json.dumps(local)], timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
     sharded = [run(f"{layout}-{o}", o, "backend=fsdp", f"fsdp_shard_size={size}")
@@ -48,7 +50,11 @@ def runs(tmp_path_factory):
                 ["hybrid-to-flat", {"steps": 8, "fsdp_shard_size": None}, True],
                 ["flat-to-hybrid", {"steps": 8, "fsdp_shard_size": 2}, True],
                 run("hybrid-dual", "mezo", "backend=fsdp", "fsdp_shard_size=2", "dual_forward=true"),
-                run("flat-dual", "mezo", "backend=fsdp", "dual_forward=true")]
+                run("flat-dual", "mezo", "backend=fsdp", "dual_forward=true"),
+                run("hybrid-population", "mezo", "backend=fsdp", "fsdp_shard_size=2", "optim.n_directions=2",
+                    "optim.population=true"),
+                run("replicas-population", "mezo", "backend=fsdp", "fsdp_shard_size=1", "optim.n_directions=4",
+                    "optim.population=true")]
     done = launch(4, SCRIPT, str(out), json.dumps(sharded), timeout=900)
     assert done.returncode == 0, done.stdout[-3000:]
     return out
@@ -82,6 +88,15 @@ def test_the_ledger_shows_only_scalars_between_replicas(runs):
     # a shard group of 2 gathers the same layers as one of 4 (padded to the group's size)
     assert hybrid["shard"]["all_gather"]["calls"] == flat["world"]["all_gather"]["calls"]
     assert hybrid["shard"]["all_gather"]["bytes"] == pytest.approx(flat["world"]["all_gather"]["bytes"], rel=0.05)
+
+
+def test_replica_groups_as_a_population_take_n_spsa_steps(runs):
+    """Each replica group evaluates its own directions on the whole batch: the step of n-SPSA in
+    one process, with only the losses between groups."""
+    for name, local in (("hybrid-population", "local-n2"), ("replicas-population", "local-n4")):
+        same_trajectory(runs / name, runs / local)
+        step = json.loads((runs / name / "comm.json").read_text())["1"]
+        assert "replica" not in step and step["world"]["all_reduce"]["bytes"] <= 1024, step
 
 
 def losses(path: Path) -> list[float]:

@@ -245,6 +245,9 @@ class ZOTrainer(Trainer):
             if missing:
                 raise ValueError(f"train_dataset: zo_objective {self.zo_objective} needs the column(s) {missing}")
             kwargs["data_collator"] = kwargs.get("data_collator") or Rows.collate
+        if dict(zo_options or {}).get("population"):
+            raise ValueError("zo_options population: the Trainer splits every batch over all ranks; a population "
+                             "needs each replica group to see the whole batch (zoscale train supports it)")
         if zo_dual_forward:
             if not REGISTRY[zo_optimizer].pairs:
                 raise ValueError(f"zo_dual_forward: {zo_optimizer} does not take its losses as (+eps, -eps) pairs")

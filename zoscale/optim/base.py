@@ -190,6 +190,7 @@ class ZOOptimizer:
             sharded = self.comm.all_reduce_sum([0.0 if whole else 1.0])[0] > 0  # every rank decides the same
             shard_comm = self.comm if sharded else Comm(distributed=False)
         self.shard_comm = shard_comm
+        self.batch_comm = self.comm  # the ranks a step's batch is split over
         self.engine = PerturbationEngine(shards, config.distribution, version=config.stream, phase=phase)
         self.step_count = 0
         self.lr_source: Callable[[int], float] | None = None  # an outside schedule (a Trainer's) replaces lr_at's

@@ -8,12 +8,19 @@ One step, with n directions at the same theta (n-SPSA, n = 1 by default):
 
 The restore (+eps z_n) and the update go out in one pass; with ``defer_update`` they wait for
 the next step's first perturbation pass (two passes per step instead of three).
+
+``population``: the replica groups (ranks holding the same elements: every rank under ddp, each
+shard group under hybrid FSDP2) share out the n directions, group g taking directions g, g + R, ...
+on the whole batch (split within the group only); the losses of all directions go out in the one
+all-reduce, each group filling its own, and every rank applies all n seed terms in one pass. The
+same step as n-SPSA in one process, its directions evaluated side by side.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zoscale.errors import ConfigError
 from zoscale.optim.base import SHAPINGS, StepResult, ZOConfig, ZOOptimizer, _check, all_finite, register, shape
 
 
@@ -22,6 +29,7 @@ class MeZOConfig(ZOConfig):
     n_directions: int = 1
     defer_update: bool = False
     shaping: str = "none"  # none | normalize | centered_ranks: over the step's 2 n values (base.shape)
+    population: bool = False  # the replica groups share out the n directions, each on the whole batch
 
     def __post_init__(self):
         super().__post_init__()
@@ -38,13 +46,27 @@ class MeZO(ZOOptimizer):
     def forward_passes(cls, config: MeZOConfig, step: int, full_batches: float) -> float:
         return 2.0 * config.n_directions
 
+    def __init__(self, shards, config: MeZOConfig, comm=None, shard_comm=None, phase=None):
+        super().__init__(shards, config, comm, shard_comm, phase)
+        groups = self.comm.world_size // self.shard_comm.world_size
+        if config.population and config.n_directions % groups:
+            raise ConfigError(f"n_directions: {config.n_directions} directions do not share out over the {groups} "
+                              f"replica groups of a population")
+        # the directions this rank evaluates, and the ranks its batch is split over
+        self.directions_here = range(self.comm.rank // self.shard_comm.world_size, config.n_directions, groups) \
+            if config.population else range(config.n_directions)
+        self.batch_comm = self.shard_comm if config.population else self.comm
+
     def _step(self, objective) -> StepResult:
         objective = self.objective(objective)
         cfg, step = self.config, self.step_count
         lr = self.lr_at(step)
         seeds = [self.seed_for(step, j) for j in range(cfg.n_directions)]
-        directions = [{seed: 1.0} for seed in seeds]
-        losses = self.global_means(self.evaluate_pairs(directions, objective.loss, objective.pair))
+        raw = self.evaluate_pairs([{seeds[j]: 1.0} for j in self.directions_here], objective.loss, objective.pair)
+        values = [(0.0, 0.0)] * (2 * cfg.n_directions)  # another group's directions: its ranks fill them
+        for i, j in enumerate(self.directions_here):
+            values[2 * j : 2 * j + 2] = raw[2 * i : 2 * i + 2]
+        losses = self.global_means(values)
         plus = losses[0::2]
         shaped = shape(losses, cfg.shaping)
         pgs = tuple((lp - lm) / (2 * cfg.eps) for lp, lm in zip(shaped[0::2], shaped[1::2]))

@@ -136,7 +136,8 @@ class Trainer:
     # -- the step -------------------------------------------------------------------------------
     def batch(self, step: int) -> Batch:
         index = data.batch_indices(len(self.train), self.cfg.batch_size, step, self.cfg.seed)
-        mine = data.rank_share(index, self.comm.rank, self.comm.world_size)
+        share = self.optimizer.batch_comm  # every rank, or (a population) the rank's replica group
+        mine = data.rank_share(index, share.rank, share.world_size)
         # every rank pads like the whole batch: the same shapes as in one process (PseuZO pairs
         # positions of older outputs by them)
         longest = max(sequence_length(self.train[i], self.loss_kind) for i in index)
