@@ -1,8 +1,9 @@
 """Hybrid sharding: FSDP2 shard groups with replicas across them, on 4 gloo ranks as 2 "nodes" x 2,
-as 4 replicas (shard groups of 1) and as one flat group of 4, give the single-process trajectory
-for all four optimizers; replicas exchange no parameter (the communication ledger); a hybrid
-checkpoint resumes flat and a flat one hybrid. `dual_forward` (both sides of a step in one
-forward) equals the two-forward step and gathers each layer once a step."""
+as 4 replicas (shard groups of 1) and as one flat group of 4, and ZeRO-3 in groups of 2 and 1,
+give the single-process trajectory for all four optimizers; replicas exchange no parameter (the
+communication ledger); a hybrid checkpoint resumes flat and a flat one hybrid. `dual_forward`
+(both sides of a step in one forward) equals the two-forward step and gathers each layer once a
+step; replica groups as a population take n-SPSA steps."""
 
 import json
 import sys
@@ -55,6 +56,11 @@ def runs(tmp_path_factory):
                     "optim.population=true"),
                 run("replicas-population", "mezo", "backend=fsdp", "fsdp_shard_size=1", "optim.n_directions=4",
                     "optim.population=true")]
+    sharded += [run(f"zero3-{o}", o, "backend=deepspeed", "zero3_shard_size=2") for o in OPTIMIZERS]
+    sharded += [run("zero3-replicas", "mezo", "backend=deepspeed", "zero3_shard_size=1"),
+                run("zero3-dual", "mezo", "backend=deepspeed", "zero3_shard_size=2", "dual_forward=true"),
+                run("zero3-to-flat", "conmezo", "backend=deepspeed", "zero3_shard_size=2"),
+                ["zero3-to-flat", {"steps": 8, "backend": "fsdp", "zero3_shard_size": None}, True]]
     done = launch(4, SCRIPT, str(out), json.dumps(sharded), timeout=900)
     assert done.returncode == 0, done.stdout[-3000:]
     return out
@@ -66,8 +72,23 @@ def test_every_layout_follows_the_single_process_trajectory(layout, runs):
         same_trajectory(runs / f"{layout}-{optimizer}", runs / f"local-{optimizer}")
 
 
+def test_zero3_in_shard_groups_follows_the_single_process_trajectory(runs):
+    """ZeRO-3 partitions within groups of 2 (DeepSpeed's data-parallel group set to the shard
+    group), replicas across them: the same trajectory, all-gathers within the group only."""
+    for optimizer in OPTIMIZERS:
+        same_trajectory(runs / f"zero3-{optimizer}", runs / f"local-{optimizer}")
+        step = json.loads((runs / f"zero3-{optimizer}" / "comm.json").read_text())["1"]
+        assert "replica" not in step and "all_gather" not in step["world"], step
+        assert step["shard"]["all_gather"]["calls"] > 0
+    same_trajectory(runs / "zero3-replicas", runs / "local-mezo")
+    same_trajectory(runs / "zero3-dual", runs / "local-dual")
+    dual, two = (json.loads((runs / name / "comm.json").read_text())["1"]["shard"]["all_gather"]
+                 for name in ("zero3-dual", "zero3-mezo"))
+    assert 2 * dual["calls"] == two["calls"] and 2 * dual["bytes"] == two["bytes"]
+
+
 def test_a_hybrid_checkpoint_resumes_flat_and_a_flat_one_hybrid(runs):
-    for name in ("hybrid-to-flat", "flat-to-hybrid"):
+    for name in ("hybrid-to-flat", "flat-to-hybrid", "zero3-to-flat"):
         assert summary(runs / name)["steps"] == 8
         same_trajectory(runs / name, runs / "local-conmezo-8")
 
@@ -129,16 +150,19 @@ def test_the_slurm_scripts_default_shard_size_applies_only_where_none_is_named(m
     from zoscale.config import load
     from zoscale.quickstart import QUICKSTART
 
-    monkeypatch.setenv("ZOSCALE_FSDP_SHARD_SIZE", "auto")
+    monkeypatch.setenv("ZOSCALE_SHARD_SIZE", "auto")
     assert load(None, ["backend=fsdp"], defaults=QUICKSTART).fsdp_shard_size == "auto"
     assert load(None, ["backend=fsdp", "fsdp_shard_size=4"], defaults=QUICKSTART).fsdp_shard_size == 4
-    assert load(None, ["backend=deepspeed"], defaults=QUICKSTART).fsdp_shard_size is None
+    assert load(None, ["backend=deepspeed"], defaults=QUICKSTART).zero3_shard_size == "auto"
+    assert load(None, ["backend=ddp"], defaults=QUICKSTART).fsdp_shard_size is None
 
 
 @pytest.mark.parametrize("overrides,message", [
     (["backend=fsdp", "fsdp_shard_size=2"], "fsdp_shard_size: 2 ranks per shard group do not divide the 1 ranks"),
     (["backend=fsdp", "fsdp_shard_size=0"], "fsdp_shard_size: must be a positive integer or auto, got 0"),
-    (["backend=deepspeed", "fsdp_shard_size=2"], "fsdp_shard_size: shard groups are FSDP2's (backend fsdp)"),
+    (["backend=deepspeed", "fsdp_shard_size=2"], "fsdp_shard_size: shard groups of backend fsdp; backend deepspeed "
+                                                 "takes zero3_shard_size"),
+    (["backend=deepspeed", "zero3_shard_size=2"], "zero3_shard_size: 2 ranks per shard group do not divide the 1"),
     (["optim.name=pseuzo", "dual_forward=true"], "dual_forward: pseuzo does not take its losses as (+eps, -eps) pairs"),
     (["dual_forward=true", "objective=accuracy"], "dual_forward: the objective must be the loss"),
 ])

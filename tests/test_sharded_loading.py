@@ -1,6 +1,7 @@
 """Pretrained weights from a local directory load into sharded models rank by rank (FSDP2: each
-rank reads its rows from the safetensors files; ZeRO-3: from_pretrained under HfDeepSpeedConfig),
-and training continues exactly as from a whole model."""
+rank reads its rows from the safetensors files; ZeRO-3: from_pretrained under HfDeepSpeedConfig;
+ZeRO-3 in shard groups: each rank reads its partitions), and training continues exactly as from a
+whole model."""
 
 import json
 import subprocess
@@ -51,12 +52,15 @@ def local(pretrained, tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend,world,message", [("fsdp", 3, "sharded loading"),
-                                                   ("deepspeed", 2, "ZeRO-3 partitions")])
+                                                   ("deepspeed", 2, "ZeRO-3 partitions"),
+                                                   ("deepspeed zero3_shard_size=2", 4, "partitions of each shard")])
 def test_sharded_loading_continues_like_a_whole_model(backend, world, message, pretrained, local, tmp_path):
-    if backend == "deepspeed":
+    """ZeRO-3 hybrid (2 groups of 2): each rank reads its partitions of its group from the files."""
+    if backend.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
     run = tmp_path / "run"
-    done = launch(world, "-m", "zoscale", "train", "--out", str(run), f"backend={backend}", *RUN, *pretrained,
+    backend, *extra = backend.split()
+    done = launch(world, "-m", "zoscale", "train", "--out", str(run), f"backend={backend}", *extra, *RUN, *pretrained,
                   timeout=400)
     assert done.returncode == 0, done.stdout[-3000:]
     assert message in done.stdout

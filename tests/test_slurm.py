@@ -64,8 +64,9 @@ def test_sbatch_script_completes_and_matches_a_local_run(script, extra, local_su
     assert summary["steps"] == 6
     assert summary["param_sq_sum"] == pytest.approx(local_summary["param_sq_sum"], rel=1e-6)
     assert summary["eval_after"] == local_summary["eval_after"]
-    if script == "slurm_torchrun.sbatch":  # FSDP2 under SLURM: shard within a node, replicas across nodes
-        assert "fsdp_shard_size: auto" in (run / "config.yaml").read_text()
+    # under SLURM: shard within a node, replicas across nodes
+    key = "fsdp_shard_size" if script == "slurm_torchrun.sbatch" else "zero3_shard_size"
+    assert f"{key}: auto" in (run / "config.yaml").read_text()
 
 
 def test_a_preempted_job_checkpoints_is_requeued_and_ends_on_the_same_trajectory(local_summary, tmp_path):

@@ -142,6 +142,7 @@ class TrainConfig:
     # backend fsdp: ranks per shard group, replicas across groups, which exchange no parameter (only
     # the losses); auto: the ranks of one node (LOCAL_WORLD_SIZE); default: the whole world
     fsdp_shard_size: int | str | None = None
+    zero3_shard_size: int | str | None = None  # backend deepspeed: the same, for ZeRO-3's partition groups
     # the +eps and -eps forwards as one forward of the batch taken twice: each layer gathered once a
     # step, the shards take only the update (engine/dual.py; optimizers that declare `pairs`)
     dual_forward: bool = False
@@ -184,13 +185,15 @@ class TrainConfig:
         _choice(self.backend, BACKENDS, "backend")
         if self.fsdp_compute_dtype is not None:
             _choice(self.fsdp_compute_dtype, DTYPES, "fsdp_compute_dtype")
-        if self.fsdp_shard_size is not None:
-            size = self.fsdp_shard_size
+        for key, backend in (("fsdp_shard_size", "fsdp"), ("zero3_shard_size", "deepspeed")):
+            size = getattr(self, key)
+            if size is None:
+                continue
             _require(size == "auto" or (isinstance(size, int) and not isinstance(size, bool) and size > 0),
-                     "fsdp_shard_size", f"must be a positive integer or auto, got {size!r}")
-            whole = self.backend in ("local", "ddp")
-            _require(self.backend == "fsdp", "fsdp_shard_size", f"shard groups are FSDP2's (backend fsdp); backend "
-                     f"{self.backend} {'holds whole replicas' if whole else 'partitions over every rank'}")
+                     key, f"must be a positive integer or auto, got {size!r}")
+            other = {"fsdp": "fsdp_shard_size", "deepspeed": "zero3_shard_size"}.get(self.backend)
+            _require(self.backend == backend, key, f"shard groups of backend {backend}; backend {self.backend} "
+                     f"{f'takes {other}' if other else 'holds whole replicas'}")
         if self.deepspeed_config is not None:
             check_deepspeed_json(self.deepspeed_config)
         if self.tensorboard:
@@ -366,9 +369,10 @@ def load(path: Path | None, overrides: list[str] = (), defaults: Path | None = N
         _resolve_paths(raw, Path(source).resolve().parent)
     for assignment in overrides:
         apply_override(raw, assignment)
-    launcher_shard_size = os.environ.get("ZOSCALE_FSDP_SHARD_SIZE")  # the SLURM scripts' default: one node
-    if launcher_shard_size and raw.get("backend") == "fsdp" and "fsdp_shard_size" not in raw:
-        raw["fsdp_shard_size"] = parse_value(launcher_shard_size)
+    launcher_shard_size = os.environ.get("ZOSCALE_SHARD_SIZE")  # the SLURM scripts' default: one node
+    key = {"fsdp": "fsdp_shard_size", "deepspeed": "zero3_shard_size"}.get(raw.get("backend"))
+    if launcher_shard_size and key and key not in raw:
+        raw[key] = parse_value(launcher_shard_size)
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("config"), str):  # a config.json, e.g. configs/models/
         _require(Path(model["config"]).is_file(), "model.config", f"no such file {model['config']}")

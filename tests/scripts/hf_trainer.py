@@ -6,7 +6,7 @@ Keys: optimizer, backend (none | fsdp | deepspeed: zoscale shards the model; tra
 trainer-fsdp: the Trainer's own integrations, TrainingArguments(deepspeed=...) or fsdp=..., the
 latter on CUDA), steps, batch (the global batch), accumulation,
 save_steps, resume (a checkpoint directory), lr, dtype, master (fp32 master weights), save_model, weight_decay,
-dual (zo_dual_forward),
+dual (zo_dual_forward), shard_size (zo_zero3_shard_size),
 objective (loss, or reward: the prompts' greedy words scored by the quickstart's reward function).
 Every rank writes OUT/rank{r}.json: the Trainer's log history, the parameter checksum and the files
 of OUT/run.
@@ -94,7 +94,8 @@ def main(out: Path, options: dict) -> None:
                         zo_optimizer=options.get("optimizer", "mezo"), zo_options={"eps": eps},
                         zo_backend=backend if backend in ("fsdp", "deepspeed") else None,
                         zo_master_weights=bool(int(options.get("master", 0))),
-                        zo_dual_forward=bool(int(options.get("dual", 0))))
+                        zo_dual_forward=bool(int(options.get("dual", 0))),
+                        **({"zo_zero3_shard_size": int(options["shard_size"])} if "shard_size" in options else {}))
     trainer.train(resume_from_checkpoint=options.get("resume"))
     if options.get("save_model"):
         trainer.save_model(str(out / "model"))

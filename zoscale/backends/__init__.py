@@ -8,7 +8,8 @@ from zoscale.errors import ConfigError
 
 
 def get(name: str, deepspeed_config: str | None = None, fsdp_compute_dtype: str | None = None,
-        fsdp_cpu_offload: bool = False, fsdp_shard_size: int | str | None = None):
+        fsdp_cpu_offload: bool = False, fsdp_shard_size: int | str | None = None,
+        zero3_shard_size: int | str | None = None):
     if name == "local":
         return LocalBackend()
     if name == "ddp":
@@ -20,5 +21,5 @@ def get(name: str, deepspeed_config: str | None = None, fsdp_compute_dtype: str 
     if name == "deepspeed":
         from zoscale.backends.deepspeed import DeepSpeedBackend
 
-        return DeepSpeedBackend(deepspeed_config)
+        return DeepSpeedBackend(deepspeed_config, zero3_shard_size)
     raise ConfigError(f"backend: {name!r} is not available; choose one of ['ddp', 'deepspeed', 'fsdp', 'local']")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 from zoscale.engine import Comm, Shard
 from zoscale.errors import ConfigError
-from zoscale.models import BodyHead, build_model
+from zoscale.models import BodyHead, build_model, snapshot
 
 
 class Backend(Protocol):
@@ -128,3 +129,64 @@ def build_whole(cfg, vocab_size: int, device: torch.device) -> torch.nn.Module:
     ``model.init_device: device``)."""
     init_device = device if cfg.init_device == "device" else "cpu"
     return build_model(cfg, vocab_size=vocab_size, init_device=init_device).to(device)
+
+
+def node_snapshot(name: str) -> Path:
+    """A local directory, or a hub id's snapshot, downloaded into the Hugging Face cache by the
+    first rank of each node while the others wait (files, never a model in memory)."""
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    path = snapshot(name) if first else None
+    Comm().barrier()
+    return path or snapshot(name, download=False)
+
+
+def shard_layout(shard_size: int | str | None, key: str) -> tuple[int, int]:
+    """(replica groups, ranks per shard group) of this world for a shard size (None: the whole
+    world; "auto": the ranks of one node, as torchrun or the deepspeed launcher says). ``key`` names
+    the config key in the error."""
+    world = Comm().world_size
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world
+    size = int(local) if shard_size == "auto" else shard_size
+    size = world if size is None else size
+    if world % size:
+        raise ConfigError(f"{key}: {size} ranks per shard group do not divide the {world} ranks")
+    return world // size, size
+
+
+def shard_mesh(device: torch.device, replicas: int, size: int):
+    """A device mesh of consecutive shard groups (replicas x shard), or one dimension when the
+    world is one shard group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if replicas == 1:
+        return init_device_mesh(device.type, (size,))
+    return init_device_mesh(device.type, (replicas, size), mesh_dim_names=("replica", "shard"))
+
+
+def mesh_groups(mesh) -> dict[tuple[int, ...], str]:
+    """This rank's shard and replica groups by their ranks (the communication ledger's names)."""
+    if mesh is None or mesh.ndim == 1:
+        return {}
+    return {tuple(dist.get_process_group_ranks(mesh.get_group(dim))): dim for dim in ("shard", "replica")}
+
+
+def load_pieces(model, files: list[Path], fill) -> None:
+    """``fill(parameter, piece)`` for every parameter of ``model`` in the safetensors ``files``
+    (``piece``: the file's lazy slice, so a rank reads only what it copies). Checkpoint keys may lack
+    the base-model prefix (OPT's are 'decoder.layers...'); a parameter missing from them is an error."""
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())
+    prefix = getattr(model, "base_model_prefix", "model") + "."
+    loaded = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                name = key if key in params else prefix + key
+                if name in params:
+                    with torch.no_grad():
+                        fill(params[name], handle.get_slice(key))
+                    loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"the checkpoint has no weights for {missing[:3]}{'...' if len(missing) > 3 else ''}")

@@ -8,15 +8,33 @@ DeepSpeed keeps a parameter below it gathered only once its trace of the forward
 releases it (to be gathered again from the partitions) whenever the trace is incomplete or
 invalidated, so neither the gathered copy nor the partition can hold the state alone. The head
 gathers its parameters with `GatheredParameters`, on every rank.
+
+Hybrid (`zero3_shard_size: S`): an `mpu` whose data-parallel group is this rank's shard group of S
+consecutive ranks is handed to `deepspeed.initialize`, and models built in place are built under
+`zero.Init(data_parallel_group=...)`; DeepSpeed then partitions and gathers within the group, and
+the groups hold replicas. Pretrained weights are read partition by partition (`_load_partitions`):
+transformers' ZeRO-3 loading fills parameters from global rank 0 alone, which is in one group only.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from zoscale.backends.base import build_whole, destroy_distributed, init_distributed
+from zoscale.backends.base import (
+    build_whole,
+    destroy_distributed,
+    init_distributed,
+    load_pieces,
+    mesh_groups,
+    node_snapshot,
+    shard_layout,
+    shard_mesh,
+)
 from zoscale.engine import Shard, decays, offload_compute_device
 from zoscale.engine.comm import Comm, print0
 from zoscale.errors import ConfigError
@@ -72,9 +90,12 @@ class DeepSpeedBackend:
     name = "deepspeed"
     sharded = True
 
-    def __init__(self, config_path: str | None = None):
-        self.config_path = config_path
+    def __init__(self, config_path: str | None = None, shard_size: int | str | None = None):
+        """shard_size: ranks per partition group, replicas across groups (None: the whole world;
+        "auto": one node's ranks)."""
+        self.config_path, self.shard_size = config_path, shard_size
         self.split = BodyHead(head_fn=_gathered_head)
+        self.mesh = None  # replicas x shard, when the world holds several shard groups
 
     def setup(self, timeout_s: float):
         deepspeed = _deepspeed()
@@ -86,7 +107,17 @@ class DeepSpeedBackend:
                                   "libaio (apt install libaio-dev)")
         if not torch.cuda.is_available():
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 45 s JIT build on CPU
-        return init_distributed(self.name, timeout_s, alone_too=True)  # the process group DeepSpeed then uses
+        comm, device = init_distributed(self.name, timeout_s, alone_too=True)  # the group DeepSpeed then uses
+        replicas, size = shard_layout(self.shard_size, "zero3_shard_size")
+        if replicas > 1:
+            if offload_device(self.config_path) == "nvme":
+                raise ConfigError("zero3_shard_size: not with offload_param nvme (not built)")
+            self.mesh = shard_mesh(device, replicas, size)
+        return comm, device
+
+    @property
+    def shard_group(self):
+        return None if self.mesh is None else self.mesh.get_group("shard")
 
     def build(self, cfg, vocab_size: int, device):
         """Pretrained weights load straight into partitions: with an HfDeepSpeedConfig alive,
@@ -96,9 +127,11 @@ class DeepSpeedBackend:
         then partitioned."""
         if cfg.lora is not None or (cfg.name_or_path is None and cfg.init_device != "device"):
             return self.prepare(build_whole(cfg, vocab_size, device), device)
+        dtype = getattr(torch, cfg.dtype)
+        if self.mesh is not None:
+            return self.prepare(self._build_in_groups(cfg, vocab_size, dtype), device)
         from transformers.integrations import HfDeepSpeedConfig
 
-        dtype = getattr(torch, cfg.dtype)
         self._hf_config = HfDeepSpeedConfig(self._config(dtype))  # must stay alive while building
         if cfg.name_or_path is not None:
             model = auto_class(cfg).from_pretrained(cfg.name_or_path, dtype=dtype)
@@ -109,6 +142,33 @@ class DeepSpeedBackend:
         select_trainable(model, cfg.trainable)
         print0(f"built {cfg.name_or_path or 'random weights'} in ZeRO-3 partitions (no rank holds the whole model)")
         return self.prepare(model, device)
+
+    def _build_in_groups(self, cfg, vocab_size: int, dtype: torch.dtype):
+        """Built under zero.Init over this rank's shard group, then (pretrained) each rank reads its
+        partitions' elements from the safetensors files."""
+        from transformers import AutoConfig
+        from transformers.integrations import HfDeepSpeedConfig
+
+        path = node_snapshot(cfg.name_or_path) if cfg.name_or_path is not None else None
+        config = AutoConfig.from_pretrained(path) if path is not None else transformers_config(cfg, vocab_size)
+        with torch.device("meta"):  # imports the model's module: transformers' lazy import fails under zero.Init
+            auto_class(cfg).from_config(config)
+        torch.manual_seed(cfg.init_seed)
+        # transformers initialises the weights through GatheredParameters while this is alive; the
+        # outer zero.Init (the outermost one partitions) sets the group
+        self._hf_config = HfDeepSpeedConfig(self._config(dtype))
+        with _deepspeed().zero.Init(data_parallel_group=self.shard_group, config_dict_or_path=self._config(dtype)):
+            model = auto_class(cfg).from_config(config, dtype=dtype)
+        if path is not None:
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise ConfigError(f"model.name_or_path: {path} holds no *.safetensors (zero3_shard_size reads them "
+                                  f"partition by partition)")
+            _load_partitions(model, files, Comm(group=self.shard_group).rank)
+        model.eval().requires_grad_(False)
+        select_trainable(model, cfg.trainable)
+        print0(f"built {cfg.name_or_path or 'random weights'} in ZeRO-3 partitions of each shard group")
+        return model
 
     def _config(self, dtype: torch.dtype) -> dict:
         if self.config_path is None:
@@ -127,13 +187,15 @@ class DeepSpeedBackend:
             from deepspeed.utils import set_z3_leaf_modules
 
             set_z3_leaf_modules(model, sorted(layers, key=lambda c: c.__name__))
-        engine, *_ = _deepspeed().initialize(model=model, config=self._config(dtype))
+        mpu = None if self.mesh is None else _ShardGroupMPU(self.shard_group)
+        engine, *_ = _deepspeed().initialize(model=model, config=self._config(dtype), mpu=mpu)
         return engine.module
 
     def shards(self, model, master_dtype):
         if master_dtype is not None:
             raise ConfigError("model.master_weights: not with backend deepspeed")
-        rank, shards, swapped = Comm().rank, [], {}
+        shard_comm = Comm(group=self.shard_group)
+        rank, shards, swapped = shard_comm.rank, [], {}
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
@@ -154,7 +216,7 @@ class DeepSpeedBackend:
             storage = NVMeStorage(swapped)
             for shard in shards:
                 shard.storage = storage if shard.name in swapped else None
-        return shards, Comm()
+        return shards, shard_comm
 
     def full_state_dict(self, model) -> dict[str, torch.Tensor]:
         """Gathered a module at a time, copied to the host on rank 0."""
@@ -170,10 +232,54 @@ class DeepSpeedBackend:
         return state
 
     def named_groups(self) -> dict:
-        return {}
+        return mesh_groups(self.mesh)
 
     def teardown(self) -> None:
         destroy_distributed()
+
+
+class _ShardGroupMPU:
+    """DeepSpeed's `mpu` protocol with the shard group as its data-parallel group: ZeRO-3 then
+    partitions and gathers within it. No model parallelism."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def get_data_parallel_group(self):
+        return self.group
+
+    def get_data_parallel_world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.group)
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_group(self):
+        return None
+
+
+def _load_partitions(model, files: list[Path], rank: int) -> None:
+    """Each parameter's partition for ``rank`` (of its partition group) from safetensors files: the
+    rows that hold its flat range are read and cut to it."""
+    def fill(p, piece):
+        lo = rank * p.ds_tensor.ds_numel
+        hi = min(p.ds_numel, lo + p.ds_tensor.ds_numel)
+        if lo < hi:
+            row = math.prod(piece.get_shape()[1:])
+            first = lo // row
+            values = piece[first : -(-hi // row)].reshape(-1)[lo - first * row : hi - first * row]
+            p.ds_tensor.data[: hi - lo].copy_(values.to(p.ds_tensor.dtype))
+
+    load_pieces(model, files, fill)
 
 
 def _gathered_head(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -13,21 +13,27 @@ gathered (`full_tensor`), outside FSDP's unshard/reshard cycle.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from zoscale.backends.base import build_whole, destroy_distributed, init_distributed
+from zoscale.backends.base import (
+    build_whole,
+    destroy_distributed,
+    init_distributed,
+    load_pieces,
+    mesh_groups,
+    node_snapshot,
+    shard_layout,
+    shard_mesh,
+)
 from zoscale.engine import PerturbationEngine, Shard, decays, offload_compute_device, rng
 from zoscale.engine.comm import Comm, print0
 from zoscale.errors import ConfigError
-from zoscale.models import BodyHead, auto_class, causal_lm, linear_head, select_trainable, snapshot, transformers_config
+from zoscale.models import BodyHead, auto_class, causal_lm, linear_head, select_trainable, transformers_config
 
 _INIT_STREAM = 0x1A17  # mixed into the init seed, so the weights never share a seed with a step
 
@@ -40,27 +46,12 @@ def _local_rows(p: DTensor) -> tuple[torch.Tensor, int]:
 
 
 def _load_rows(model, files: list[Path]) -> None:
-    """Copy each parameter's local rows from safetensors files (lazily sliced: only these rows are
-    read). Checkpoint keys may lack the base-model prefix (OPT's are 'decoder.layers...')."""
-    from safetensors import safe_open
+    """Copy each parameter's local rows from safetensors files (only these rows are read)."""
+    def fill(p, piece):
+        local, first = _local_rows(p)
+        local.copy_(piece[first : first + local.shape[0]].to(local.dtype))
 
-    params = dict(model.named_parameters())
-    prefix = getattr(model, "base_model_prefix", "model") + "."
-    loaded = set()
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                name = key if key in params else prefix + key
-                if name not in params:
-                    continue
-                local, first = _local_rows(params[name])
-                rows = handle.get_slice(key)[first : first + local.shape[0]]
-                with torch.no_grad():
-                    local.copy_(rows.to(local.dtype))
-                loaded.add(name)
-    missing = sorted(set(params) - loaded)
-    if missing:
-        raise ValueError(f"the checkpoint has no weights for {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    load_pieces(model, files, fill)
 
 
 def _draw_rows(model, seed: int) -> None:
@@ -116,7 +107,7 @@ class FSDPBackend:
         sharded: each rank reads only its rows from the safetensors files, or draws only its rows
         (`_draw_rows`). No rank ever holds the whole model. Anything else is built whole, on the
         CPU, and then sharded."""
-        path = self._snapshot(cfg.name_or_path) if cfg.name_or_path and cfg.lora is None else None
+        path = node_snapshot(cfg.name_or_path) if cfg.name_or_path and cfg.lora is None else None
         if path is not None and list(path.glob("*.safetensors")):
             from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -149,32 +140,14 @@ class FSDPBackend:
                 b.copy_(buffers[name])  # to_empty() left them uninitialised
         return model
 
-    def _snapshot(self, name: str) -> Path:
-        """A local directory, or a hub id's snapshot, downloaded into the Hugging Face cache by the
-        first rank of each node while the others wait (files, never a model in memory)."""
-        first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-        path = snapshot(name) if first else None
-        Comm().barrier()
-        return path or snapshot(name, download=False)
-
     def layout(self) -> tuple[int, int]:
-        """(replica groups, ranks per shard group) of this world."""
-        world = Comm().world_size
-        size = self.shard_size
-        if size == "auto":
-            size = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        size = world if size is None else size
-        if world % size:
-            raise ConfigError(f"fsdp_shard_size: {size} ranks per shard group do not divide the {world} ranks")
-        return world // size, size
+        return shard_layout(self.shard_size, "fsdp_shard_size")
 
     def prepare(self, model, device):
         """Every decoder layer an FSDP2 unit, the root the rest. On a 2-D mesh (replicas x shard
         group, the ranks of a shard group consecutive) FSDP2 gathers within the shard group only:
         replicas exchange no parameter."""
-        replicas, size = self.layout()
-        self.mesh = mesh = init_device_mesh(device.type, (size,)) if replicas == 1 else \
-            init_device_mesh(device.type, (replicas, size), mesh_dim_names=("replica", "shard"))
+        self.mesh = mesh = shard_mesh(device, *self.layout())
         units = set(getattr(model, "_no_split_modules", None) or [])
         if not units:
             raise ConfigError("backend fsdp: the model names no _no_split_modules to shard layer by layer")
@@ -205,10 +178,7 @@ class FSDPBackend:
         return shards, Comm() if mesh.ndim == 1 else Comm(group=mesh.get_group("shard"))
 
     def named_groups(self) -> dict[tuple[int, ...], str]:
-        """This rank's shard and replica groups by their ranks (the communication ledger's names)."""
-        if self.mesh is None or self.mesh.ndim == 1:
-            return {}
-        return {tuple(dist.get_process_group_ranks(self.mesh.get_group(dim))): dim for dim in ("shard", "replica")}
+        return mesh_groups(self.mesh)
 
     def full_state_dict(self, model) -> dict[str, torch.Tensor]:
         """The whole model's tensors on rank 0 (a collective: every rank calls it)."""

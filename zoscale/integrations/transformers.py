@@ -211,7 +211,8 @@ class ZOTrainer(Trainer):
     def __init__(self, model=None, args: TrainingArguments | None = None, *rest, zo_optimizer: str = "mezo",
                  zo_options: dict | None = None, zo_backend: str | None = None,
                  zo_deepspeed_config: str | None = None, zo_master_weights: bool = False,
-                 zo_fsdp_shard_size: int | str | None = None, zo_max_stalled_steps: int = 50,
+                 zo_fsdp_shard_size: int | str | None = None, zo_zero3_shard_size: int | str | None = None,
+                 zo_max_stalled_steps: int = 50,
                  zo_objective="loss", zo_reward_weights: list[float] | None = None, zo_max_new_tokens: int = 16,
                  zo_stop: tuple[str, ...] = ("\n",), zo_dual_forward: bool = False, **kwargs):
         """zo_optimizer, zo_options: as for ``zoscale.build_optimizer`` (the same names, options and
@@ -220,7 +221,8 @@ class ZOTrainer(Trainer):
         zo_deepspeed_config: a ZeRO-3 JSON for "deepspeed" (configs/deepspeed/, e.g. with offload).
         zo_master_weights: an fp32 copy of half-precision trainable weights (without zo_backend).
         zo_fsdp_shard_size: with zo_backend "fsdp", ranks per shard group, replicas across groups
-        ("auto": one node's ranks), as ``fsdp_shard_size`` in zoscale train's config.
+        ("auto": one node's ranks), as ``fsdp_shard_size`` in zoscale train's config;
+        zo_zero3_shard_size: the same for zo_backend "deepspeed" (``zero3_shard_size``).
         zo_max_stalled_steps: consecutive steps that change nothing (a projected gradient of exactly
         0, or a loss equal to the last bit) before training stops with StalledRun (0: never).
         zo_objective: what a step minimizes (the module docstring); zo_reward_weights: one per
@@ -272,8 +274,10 @@ class ZOTrainer(Trainer):
             check_deepspeed_json(zo_deepspeed_config)
         if zo_fsdp_shard_size is not None and zo_backend != "fsdp":
             raise ValueError("zo_fsdp_shard_size: shard groups are FSDP2's; needs zo_backend='fsdp'")
-        self.zo_backend = backends.get(zo_backend, zo_deepspeed_config, fsdp_shard_size=zo_fsdp_shard_size) \
-            if zo_backend else None
+        if zo_zero3_shard_size is not None and zo_backend != "deepspeed":
+            raise ValueError("zo_zero3_shard_size: shard groups of ZeRO-3; needs zo_backend='deepspeed'")
+        self.zo_backend = backends.get(zo_backend, zo_deepspeed_config, fsdp_shard_size=zo_fsdp_shard_size,
+                                       zero3_shard_size=zo_zero3_shard_size) if zo_backend else None
         if self.zo_backend is not None:
             _, device = self.zo_backend.setup(args.ddp_timeout)
             model = self.zo_backend.prepare(model.to(device), device)

@@ -76,7 +76,10 @@ def resumed_config(run_dir: Path, steps: int | None, backend: str | None = None)
     """The run's config; the step target and the backend may change (checkpoints hold pieces keyed
     by flat offset, so any backend and world size can continue them)."""
     cfg = load(run_dir / "config.yaml")
-    return replace(cfg, steps=steps or cfg.steps, backend=backend or cfg.backend)
+    if backend is None or backend == cfg.backend:
+        return replace(cfg, steps=steps or cfg.steps)
+    # the old backend's layout keys do not carry over to another backend
+    return replace(cfg, steps=steps or cfg.steps, backend=backend, fsdp_shard_size=None, zero3_shard_size=None)
 
 
 def find_point(run_dir: Path, cfg: TrainConfig, comm: Comm, auto: bool) -> ResumePoint:

@@ -62,7 +62,7 @@ class Trainer:
         requeued job, for which a complete run raises ``RunComplete``)."""
         self.cfg, self.run_dir = cfg, run_dir
         self.backend = backends.get(cfg.backend, cfg.deepspeed_config, cfg.fsdp_compute_dtype, cfg.fsdp_cpu_offload,
-                                    cfg.fsdp_shard_size)
+                                    cfg.fsdp_shard_size, cfg.zero3_shard_size)
         self.comm, self.device = self.backend.setup(cfg.collective_timeout_s)
         try:
             self.resume_point = resume_run.find_point(run_dir, cfg, self.comm, auto_resume) if resume else None
