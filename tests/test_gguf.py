@@ -4,6 +4,7 @@ through transformers' own GGUF reader into a safetensors directory, and trains f
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,8 +96,11 @@ def test_a_run_trains_resumes_and_exports_from_a_gguf_file(tiny, tmp_path, cli):
     assert resumed.returncode == 0, resumed.stderr
     assert "converted" not in resumed.stdout  # the cache serves the resume
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    cached = next((run / "cache" / "gguf").glob("tiny-llama-*/model.safetensors"))
+    cached.write_bytes(bytes(reversed(cached.read_bytes())))  # a damaged conversion is made again
     exported = cli("export", run, "--out", tmp_path / "model")
     assert exported.returncode == 0, exported.stderr
+    assert "do not match its manifest.json; converting" in exported.stdout, exported.stdout
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "model").state_dict()
     assert any(not torch.equal(trained[k], v) for k, v in model.state_dict().items())  # it trained
 
@@ -117,6 +121,21 @@ def test_bad_gguf_sources_are_one_line_errors(tiny, tmp_path, cli, change, messa
     done = cli("train", "--config", QUICKSTART, "--out", tmp_path / "run", "model.config=null", *change, *SMALL)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "random", "first 64 bytes", "yaml"])
+def test_a_damaged_gguf_is_refused_before_the_run_directory_is_made(tiny, tmp_path, cli, damage):
+    good = Path(tiny[1]).read_bytes()
+    content = {"empty": b"", "random": bytes(range(256)) * 64, "first 64 bytes": good[:64],
+               "yaml": b"model:\n  name: llama\n"}[damage]
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(content)
+    for verb in ("train", "eval"):
+        done = cli(verb, "--config", QUICKSTART, "--out", tmp_path / verb, "model.config=null",
+                   f"model.gguf_file={bad}", f"model.tokenizer={TOKENIZER}", *(SMALL if verb == "train" else []))
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and "is not a readable GGUF" in lines[0], done.stderr
+        assert not (tmp_path / verb).exists()
 
 
 def test_the_tweets_become_sst2_rows(tmp_path):

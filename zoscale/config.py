@@ -40,6 +40,8 @@ class ModelConfig:
                  f"model.gguf_file (got {', '.join(sources) or 'none'})")
         _require(self.gguf_file is None or Path(self.gguf_file).is_file(), "model.gguf_file",
                  f"no such file {self.gguf_file}")
+        if self.gguf_file is not None:
+            check_gguf(self.gguf_file)
         _require(self.config is None or "model_type" in self.config, "model.config", "needs a model_type (e.g. opt)")
         _require(self.config is None or self.tokenizer is not None, "model.tokenizer",
                  "is required when the model is built from a config")
@@ -201,6 +203,22 @@ class TrainConfig:
 
             _require(importlib.util.find_spec("tensorboard") is not None, "tensorboard",
                      "needs the tensorboard package (pip install 'zoscale[tensorboard]')")
+
+
+def check_gguf(path: str) -> None:
+    """The file opens as a GGUF (its header and tensor index parse, the tensors memory-mapped, not
+    read), so a damaged one is refused before any run directory is made."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ConfigError("model.gguf_file: reading GGUF needs the gguf package (pip install 'zoscale[real]')") \
+            from None
+    try:
+        GGUFReader(path)
+    except Exception as e:  # what a damaged file raises varies: ValueError, struct.error, IndexError, OSError
+        detail = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"model.gguf_file: {path} is not a readable GGUF ({type(e).__name__}"
+                          f"{': ' + detail if detail else ''})") from None
 
 
 def check_deepspeed_json(path: str) -> None:

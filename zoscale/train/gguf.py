@@ -11,6 +11,7 @@ conversion holds the dequantised model in host memory once, on rank 0.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import replace
@@ -35,8 +36,24 @@ def converted_path(gguf_file: Path, cache: Path) -> Path:
     return cache / f"{gguf_file.stem}-{_digest(gguf_file)}"
 
 
+def _manifest(directory: Path) -> dict[str, str]:
+    return {f.name: _digest(f) for f in sorted(directory.iterdir()) if f.is_file() and f.name != "manifest.json"}
+
+
+def _intact(out: Path) -> str | None:
+    """Why a cached conversion cannot be used, or None."""
+    try:
+        recorded = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return "its manifest.json is missing or unreadable"
+    if recorded != _manifest(out):
+        return "its files do not match its manifest.json"
+    return None
+
+
 def convert(gguf_file: Path, out: Path, with_tokenizer: bool) -> Path:
-    """out (``converted_path``): the GGUF as a safetensors directory (float32), written atomically once."""
+    """out (``converted_path``): the GGUF as a safetensors directory (float32), written atomically
+    once, with a manifest of its files' checksums that every later use verifies."""
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -44,8 +61,12 @@ def convert(gguf_file: Path, out: Path, with_tokenizer: bool) -> Path:
             from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if (out / "config.json").is_file():
-        return out
+    if out.exists():
+        problem = _intact(out)
+        if problem is None:
+            return out
+        print0(f"{out}: {problem}; converting {gguf_file} again")
+        shutil.rmtree(out)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     source = {"pretrained_model_name_or_path": gguf_file.parent, "gguf_file": gguf_file.name}
@@ -60,7 +81,8 @@ def convert(gguf_file: Path, out: Path, with_tokenizer: bool) -> Path:
         config.save_pretrained(tmp)
         if with_tokenizer:
             AutoTokenizer.from_pretrained(**source).save_pretrained(tmp)
-    except (ValueError, KeyError, OSError) as e:
+        (tmp / "manifest.json").write_text(json.dumps(_manifest(tmp), indent=1))
+    except Exception as e:  # a damaged file raises many kinds: ValueError, KeyError, OSError, struct.error
         shutil.rmtree(tmp, ignore_errors=True)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"model.gguf_file: cannot read {gguf_file} ({first})") from None
