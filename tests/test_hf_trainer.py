@@ -107,6 +107,20 @@ def test_dual_forward_follows_the_two_forward_trajectory(tmp_path, single):
     assert dual["param_sum"] == pytest.approx(single["param_sum"], rel=1e-6)
 
 
+def test_resume_from_the_last_checkpoint_skips_one_whose_save_was_interrupted(tmp_path, single, caplog):
+    """A kill during a save leaves the newest checkpoint without its state: True takes the previous one."""
+    import shutil
+
+    shutil.copytree(single["dir"] / "run", tmp_path / "run")
+    for part in ("trainer_state.json", "zoscale"):  # as a kill -9 between the Trainer's files leaves it
+        target = tmp_path / "run" / "checkpoint-6" / part
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with caplog.at_level("WARNING"):
+        resumed = run(tmp_path, steps=6, resume="last")
+    assert "skipping checkpoint-6, no readable trainer_state.json" in caplog.text
+    assert steps(resumed) == steps(single) and resumed["param_sum"] == single["param_sum"]
+
+
 def loaded_sum(model_dir: Path) -> float:
     """The parameters of a saved model as plain transformers loads them (tied weights once, as in the shards)."""
     from transformers import AutoModelForCausalLM

@@ -5,7 +5,7 @@
 Keys: optimizer, backend (none | fsdp | deepspeed: zoscale shards the model; trainer-deepspeed,
 trainer-fsdp: the Trainer's own integrations, TrainingArguments(deepspeed=...) or fsdp=..., the
 latter on CUDA), steps, batch (the global batch), accumulation,
-save_steps, resume (a checkpoint directory), lr, dtype, master (fp32 master weights), save_model, weight_decay,
+save_steps, resume (a checkpoint directory, or "last": the newest complete one in OUT/run), lr, dtype, master (fp32 master weights), save_model, weight_decay,
 dual (zo_dual_forward), shard_size (zo_zero3_shard_size),
 objective (loss, or reward: the prompts' greedy words scored by the quickstart's reward function).
 Every rank writes OUT/rank{r}.json: the Trainer's log history, the parameter checksum and the files
@@ -96,7 +96,8 @@ def main(out: Path, options: dict) -> None:
                         zo_master_weights=bool(int(options.get("master", 0))),
                         zo_dual_forward=bool(int(options.get("dual", 0))),
                         **({"zo_zero3_shard_size": int(options["shard_size"])} if "shard_size" in options else {}))
-    trainer.train(resume_from_checkpoint=options.get("resume"))
+    resume = options.get("resume")
+    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
     if options.get("save_model"):
         trainer.save_model(str(out / "model"))
     trainer.zo.flush()

@@ -58,6 +58,7 @@ under torchrun or alone; the Trainer then runs only the loop.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -292,6 +293,29 @@ class ZOTrainer(Trainer):
         sharded = (self.zo_backend is not None or bool(args.deepspeed or args.fsdp)) and self.comm.world_size > 1
         self.measure = Measure(self.zo_objective, self.processing_class, self.args.device, sharded, rewards,
                                zo_max_new_tokens, zo_stop) if generates else None
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``resume_from_checkpoint=True`` takes the newest *complete* checkpoint: the Trainer would
+        take the newest directory, which a kill during a save leaves without its state."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self._last_complete_checkpoint()
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _last_complete_checkpoint(self) -> str:
+        found = sorted(Path(self.args.output_dir).glob("checkpoint-*"),
+                       key=lambda p: int(p.name.rsplit("-", 1)[1]) if p.name.rsplit("-", 1)[1].isdigit() else -1)
+        for candidate in reversed(found):
+            problem = None
+            try:
+                json.loads((candidate / "trainer_state.json").read_text())
+            except (OSError, ValueError):
+                problem = "no readable trainer_state.json"
+            if problem is None and checkpoint.find(candidate / _ZO_STATE / "checkpoints", self.comm).path is None:
+                problem = f"no complete ZO state ({_ZO_STATE}/)"
+            if problem is None:
+                return str(candidate)
+            logger.warning(f"resume_from_checkpoint: skipping {candidate.name}, {problem} (a save was interrupted)")
+        raise ValueError(f"resume_from_checkpoint: no complete checkpoint in {self.args.output_dir}")
 
     # -- the optimizer ------------------------------------------------------------------------------
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
