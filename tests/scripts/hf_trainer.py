@@ -4,9 +4,9 @@
 
 Keys: optimizer, backend (none | fsdp | deepspeed: zoscale shards the model; trainer-deepspeed,
 trainer-fsdp: the Trainer's own integrations, TrainingArguments(deepspeed=...) or fsdp=..., the
-latter on CUDA), steps, batch (the global batch), accumulation,
-save_steps, resume (a checkpoint directory, or "last": the newest complete one in OUT/run), lr, dtype, master (fp32 master weights), save_model, weight_decay,
-dual (zo_dual_forward), shard_size (zo_zero3_shard_size),
+latter on CUDA), steps, batch (the global batch), accumulation, save_steps, resume (a checkpoint
+directory, or "last": the newest complete one in OUT/run), lr, dtype, master (fp32 master weights),
+save_model, weight_decay, dual (zo_dual_forward), shard_size (zo_zero3_shard_size),
 objective (loss, or reward: the prompts' greedy words scored by the quickstart's reward function).
 Every rank writes OUT/rank{r}.json: the Trainer's log history, the parameter checksum and the files
 of OUT/run.
