@@ -221,7 +221,7 @@ def test_a_damaged_middle_log_line_is_a_one_line_error(cli, reference, tmp_path)
     assert "seeds.jsonl line 3 is not valid JSON" in one_line_error(cli("train", "--resume", run, "--steps", 12))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped", "no-manifest", "missing-file"])
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "no-manifest", "missing-file", "garbage-rehashed"])
 def test_resume_skips_a_damaged_newest_checkpoint_for_a_complete_older_one(cli, damage, reference, tmp_path):
     run = copy_run_until(reference, 8, tmp_path / "run")
     newest = run / "checkpoints" / "step-00000008"
@@ -234,6 +234,9 @@ def test_resume_skips_a_damaged_newest_checkpoint_for_a_complete_older_one(cli, 
         shards.write_bytes(bytes(data))
     elif damage == "no-manifest":
         (newest / MANIFEST).unlink()
+    elif damage == "garbage-rehashed":  # garbage under a manifest rewritten to match it
+        shards.write_bytes(bytes(range(256)) * 8)
+        rewrite_manifest(newest)
     else:
         (newest / "optimizer-rank0.pt").unlink()
     (run / "checkpoints" / "latest").write_text("")  # an empty pointer changes nothing either

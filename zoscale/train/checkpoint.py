@@ -143,6 +143,25 @@ def _manifest(directory: Path) -> tuple[list, str | None]:
     return files, None
 
 
+def _unusable(path: Path, expected: dict | None) -> int:
+    """0 if this file can be used; 1 if it does not match its checksum (``expected``); 2 if it
+    cannot be read, or a safetensors file's header does not parse (what passes a manifest that was
+    rewritten to match)."""
+    try:
+        if expected is not None and _sha256(path) != expected["sha256"]:
+            return 1
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key).get_shape()
+        elif expected is None:
+            with open(path, "rb") as f:
+                f.read(1)
+    except Exception:  # noqa: BLE001 - whatever reading a damaged file raises (OSError, SafetensorError)
+        return 2
+    return 0
+
+
 @dataclass
 class Found:
     path: Path | None  # the newest complete checkpoint
@@ -170,12 +189,14 @@ def find(root: Path, comm: Comm | None = None, checksums: bool = True) -> Found:
     for name in names:
         directory = root / name
         files, reason = _manifest(directory)
-        if reason is None and checksums:  # every rank checks a share of the checksums
-            bad = [float(i % comm.world_size == comm.rank and _sha256(directory / f) != e["sha256"])
-                   for i, (f, e) in enumerate(files)]
-            bad = comm.all_reduce_sum(bad)
-            wrong = [f for (f, _), b in zip(files, bad) if b]
-            reason = f"{wrong[0]} does not match its checksum" if wrong else None
+        if reason is None:  # every rank checks a share of the files
+            bad = comm.all_reduce_sum([float(i % comm.world_size == comm.rank and
+                                             _unusable(directory / f, e if checksums else None))
+                                       for i, (f, e) in enumerate(files)])
+            wrong = [(f, b) for (f, _), b in zip(files, bad) if b]
+            if wrong:
+                file, code = wrong[0]
+                reason = f"{file} {'does not match its checksum' if code == 1 else 'cannot be read'}"
         if reason is None:
             return Found(directory, skipped)
         skipped.append((name, reason))
