@@ -125,6 +125,43 @@ def test_bad_arguments_are_refused_before_anything_runs(tmp_path):
         assert not (tmp_path / "x").exists()
 
 
+def test_each_optimizer_fits_the_budget_from_its_own_data():
+    """A per-optimizer data override changes what MeZO-SVRG's full passes cost: its steps follow."""
+    from zoscale.cli.compare import make_plan
+    from zoscale.optim import REGISTRY, optimizer_config
+
+    budget = 200
+    for num_train, override in ((32, []), (400, ["mezo_svrg:data.num_train=400"])):
+        plan = make_plan(None, ["mezo", "mezo_svrg"], 1, budget // 2, 2, [*TINY, *override])
+        options = optimizer_config("mezo_svrg", {k: v for k, v in plan.resolved["mezo_svrg"]["optim"].items()
+                                                 if k != "name"})
+        batches = num_train / 8
+        spent = sum(REGISTRY["mezo_svrg"].forward_passes(options, s, batches) for s in range(plan.steps["mezo_svrg"]))
+        following = REGISTRY["mezo_svrg"].forward_passes(options, plan.steps["mezo_svrg"], batches)
+        assert spent <= budget < spent + following, (num_train, plan.steps)
+
+
+def test_a_config_edited_between_invocations_is_refused(tmp_path):
+    from dataclasses import asdict
+
+    from zoscale.cli.compare import make_plan
+
+    config = tmp_path / "run.yaml"
+    quickstart = REPO / "zoscale" / "quickstart"
+    config.write_text((quickstart / "quickstart.yaml").read_text().replace("tokenizer: tokenizer",
+                      f"tokenizer: {quickstart / 'tokenizer'}").replace("path: sst2", f"path: {quickstart / 'sst2'}"))
+    out = tmp_path / "cmp"
+    out.mkdir()
+    plan = make_plan(config, ["mezo"], 1, 10, 2, TINY)  # what the first invocation recorded
+    (out / "plan.json").write_text(json.dumps(asdict(plan)))
+    config.write_text(config.read_text().replace("lr: 1.0e-3", "lr: 1.0e-2"))
+    done = zoscale("compare", "--optimizers", "mezo", "--seeds", 1, "--steps", 10, "--evals", 2, "--out", out,
+                   "--config", config, *TINY)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "resolves to another config than the one" in done.stderr and "optim.lr" in done.stderr
+    assert not (out / "runs").exists()
+
+
 def test_a_link_planted_in_a_comparison_is_refused_before_anything_runs(tmp_path):
     out = tmp_path / "cmp"
     (out / "runs").mkdir(parents=True)

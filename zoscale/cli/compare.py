@@ -15,7 +15,7 @@ resumes the others from their checkpoints; other arguments with the same DIR are
 ``--jobs N`` runs N at a time: one per GPU where there are N, else sharing the machine (on a CPU,
 give each OMP_NUM_THREADS of its cores); the results do not depend on it, the step times do.
 
-    DIR/plan.json      the arguments and each optimizer's steps
+    DIR/plan.json      the arguments, each optimizer's steps and its resolved config
     DIR/report.json    every run's curves and summary; the table below, as numbers
     DIR/report.md      the table: final test accuracy, forward passes to reach MeZO's, step time, memory
     DIR/curves.png     test accuracy and training loss against forward passes and against training time
@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from zoscale.cli import positive_int
-from zoscale.config import load, validate_optimizer
+from zoscale.config import load, to_dict, validate_optimizer
 from zoscale.errors import ConfigError
 
 
@@ -80,6 +80,7 @@ class Plan:
     overrides: list[str]
     per_optimizer: dict[str, list[str]]
     steps: dict[str, int] = field(default_factory=dict)  # each optimizer's steps within the budget
+    resolved: dict[str, dict] = field(default_factory=dict)  # each optimizer's config as its runs read it
 
     @property
     def budget_passes(self) -> float:
@@ -105,18 +106,18 @@ def make_plan(config: Path | None, optimizers: list[str], seeds: int, budget_ste
         else:
             shared.append(item)
     plan = Plan(str(config.resolve()) if config else None, optimizers, [], budget_steps, evals, shared, per_optimizer)
-    full_batches = None
     for name in optimizers:
         cfg = load(config, run_overrides(plan, name), defaults=QUICKSTART)
         if cfg.backend != "local":
             raise ConfigError(f"backend: compare runs each optimizer in one process (local), got {cfg.backend}")
-        if full_batches is None:
-            try:
-                task = tasks.get(cfg.data.task)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            full_batches = len(data.sample(cfg.data, task)["train"]) / cfg.batch_size
-            plan.seeds = [cfg.seed + i for i in range(seeds)]
+        try:
+            task = tasks.get(cfg.data.task)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        # from this optimizer's own data: a per-optimizer data override changes what a full pass costs
+        full_batches = len(data.sample(cfg.data, task)["train"]) / cfg.batch_size
+        plan.seeds = plan.seeds or [cfg.seed + i for i in range(seeds)]
+        plan.resolved[name] = to_dict(cfg)
         options = validate_optimizer(cfg.optim)
         spent, steps = 0.0, 0
         while spent + REGISTRY[name].forward_passes(options, steps, full_batches) <= plan.budget_passes:
@@ -145,17 +146,23 @@ def compare(plan: Plan, out: Path, jobs: int = 1) -> dict:
 
     refuse_links(out, "--out")  # its reports, logs and runs are written inside it, never through a link
     saved = out / "plan.json"
+    current = json.loads(json.dumps(asdict(plan)))  # as plan.json holds it
     if saved.is_file():
         recorded = read_json(saved)
         if recorded is None:
             raise ConfigError(f"--out: {saved} is unreadable (torn or not JSON): the comparison's arguments are "
                               f"unknown; use another --out")
-        if recorded != asdict(plan):
+        if recorded != current:
+            changed = _changed_keys(recorded.get("resolved", {}), current["resolved"])
+            if changed and {k: v for k, v in recorded.items() if k != "resolved"} == \
+                    {k: v for k, v in current.items() if k != "resolved"}:
+                raise ConfigError(f"--config: {plan.config or 'the quickstart'} resolves to another config than the "
+                                  f"one {out} began with ({', '.join(changed[:3])}); use another --out")
             raise ConfigError(f"--out: {out} holds a comparison with other arguments ({saved}); use another --out")
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out: {out} exists and is not a comparison (no plan.json); nothing is overwritten")
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(saved, json.dumps(asdict(plan), indent=1) + "\n")
+    write_atomic(saved, json.dumps(current, indent=1) + "\n")
     (out / "runs").mkdir(exist_ok=True)
     first, pending = True, []
     for seed in plan.seeds:
@@ -181,6 +188,18 @@ def compare(plan: Plan, out: Path, jobs: int = 1) -> dict:
     write_atomic(out / "report.md", markdown(report))
     plot(report, out / "curves.png")
     return report
+
+
+def _changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 class RunFailed(RuntimeError):
