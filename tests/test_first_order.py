@@ -3,9 +3,10 @@ evaluations as the ZO optimizers, in zoscale train and as rows of zoscale compar
 
 import json
 import shutil
+import sys
 
 import pytest
-from distributed import launch
+from distributed import REPO, launch, run_group
 from runs import summary, zoscale
 
 QUICK = ["eval_every=0", "eval_before=true", "data.num_train=200", "data.num_dev=16", "data.num_test=100",
@@ -37,22 +38,31 @@ def test_a_resumed_adamw_run_continues_bit_for_bit(adamw_run, tmp_path):
     assert summary(run)["param_sq_sum"] == summary(adamw_run)["param_sq_sum"]
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_ddp_ranks_follow_the_single_process_trajectory(optimizer, tmp_path):
-    args = ["train", f"optim.name={optimizer}", "optim.lr=1e-3", "steps=8", "save_every=0", *QUICK]
-    if optimizer == "sgd":
-        args += ["optim.momentum=0.9", "optim.lr=0.1"]
-    single = zoscale(*args[:1], "--out", tmp_path / "single", *args[1:])
-    assert single.returncode == 0, single.stderr[-2000:]
-    ranks = launch(2, "-m", "zoscale", *args[:1], "--out", str(tmp_path / "ddp"), "backend=ddp", *args[1:],
-                   timeout=300)
-    assert ranks.returncode == 0, ranks.stdout[-2000:]
-    a, b = summary(tmp_path / "single"), summary(tmp_path / "ddp")
+BASELINES = {"adamw": ["optim.name=adamw", "optim.lr=1e-3"],
+             "sgd": ["optim.name=sgd", "optim.momentum=0.9", "optim.lr=0.1"]}
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """Each baseline in one process, then on 2 ddp ranks (one launch for both)."""
+    out, script = tmp_path_factory.mktemp("baselines"), str(REPO / "tests" / "scripts" / "train_runs.py")
+    plan = [[name, [*args, "steps=8", "save_every=0", *QUICK], False] for name, args in BASELINES.items()]
+    done = run_group([sys.executable, script, str(out), json.dumps(plan)], timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:]
+    ranks = [[f"ddp-{name}", [*args, "backend=ddp"], False] for name, args, _ in plan]
+    done = launch(2, script, str(out), json.dumps(ranks), timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("optimizer", list(BASELINES))
+def test_ddp_ranks_follow_the_single_process_trajectory(optimizer, ddp_runs):
+    a, b = summary(ddp_runs / optimizer), summary(ddp_runs / f"ddp-{optimizer}")
     # the gradients are summed over ranks: only the order of the float sums differs
     assert b["param_sq_sum"] == pytest.approx(a["param_sq_sum"], rel=1e-6)
     assert b["eval_after"] == a["eval_after"]
     # one all-reduce of the gradients and one of the loss a step, besides the stop flag's
-    ledger = json.loads((tmp_path / "ddp" / "comm.json").read_text())["1"]["world"]["all_reduce"]
+    ledger = json.loads((ddp_runs / f"ddp-{optimizer}" / "comm.json").read_text())["1"]["world"]["all_reduce"]
     assert ledger["calls"] == 3
 
 

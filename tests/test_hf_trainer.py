@@ -132,6 +132,7 @@ def test_save_model_output_loads_in_plain_transformers(single):
     assert loaded_sum(single["dir"] / "model") == pytest.approx(single["param_sum"], rel=1e-12)
 
 
+@pytest.mark.slow  # 300 steps of a learning run, twice started
 def test_the_example_script_lowers_the_validation_loss(tmp_path):
     """examples/hf_trainer_sst2.py as the README runs it on a CPU, at a short budget."""
     def example(*args) -> dict:

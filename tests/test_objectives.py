@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import launch, torchrun
+from distributed import launch, run_group, torchrun
 from runs import REPO, lines, summary, zoscale
 
 from zoscale.quickstart import QUICKSTART
@@ -25,6 +25,7 @@ SENTIMENT_WORD = "objective=zoscale.quickstart.rewards:sentiment_word"
 QUICK = ["eval_every=0", "save_every=0", "data.num_dev=0"]
 
 
+@pytest.mark.slow  # 2,000 steps: a learning run (the trajectory tests below check the objective on every backend)
 def test_accuracy_as_the_objective_raises_test_accuracy_on_the_quickstart(tmp_path):
     done = zoscale("train", "--out", tmp_path / "run", "objective=accuracy", "optim.eps=0.03", "optim.lr=1e-3",
                    "steps=2000", *QUICK)
@@ -36,6 +37,7 @@ def test_accuracy_as_the_objective_raises_test_accuracy_on_the_quickstart(tmp_pa
     assert all(-1 <= v <= 0 and (v * 16).is_integer() for v in losses)  # minus the batch's accuracy, in 16ths
 
 
+@pytest.mark.slow  # 3,000 steps: a learning run
 def test_a_reward_function_alone_teaches_the_quickstart_a_word_of_the_right_sentiment(tmp_path):
     """configs/quickstart_reward.yaml's setting, shortened (a larger lr): no label word is scored."""
     done = zoscale("train", "--out", tmp_path / "run", SENTIMENT_WORD, "objective.max_new_tokens=1",
@@ -163,30 +165,35 @@ RUN = ["steps=6", "data.num_train=48", "data.num_dev=0", "data.num_test=29", "ba
 OBJECTIVES = {"accuracy": ["objective=accuracy"], "reward": [SENTIMENT_WORD, "objective.max_new_tokens=2"]}
 
 
+BACKENDS = ("ddp", "fsdp", "deepspeed")
+TRAIN_RUNS = str(REPO / "tests" / "scripts" / "train_runs.py")
+
+
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory):
-    runs = {}
-    for name, objective in OBJECTIVES.items():
-        runs[name] = tmp_path_factory.mktemp("local") / name
-        done = zoscale("train", "--out", runs[name], *RUN, *objective)
-        assert done.returncode == 0, done.stderr[-2000:]
-    return runs
+def runs(tmp_path_factory):
+    """Every objective in one process, then on 2 ranks under each backend (one launch for all)."""
+    out = tmp_path_factory.mktemp("objectives")
+    alone = [[f"local-{name}", [*RUN, *objective], False] for name, objective in OBJECTIVES.items()]
+    done = run_group([sys.executable, TRAIN_RUNS, str(out), json.dumps(alone)], timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    ranks = [[f"{backend}-{name}", [*RUN, *objective, f"backend={backend}"], False]
+             for backend in BACKENDS for name, objective in OBJECTIVES.items()]
+    done = launch(2, TRAIN_RUNS, str(out), json.dumps(ranks), timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    return out
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
-def test_two_ranks_follow_the_single_process_trajectory(backend, objective, single_process, tmp_path):
+def test_two_ranks_follow_the_single_process_trajectory(backend, objective, runs):
     """Each rank scores (or generates for) its share of the batch; the 29 test examples split 15 / 14,
     so in batches of 7 one rank has a batch more, which a sharded rank mirrors."""
-    run = tmp_path / "run"
-    done = launch(2, "-m", "zoscale", "train", "--out", str(run), f"backend={backend}", *RUN, *OBJECTIVES[objective],
-                  timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:]
-    alone, ranks = summary(single_process[objective]), summary(run)
+    run, alone_run = runs / f"{backend}-{objective}", runs / f"local-{objective}"
+    alone, ranks = summary(alone_run), summary(run)
     assert ranks["eval_after"] == alone["eval_after"] and ranks["eval_before"] == alone["eval_before"]
     assert ranks["param_sq_sum"] == pytest.approx(alone["param_sq_sum"], rel=1e-6)
     steps = lambda r: [(m["loss"], m["projected_grad"]) for m in lines(r / "metrics.jsonl") if "loss" in m]  # noqa: E731
-    assert steps(run) == steps(single_process[objective])  # counts of right answers and rewards: exact
+    assert steps(run) == steps(alone_run)  # counts of right answers and rewards: exact
 
 
 def _zo_trainer(out: Path, objective, steps: int = 6, train_dataset=None, **arguments):
@@ -260,9 +267,10 @@ def test_zotrainer_on_f1_and_on_token_accuracy(tmp_path):
     assert trainer.evaluate()["eval_loss"] == pytest.approx(-float(right))
 
 
-@pytest.mark.parametrize("backend", ["none", "fsdp", "deepspeed", "trainer-deepspeed"])
+# zoscale's FSDP2 and ZeRO-3 generate through the same code in zoscale train (test_two_ranks_follow_...)
+@pytest.mark.parametrize("backend", ["none", "trainer-deepspeed"])
 def test_zotrainer_with_a_reward_on_two_ranks_follows_one_process(tmp_path, backend):
-    """Replicas, zoscale's FSDP2 and ZeRO-3, and the Trainer's ZeRO-3: each rank generates for its rows."""
+    """Replicas and the Trainer's ZeRO-3: each rank generates for its rows."""
     hf_trainer.main(tmp_path / "single", {"objective": "reward", "steps": "4"})
     single = json.loads((tmp_path / "single" / "rank0.json").read_text())
     ranks = torchrun(REPO / "tests" / "scripts" / "hf_trainer.py", 2, tmp_path / "ranks", "objective=reward",

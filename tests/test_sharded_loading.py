@@ -52,16 +52,24 @@ def local(pretrained, tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend,world,message", [("fsdp", 3, "sharded loading"),
-                                                   ("deepspeed", 2, "ZeRO-3 partitions"),
-                                                   ("deepspeed zero3_shard_size=2", 4, "partitions of each shard")])
+                                                   ("deepspeed", 2, "ZeRO-3 partitions")])
 def test_sharded_loading_continues_like_a_whole_model(backend, world, message, pretrained, local, tmp_path):
-    """ZeRO-3 hybrid (2 groups of 2): each rank reads its partitions of its group from the files."""
-    if backend.startswith("deepspeed"):
+    if backend == "deepspeed":
         pytest.importorskip("deepspeed")
+    continues_like_the_whole_model([f"backend={backend}"], world, message, pretrained, local, tmp_path)
+
+
+@pytest.mark.parametrize("pretrained", ["opt"], indirect=True)  # the partition reader is the same for any model
+def test_zero3_in_shard_groups_reads_each_ranks_partitions(pretrained, local, tmp_path):
+    """ZeRO-3 in 2 groups of 2: each rank reads its partitions of its group from the files."""
+    pytest.importorskip("deepspeed")
+    continues_like_the_whole_model(["backend=deepspeed", "zero3_shard_size=2"], 4, "partitions of each shard",
+                                   pretrained, local, tmp_path)
+
+
+def continues_like_the_whole_model(layout: list[str], world: int, message: str, pretrained, local, tmp_path):
     run = tmp_path / "run"
-    backend, *extra = backend.split()
-    done = launch(world, "-m", "zoscale", "train", "--out", str(run), f"backend={backend}", *extra, *RUN, *pretrained,
-                  timeout=400)
+    done = launch(world, "-m", "zoscale", "train", "--out", str(run), *layout, *RUN, *pretrained, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:]
     assert message in done.stdout
     summary, expected = (json.loads((r / "summary.json").read_text()) for r in (run, local))
@@ -117,3 +125,4 @@ def test_export_streams_the_pretrained_files_with_the_trained_parameters(pretrai
             assert torch.equal(p.detach().flatten(), trained[name]) and not torch.equal(p, original[name]), name
         else:
             assert torch.equal(p, original[name]), name
+
