@@ -2,6 +2,7 @@
 interrupted comparison that continues."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -95,9 +96,12 @@ def test_an_interrupted_comparison_continues_and_other_arguments_are_refused(tmp
     while not (metrics.exists() and len(metrics.read_text().splitlines()) > 100):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # to compare alone: it passes the signal on to the run
+    second = zoscale(*args)  # one writer at a time
+    assert second.returncode == 2 and "is in use by another zoscale run" in second.stderr, second.stderr
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the comparison and its run both get it
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 75, output  # the run checkpointed and stopped
+    assert proc.returncode == 75 and "Traceback" not in output, output  # the run checkpointed and stopped
+    assert "SIGINT received" in (out / "runs" / "conmezo-seed0.log").read_text()
     first = out / "runs" / "mezo-seed0" / "summary.json"
     kept = first.stat().st_mtime_ns
     assert not (out / "runs" / "conmezo-seed0" / "summary.json").exists()
@@ -114,6 +118,26 @@ def test_an_interrupted_comparison_continues_and_other_arguments_are_refused(tmp
 
     other = zoscale(*[a if a != 300 else 250 for a in args])
     assert other.returncode == 2 and "other arguments" in other.stderr
+
+
+def test_a_run_ends_when_its_comparison_is_killed(tmp_path):
+    """kill -9 of zoscale compare: its run notices it was orphaned and exits, training nothing on."""
+    out = tmp_path / "cmp"
+    proc = subprocess.Popen([sys.executable, "-m", "zoscale", "compare", "--optimizers", "mezo", "--seeds", "1",
+                             "--steps", "100000", "--evals", "2", "--out", str(out), *TINY], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = out / "runs" / "mezo-seed0" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") > 5):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 30
+    while subprocess.run(["pgrep", "-f", str(out)], capture_output=True).returncode == 0:
+        assert time.time() < deadline, "the run trains on without its comparison"
+        time.sleep(0.5)
+    assert "its parent (zoscale compare)" in (out / "runs" / "mezo-seed0.log").read_text()
 
 
 def test_bad_arguments_are_refused_before_anything_runs(tmp_path):

@@ -39,6 +39,7 @@ from pathlib import Path
 from zoscale.cli import positive_int
 from zoscale.config import load, to_dict, validate_optimizer
 from zoscale.errors import ConfigError
+from zoscale.train.signals import EXIT_PREEMPTED, EXIT_WITH_PARENT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,9 +141,7 @@ def run_name(name: str, seed: int) -> str:
 
 def compare(plan: Plan, out: Path, jobs: int = 1) -> dict:
     """Runs what is not finished yet, ``jobs`` runs at a time, then writes the report."""
-    from zoscale.quickstart import QUICKSTART
-    from zoscale.train import checkpoint
-    from zoscale.train.rundir import read_json, refuse_links, write_atomic
+    from zoscale.train.rundir import LOCK, RunDirectory, read_json, refuse_links
 
     refuse_links(out, "--out")  # its reports, logs and runs are written inside it, never through a link
     saved = out / "plan.json"
@@ -159,9 +158,18 @@ def compare(plan: Plan, out: Path, jobs: int = 1) -> dict:
                 raise ConfigError(f"--config: {plan.config or 'the quickstart'} resolves to another config than the "
                                   f"one {out} began with ({', '.join(changed[:3])}); use another --out")
             raise ConfigError(f"--out: {out} holds a comparison with other arguments ({saved}); use another --out")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise ConfigError(f"--out: {out} exists and is not a comparison (no plan.json); nothing is overwritten")
     out.mkdir(parents=True, exist_ok=True)
+    with RunDirectory(out, fresh=False):  # one comparison writes here at a time, for its whole life
+        return _run_plan(plan, out, saved, current, jobs)
+
+
+def _run_plan(plan: Plan, out: Path, saved: Path, current: dict, jobs: int) -> dict:
+    from zoscale.quickstart import QUICKSTART
+    from zoscale.train import checkpoint
+    from zoscale.train.rundir import read_json, write_atomic
+
     write_atomic(saved, json.dumps(current, indent=1) + "\n")
     (out / "runs").mkdir(exist_ok=True)
     first, pending = True, []
@@ -229,7 +237,7 @@ def _train_all(pending: list[tuple[list[str], Path, str]], jobs: int) -> None:
             while pending and len(running) < jobs and not stopping and not failed:
                 args, log, announce = pending.pop(0)
                 slot = min(set(range(jobs)) - {s for _, s in running.values()})
-                env = {**os.environ, "CUDA_VISIBLE_DEVICES": devices[slot]} if devices else None
+                env = {**os.environ, EXIT_WITH_PARENT: "1", **({"CUDA_VISIBLE_DEVICES": devices[slot]} if devices else {})}
                 print(announce, flush=True)
                 metrics = log.with_suffix("") / "metrics.jsonl"  # runs/NAME.log beside runs/NAME/
                 progress[metrics] = metrics.stat().st_size if metrics.is_file() else 0
@@ -250,6 +258,8 @@ def _train_all(pending: list[tuple[list[str], Path, str]], jobs: int) -> None:
         log, code = failed[0]
         raise RunFailed(f"compare: {log.stem} ended with exit code {code}; its output is in {log} (run the same "
                         f"command again to continue)", code)
+    if stopping:  # between two runs: nothing was running to checkpoint
+        raise RunFailed("compare: stopped by a signal; run the same command again to continue", EXIT_PREEMPTED)
 
 
 def _show_evaluations(metrics: Path, progress: dict[Path, int]) -> None:
