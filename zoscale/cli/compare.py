@@ -237,7 +237,9 @@ def _train_all(pending: list[tuple[list[str], Path, str]], jobs: int) -> None:
             while pending and len(running) < jobs and not stopping and not failed:
                 args, log, announce = pending.pop(0)
                 slot = min(set(range(jobs)) - {s for _, s in running.values()})
-                env = {**os.environ, EXIT_WITH_PARENT: "1", **({"CUDA_VISIBLE_DEVICES": devices[slot]} if devices else {})}
+                env = {**os.environ, EXIT_WITH_PARENT: "1"}
+                if devices:
+                    env["CUDA_VISIBLE_DEVICES"] = devices[slot]
                 print(announce, flush=True)
                 metrics = log.with_suffix("") / "metrics.jsonl"  # runs/NAME.log beside runs/NAME/
                 progress[metrics] = metrics.stat().st_size if metrics.is_file() else 0
