@@ -59,3 +59,12 @@ def wait_for_lines(path: Path, count: int, proc: subprocess.Popen, timeout: floa
     while not (path.exists() and len(path.read_text().splitlines()) >= count):
         assert time.time() < deadline and proc.poll() is None, "training did not start"
         time.sleep(0.05)
+
+
+def free_port() -> int:
+    """A port nothing listens on now: launchers given one do not collide with tests running beside them."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

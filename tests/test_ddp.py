@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from distributed import launch, run_group
+from distributed import free_port, launch, run_group
 
 RUN = ["steps=12", "eval_every=6", "save_every=6", "data.num_train=96", "data.num_dev=24", "data.num_test=30",
        "batch_size=12", "eval_batch_size=8"]
@@ -86,7 +86,8 @@ def test_accelerate_launch_with_the_shipped_configs(config, backend, local_run, 
     shipped = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / config
     run = tmp_path / "run"
     done = run_group([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(shipped),
-                      "--num_processes", "2", "-m", "zoscale", "train", "--out", str(run), *RUN,
+                      "--num_processes", "2", "--main_process_port", str(free_port()),
+                      "-m", "zoscale", "train", "--out", str(run), *RUN,
                       *CONMEZO, f"backend={backend}"], timeout=400)
     assert done.returncode == 0, done.stdout[-3000:]
     trainer_state = json.loads((run / "checkpoints" / "step-00000012" / "trainer.json").read_text())

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from distributed import launch, run_group
+from distributed import free_port, launch, run_group
 
 pytest.importorskip("deepspeed")
 
@@ -98,7 +98,6 @@ def test_a_fsdp_run_on_2_ranks_resumes_under_zero3_on_3(tmp_path):
 
 def test_the_deepspeed_launch_script_and_export(tmp_path):
     import os
-    import socket
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -108,11 +107,8 @@ def test_the_deepspeed_launch_script_and_export(tmp_path):
     local = tmp_path / "local"
     assert subprocess.run([sys.executable, "-m", "zoscale", "train", "--out", str(local), *RUN],
                           capture_output=True, timeout=300).returncode == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     run = tmp_path / "ds"
-    env = {"NPROC": "2", "MASTER_PORT": str(port), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {"NPROC": "2", "MASTER_PORT": str(free_port()), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     script = Path(__file__).resolve().parents[1] / "launch" / "deepspeed.sh"
     done = run_group(["bash", str(script), "--out", str(run), *RUN], env=env, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:]

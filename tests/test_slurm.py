@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from distributed import run_group
+from distributed import free_port, run_group
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "scripts" / "slurm_cluster.sh"
@@ -57,7 +57,9 @@ def test_sbatch_script_completes_and_matches_a_local_run(script, extra, local_su
     run = tmp_path / "run"
     cmd = ["unshare", "--mount", "--propagation", "private", str(CLUSTER), str(tmp_path / "cluster"),
            str(REPO / "launch" / script), "--out", str(run), *RUN, *extra]
-    done = run_group(cmd, env={"ZOSCALE_PYTHON": sys.executable, "NPROC_PER_NODE": "1"}, timeout=600)
+    env = {"ZOSCALE_PYTHON": sys.executable, "NPROC_PER_NODE": "1", "RDZV_PORT": str(free_port()),
+           "MASTER_PORT": str(free_port())}
+    done = run_group(cmd, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
     assert "JobState=COMPLETED" in done.stdout, done.stdout[-3000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -76,7 +78,8 @@ def test_a_preempted_job_checkpoints_is_requeued_and_ends_on_the_same_trajectory
     steps = ["steps=60" if a.startswith("steps=") else a for a in RUN]
     cmd = ["unshare", "--mount", "--propagation", "private", str(CLUSTER), str(tmp_path / "cluster"),
            str(REPO / "launch" / "slurm_torchrun.sbatch"), "--out", str(run), *steps, "backend=fsdp"]
-    env = {"ZOSCALE_PYTHON": sys.executable, "NPROC_PER_NODE": "1", "PREEMPT_WHEN": f"{run / 'metrics.jsonl'}:3"}
+    env = {"ZOSCALE_PYTHON": sys.executable, "NPROC_PER_NODE": "1", "PREEMPT_WHEN": f"{run / 'metrics.jsonl'}:3",
+           "RDZV_PORT": str(free_port())}
     done = run_group(cmd, env=env, timeout=600)
     assert done.returncode == 0 and "JobState=COMPLETED" in done.stdout, done.stdout[-4000:]
     assert "preempted job" in done.stdout and "Restarts=1" in done.stdout, done.stdout[-4000:]
