@@ -250,7 +250,7 @@ class ZOTrainer(Trainer):
             kwargs["data_collator"] = kwargs.get("data_collator") or Rows.collate
         if dict(zo_options or {}).get("population"):
             raise ValueError("zo_options population: the Trainer splits every batch over all ranks; a population "
-                             "needs each replica group to see the whole batch (zoscale train supports it)")
+                             "needs each replica to see the whole batch (zoscale train supports it)")
         if zo_dual_forward:
             if not REGISTRY[zo_optimizer].pairs:
                 raise ValueError(f"zo_dual_forward: {zo_optimizer} does not take its losses as (+eps, -eps) pairs")

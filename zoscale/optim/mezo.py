@@ -9,10 +9,10 @@ One step, with n directions at the same theta (n-SPSA, n = 1 by default):
 The restore (+eps z_n) and the update go out in one pass; with ``defer_update`` they wait for
 the next step's first perturbation pass (two passes per step instead of three).
 
-``population``: the replica groups (ranks holding the same elements: every rank under ddp, each
-shard group under hybrid FSDP2) share out the n directions, group g taking directions g, g + R, ...
-on the whole batch (split within the group only); the losses of all directions go out in the one
-all-reduce, each group filling its own, and every rank applies all n seed terms in one pass. The
+``population``: the replicas (whole copies of the parameters: a rank under ddp, a shard group under
+hybrid sharding) share out the n directions, replica g taking directions g, g + R, ... on the
+whole batch (split within its shard group only); the losses of all directions go out in the one
+all-reduce, each replica filling its own, and every rank applies all n seed terms in one pass. The
 same step as n-SPSA in one process, its directions evaluated side by side.
 """
 
@@ -29,7 +29,7 @@ class MeZOConfig(ZOConfig):
     n_directions: int = 1
     defer_update: bool = False
     shaping: str = "none"  # none | normalize | centered_ranks: over the step's 2 n values (base.shape)
-    population: bool = False  # the replica groups share out the n directions, each on the whole batch
+    population: bool = False  # the replicas share out the n directions, each on the whole batch
 
     def __post_init__(self):
         super().__post_init__()
@@ -51,7 +51,7 @@ class MeZO(ZOOptimizer):
         groups = self.comm.world_size // self.shard_comm.world_size
         if config.population and config.n_directions % groups:
             raise ConfigError(f"n_directions: {config.n_directions} directions do not share out over the {groups} "
-                              f"replica groups of a population")
+                              f"replicas of a population")
         # the directions this rank evaluates, and the ranks its batch is split over
         self.directions_here = range(self.comm.rank // self.shard_comm.world_size, config.n_directions, groups) \
             if config.population else range(config.n_directions)

@@ -136,7 +136,7 @@ class Trainer:
     # -- the step -------------------------------------------------------------------------------
     def batch(self, step: int) -> Batch:
         index = data.batch_indices(len(self.train), self.cfg.batch_size, step, self.cfg.seed)
-        share = self.optimizer.batch_comm  # every rank, or (a population) the rank's replica group
+        share = self.optimizer.batch_comm  # every rank, or (a population) the rank's shard group
         mine = data.rank_share(index, share.rank, share.world_size)
         # every rank pads like the whole batch: the same shapes as in one process (PseuZO pairs
         # positions of older outputs by them)
