@@ -6,7 +6,7 @@ Keys: optimizer, backend (none | fsdp | deepspeed: zoscale shards the model; tra
 trainer-fsdp: the Trainer's own integrations, TrainingArguments(deepspeed=...) or fsdp=..., the
 latter on CUDA), steps, batch (the global batch), accumulation, save_steps, resume (a checkpoint
 directory, or "last": the newest complete one in OUT/run), lr, dtype, master (fp32 master weights),
-save_model, weight_decay, dual (zo_dual_forward), shard_size (zo_zero3_shard_size),
+save_model, weight_decay, dual (zo_dual_forward),
 objective (loss, or reward: the prompts' greedy words scored by the quickstart's reward function).
 Every rank writes OUT/rank{r}.json: the Trainer's log history, the parameter checksum and the files
 of OUT/run.
@@ -94,8 +94,7 @@ def main(out: Path, options: dict) -> None:
                         zo_optimizer=options.get("optimizer", "mezo"), zo_options={"eps": eps},
                         zo_backend=backend if backend in ("fsdp", "deepspeed") else None,
                         zo_master_weights=bool(int(options.get("master", 0))),
-                        zo_dual_forward=bool(int(options.get("dual", 0))),
-                        **({"zo_zero3_shard_size": int(options["shard_size"])} if "shard_size" in options else {}))
+                        zo_dual_forward=bool(int(options.get("dual", 0))))
     resume = options.get("resume")
     trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
     if options.get("save_model"):
