@@ -116,6 +116,9 @@ class OptimConfig:
     options: dict = field(default_factory=dict)  # the optimizer's own fields (lr, eps, ...)
 
 
+SHARD_SIZE_KEYS = {"fsdp": "fsdp_shard_size", "deepspeed": "zero3_shard_size"}  # a sharded backend's layout key
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig
@@ -187,13 +190,13 @@ class TrainConfig:
         _choice(self.backend, BACKENDS, "backend")
         if self.fsdp_compute_dtype is not None:
             _choice(self.fsdp_compute_dtype, DTYPES, "fsdp_compute_dtype")
-        for key, backend in (("fsdp_shard_size", "fsdp"), ("zero3_shard_size", "deepspeed")):
+        for backend, key in SHARD_SIZE_KEYS.items():
             size = getattr(self, key)
             if size is None:
                 continue
             _require(size == "auto" or (isinstance(size, int) and not isinstance(size, bool) and size > 0),
                      key, f"must be a positive integer or auto, got {size!r}")
-            other = {"fsdp": "fsdp_shard_size", "deepspeed": "zero3_shard_size"}.get(self.backend)
+            other = SHARD_SIZE_KEYS.get(self.backend)
             _require(self.backend == backend, key, f"shard groups of backend {backend}; backend {self.backend} "
                      f"{f'takes {other}' if other else 'holds whole replicas'}")
         if self.deepspeed_config is not None:
@@ -388,7 +391,7 @@ def load(path: Path | None, overrides: list[str] = (), defaults: Path | None = N
     for assignment in overrides:
         apply_override(raw, assignment)
     launcher_shard_size = os.environ.get("ZOSCALE_SHARD_SIZE")  # the SLURM scripts' default: one node
-    key = {"fsdp": "fsdp_shard_size", "deepspeed": "zero3_shard_size"}.get(raw.get("backend"))
+    key = SHARD_SIZE_KEYS.get(raw.get("backend"))
     if launcher_shard_size and key and key not in raw:
         raw[key] = parse_value(launcher_shard_size)
     model = raw.get("model")

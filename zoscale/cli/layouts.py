@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zoscale.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Constant:
@@ -66,7 +68,7 @@ def layouts(model: str, nodes: int, gpus_per_node: int, gpu_memory_gib: float, i
             optimizer: str = "mezo") -> list[Layout]:
     world = nodes * gpus_per_node
     if batch < world:
-        raise ValueError(f"--batch: {batch} sequences do not give each of the {world} GPUs one")
+        raise ConfigError(f"--batch: {batch} sequences do not give each of the {world} GPUs one")
     sizes = sorted({1, *(s for s in range(2, world + 1)
                          if world % s == 0 and (s <= gpus_per_node or s % gpus_per_node == 0))})
     out = []

@@ -13,6 +13,7 @@ activation model, not a measurement: `zoscale profile` measures.
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,12 +50,11 @@ def run(args) -> int:
     if args.nodes is not None:
         from zoscale.cli import layouts
 
-        if args.batch < args.nodes * args.gpus_per_node:
-            raise ConfigError(f"--batch: {args.batch} sequences do not give each of the "
-                              f"{args.nodes * args.gpus_per_node} GPUs one")
         try:
             found = layouts.layouts(args.model, args.nodes, args.gpus_per_node, args.gpu_memory, args.intra_gbps,
                                     args.inter_gbps, args.batch, args.seq, args.dtype, args.optimizer)
+        except ConfigError:
+            raise
         except (OSError, ValueError) as e:
             raise ConfigError(f"--model {args.model}: {str(e).splitlines()[0]}") from None
         print(layouts.table(Path(args.model).stem, args.nodes, args.gpus_per_node, found))
@@ -98,24 +98,31 @@ def load_model_config(model: str):
     return AutoConfig.from_pretrained(model)
 
 
-def plan(model: str, backend: str, world_size: int, batch: int = 16, seq: int = 128, dtype: str = "bfloat16",
-         optimizer: str = "mezo", world: int | None = None) -> MemoryEstimate:
-    """``world_size``: the ranks a parameter is sharded over; ``world`` (default the same): the
-    ranks the batch is split over (more under hybrid sharding)."""
+@functools.cache  # a cluster's layouts estimate the same model many times
+def model_counts(model: str) -> tuple:
+    """(config, parameters, decoder layers, elements of the largest layer, elements outside the
+    layers), counted on the meta device: tied weights once."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from zoscale.optim import REGISTRY, optimizer_config
 
     cfg = load_model_config(model)
     with torch.device("meta"):
         net = AutoModelForCausalLM.from_config(cfg)
-    size = BYTES[dtype]
-    total = sum(p.numel() for p in net.parameters())  # tied weights counted once
+    total = sum(p.numel() for p in net.parameters())
     units = set(getattr(net, "_no_split_modules", None) or [])
     layers = [m for m in net.modules() if type(m).__name__ in units]
     layer_numel = max((sum(p.numel() for p in m.parameters()) for m in layers), default=0)
-    root_numel = total - sum(sum(p.numel() for p in m.parameters()) for m in layers)
+    return cfg, total, len(layers), layer_numel, total - sum(sum(p.numel() for p in m.parameters()) for m in layers)
+
+
+def plan(model: str, backend: str, world_size: int, batch: int = 16, seq: int = 128, dtype: str = "bfloat16",
+         optimizer: str = "mezo", world: int | None = None) -> MemoryEstimate:
+    """``world_size``: the ranks a parameter is sharded over; ``world`` (default the same): the
+    ranks the batch is split over (more under hybrid sharding)."""
+    from zoscale.optim import REGISTRY, optimizer_config
+
+    cfg, total, layers, layer_numel, root_numel = model_counts(model)
+    size = BYTES[dtype]
     sharded = backend in ("fsdp", "deepspeed")
     shard = total * size / (world_size if sharded else 1)
     buffer_bytes = REGISTRY[optimizer].buffer_bytes(optimizer_config(optimizer, {}), size)
@@ -130,7 +137,7 @@ def plan(model: str, backend: str, world_size: int, batch: int = 16, seq: int = 
         + tokens * cfg.vocab_size * 4
     parts = [shard, buffers, gathered_layers, gathered_root, activations]
     return MemoryEstimate(model=Path(model).stem, backend=backend, world_size=world_size, parameters=total,
-                bytes_per_parameter=size, layers=len(layers),
+                bytes_per_parameter=size, layers=layers,
                 parameter_shard_gib=shard / GIB, optimizer_buffers_gib=buffers / GIB,
                 gathered_layers_gib=gathered_layers / GIB, gathered_root_gib=gathered_root / GIB,
                 activations_gib=activations / GIB, total_gib=sum(parts) / GIB)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from zoscale.config import TrainConfig, load, to_dict
+from zoscale.config import SHARD_SIZE_KEYS, TrainConfig, load, to_dict
 from zoscale.engine import Comm, print0
 from zoscale.errors import ConfigError
 from zoscale.train import checkpoint
@@ -79,7 +79,7 @@ def resumed_config(run_dir: Path, steps: int | None, backend: str | None = None)
     if backend is None or backend == cfg.backend:
         return replace(cfg, steps=steps or cfg.steps)
     # the old backend's layout keys do not carry over to another backend
-    return replace(cfg, steps=steps or cfg.steps, backend=backend, fsdp_shard_size=None, zero3_shard_size=None)
+    return replace(cfg, steps=steps or cfg.steps, backend=backend, **dict.fromkeys(SHARD_SIZE_KEYS.values()))
 
 
 def find_point(run_dir: Path, cfg: TrainConfig, comm: Comm, auto: bool) -> ResumePoint:
