@@ -206,6 +206,13 @@ def check_arguments(args: TrainingArguments, zo_optimizer: str, zo_backend: str 
                              f"one size; set it to True")
 
 
+def _shifted_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(sum, count) of a causal LM's cross-entropy: position t's logits predict ``labels`` (already
+    shifted, -100 ignored) at t."""
+    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    return total, float(labels.ne(-100).sum())
+
+
 class ZOTrainer(Trainer):
     """A `transformers.Trainer` with a zeroth-order step (see the module docstring for the hooks)."""
 
@@ -403,9 +410,8 @@ class ZOTrainer(Trainer):
             with torch.no_grad(), self.compute_loss_context_manager(), self.dual.pair(terms, rows=2 * len(labels)):
                 logits = model(**doubled).logits
             for side, half in zip(sides, logits.chunk(2)):
-                side[0] += float(F.cross_entropy(half[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                 ignore_index=-100, reduction="sum"))
-                side[1] += float(labels.ne(-100).sum())
+                total, count = _shifted_lm_loss(half, labels)
+                side[0], side[1] = side[0] + float(total), side[1] + count
         return [tuple(side) for side in sides]
 
     def _loss(self, model, batches) -> tuple[float, float]:
@@ -480,11 +486,9 @@ class ZOTrainer(Trainer):
         if not hasattr(lm, "get_output_embeddings") or lm.get_output_embeddings() is None:
             raise ValueError(f"{self.zo_name}: needs a causal LM with an output embedding (its body/head split)")
         labels = inputs["labels"][:, 1:]
-        count = float(labels.ne(-100).sum())
 
         def loss_of(logits):
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                   reduction="sum"), count
+            return _shifted_lm_loss(logits, labels)
 
         with torch.no_grad():
             hidden = split.body(self.model, inputs["input_ids"], inputs.get("attention_mask"))
