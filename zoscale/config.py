@@ -33,6 +33,9 @@ class ModelConfig:
     lora: dict | None = None  # peft LoraConfig fields, e.g. {r: 8, lora_alpha: 16} (pip install peft)
     init_seed: int = 0  # for models built from a config
     init_device: str = "cpu"  # where a config's random weights are drawn: cpu (the same everywhere) | device (fast)
+    # the decoder layers below the first trainable one run once per example, not every forward
+    # (train/frozen_layers.py; backends local and ddp)
+    cache_frozen_layers: bool = False
 
     def __post_init__(self):
         sources = [k for k in ("name_or_path", "config", "gguf_file") if getattr(self, k) is not None]
@@ -184,6 +187,12 @@ class TrainConfig:
             _require(self.model.kind == "causal", "dual_forward", "needs a causal LM's body/head split")
             _require(not self.model.master_weights, "dual_forward", "not with model.master_weights (the copies "
                      "would be made from the half-precision weights, not the fp32 masters)")
+        if self.model.cache_frozen_layers:
+            _require(self.backend in ("local", "ddp"), "model.cache_frozen_layers", f"backend {self.backend} "
+                     f"gathers the layers' parameters in its own forward; backends local and ddp only")
+            _require(self.model.kind == "causal", "model.cache_frozen_layers", "needs a causal LM's decoder layers")
+            _require(not self.objective.generates, "model.cache_frozen_layers", f"objective {self.objective.name} "
+                     f"generates, and generation keeps every layer's keys and values")
         for key in ("eval_every", "save_every", "keep_checkpoints", "max_nonfinite", "max_stalled_steps",
                     "comm_ledger_steps"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")

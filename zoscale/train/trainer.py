@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from pathlib import Path
 
@@ -25,12 +26,13 @@ from zoscale.engine.comm import print0
 from zoscale.engine.dual import DualForward
 from zoscale.engine.ledger import CommLedger
 from zoscale.errors import ConfigError
-from zoscale.models import build_tokenizer
+from zoscale.models import BodyHead, build_tokenizer
 from zoscale.optim import REGISTRY
 from zoscale.optim.base import Objective
 from zoscale.train import checkpoint, data, gguf, objectives, tasks
 from zoscale.train import resume as resume_run
 from zoscale.train.evaluate import evaluate, headline, rank_batches
+from zoscale.train.frozen_layers import FrozenLayers
 from zoscale.train.losses import Batch, sequence_length
 from zoscale.train.memory import MemorySampler
 from zoscale.train.runlog import RunLog
@@ -99,6 +101,7 @@ class Trainer:
         self.measure = objectives.Measure.of(cfg.objective, self.tokenizer, self.device, synced=self.sharded)
 
         self.model = self.backend.build(self.model_config, len(self.tokenizer), self.device)
+        self.split = self._frozen_split() if cfg.model.cache_frozen_layers else self.backend.split
         options = {"seed": cfg.seed, **cfg.optim.options}
         if self.resume_point is not None:  # run properties (stream, momentum dtype) stay what the run began with
             options = REGISTRY[cfg.optim.name].kept_options(options, self.resume_point.optimizer_state["config"])
@@ -130,6 +133,20 @@ class Trainer:
             if self.memory.nvml_missing:
                 print0(f"memory: no NVML ({self.memory.nvml_missing}); recording host and allocator memory only")
 
+    def _frozen_split(self) -> BodyHead:
+        store = Path(os.environ.get("ZOSCALE_CACHE", Path.home() / ".cache" / "zoscale")) / "frozen-layers"
+        frozen = FrozenLayers(self.model, store)
+        start = time.time()
+        examples = self.train + self.dev + self.test
+        packed = (Batch(examples[i:i + 64], self.loss_kind, self.tokenizer.pad_token_id, self.device)
+                  for i in range(0, len(examples), 64))
+        frozen.fill([tuple(ids[:n].tolist()) for b in packed for ids, n in zip(b.input_ids, b.attention_mask.sum(1))])
+        sample = Batch(self.train[:2], self.loss_kind, self.tokenizer.pad_token_id, self.device)
+        frozen.check(sample.input_ids, sample.attention_mask)
+        print0(f"model.cache_frozen_layers: decoder layers 0-{frozen.frozen - 1} of {len(frozen.layers)} run once "
+               f"per example: {len(frozen.entries)} sequences in {time.time() - start:.0f} s")
+        return frozen.split
+
     def phase(self, name: str):
         return self.memory.phase(name) if self.memory is not None else contextlib.nullcontext()
 
@@ -145,7 +162,7 @@ class Trainer:
 
     def pack(self, examples, pad_to: int = 0) -> Batch:
         """Encoded examples as a Batch for this model and backend."""
-        return Batch(examples, self.loss_kind, self.tokenizer.pad_token_id, self.device, split=self.backend.split,
+        return Batch(examples, self.loss_kind, self.tokenizer.pad_token_id, self.device, split=self.split,
                      pad_to=pad_to, mask_id=self.mask_id)
 
     def full_batch_loss(self) -> tuple[float, int]:
@@ -290,7 +307,7 @@ class Trainer:
         with self.phase("evaluation"):
             metrics = evaluate(self.model, self.tokenizer, mine, self.task.evaluation, self.cfg.eval_batch_size,
                                self.tokenizer.pad_token_id, self.device, self.comm, self.cfg.data.max_new_tokens,
-                               split=self.backend.split, mask_id=self.mask_id, sharded=sharded)
+                               split=self.split, mask_id=self.mask_id, sharded=sharded)
             if self.measure.rewards:
                 metrics["reward"] = self.measure.mean_reward(self.model, mine, self.cfg.eval_batch_size, self.comm,
                                                              sharded)
