@@ -84,3 +84,9 @@ def test_compare_puts_the_ft_ceiling_beside_each_zo_row(tmp_path):
     assert rows["mezo"]["of_ft_gain"] == pytest.approx((rows["mezo"]["final"][0] - zero) / gain)
     assert rows["adamw"]["of_ft_gain"] == pytest.approx(1.0)
     assert "FT ceiling: adamw's mean final score" in (out / "report.md").read_text()
+    # forward passes to 90% of FT's final score: the first evaluation at or above it, per seed
+    target = 0.9 * rows["adamw"]["final"][0]
+    for name, row in rows.items():
+        first = next((p["forward_passes"] for p in report["runs"][name][0]["test"] if p["score"] >= target), None)
+        assert row["passes_to_ft90"] == first and row["ft90_reached"] == f"{int(first is not None)}/1"
+    assert rows["adamw"]["passes_to_ft90"] is not None

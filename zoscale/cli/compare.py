@@ -377,6 +377,14 @@ def build_report(plan: Plan, out: Path) -> dict:
             if loss_base and row["passes_to_loss_target"] and loss_every else None
         gain = None if ceiling is None or zero_shot is None else rows[ceiling]["final"][0] - zero_shot
         row["of_ft_gain"] = (row["final"][0] - zero_shot) / gain if gain else None
+    if ceiling is not None:  # how soon each optimizer reaches 90% of backpropagation's final score
+        ft_target = 0.9 * rows[ceiling]["final"][0]
+        for name, row in rows.items():
+            reached = [next((p["forward_passes"] for p in r["test"] if p["score"] >= ft_target), None)
+                       for r in runs[name]]
+            hits = [p for p in reached if p is not None]
+            row["passes_to_ft90"] = statistics.fmean(hits) if hits else None
+            row["ft90_reached"] = f"{len(hits)}/{len(reached)}"
     return {"plan": asdict(plan), "reference": reference, "target": target, "loss_target": loss_target,
             "ceiling": ceiling,
             "loss_window": window,
@@ -410,15 +418,16 @@ def markdown(report: dict) -> str:
                 if report.get("majority") else "")
              + (f" FT ceiling: {report['ceiling']}'s mean final score (backpropagation on the same parameters, data "
                 f"and budget, a backward counted as two forward passes); 'of FT's gain': (final - zero-shot) / "
-                f"(FT's final - zero-shot)." if report.get("ceiling") else ""), "",
+                f"(FT's final - zero-shot); 'to 90% of FT': forward passes until the test score first reached 0.9 x "
+                f"FT's mean final score, mean over the seeds that did." if report.get("ceiling") else ""), "",
              "| optimizer | steps | forward passes | final test | final balanced | best dev → test | dev (best) | "
              "passes to target score (reached) | speedup | passes to target loss (reached) | speedup | "
-             "step time (median) | training time | peak memory | of FT's gain |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "step time (median) | training time | peak memory | of FT's gain | to 90% of FT (reached) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     balanced = report.get("zero_shot_balanced", math.nan)
     if report["zero_shot"] is not None:
         lines.append(f"| zero-shot | 0 | 0 | {report['zero_shot']:.3f} | "
-                     f"{'-' if math.isnan(balanced) else f'{balanced:.3f}'} | - | - | - | - | - | - | - | - | - | 0 |")
+                     f"{'-' if math.isnan(balanced) else f'{balanced:.3f}'} | - | - | - | - | - | - | - | - | - | 0 | - |")
     for name, r in rows.items():
         sd = len(plan["seeds"]) > 1  # one seed has no spread to show
         fmt = lambda pair: "-" if math.isnan(pair[0]) else f"{pair[0]:.3f}" + (f" ± {pair[1]:.3f}" if sd else "")  # noqa: E731
@@ -429,7 +438,8 @@ def markdown(report: dict) -> str:
                      f"{fmt(r['best_dev_test'])} | {fmt(r['best_dev'])} | {passes(r['passes_to_target'], r['reached'])} | "
                      f"{times(r['speedup'])} | {passes(r['passes_to_loss_target'], r['loss_reached'])} | "
                      f"{times(r['loss_speedup'])} | {r['step_time_median']:.3f} s | {r['training_seconds']:.1f} s | "
-                     f"{memory} | {'-' if r['of_ft_gain'] is None else format(r['of_ft_gain'], '.2f')} |")
+                     f"{memory} | {'-' if r['of_ft_gain'] is None else format(r['of_ft_gain'], '.2f')} | "
+                     f"{passes(r['passes_to_ft90'], r['ft90_reached']) if 'ft90_reached' in r else '-'} |")
     lines += ["", "Peak memory: the process's GPU memory (NVML) where there is a GPU, else its host RSS. "
               "Curves: curves.png; every run: runs/ and report.json.", ""]
     return "\n".join(lines)
@@ -459,6 +469,12 @@ def plot(report: dict, path: Path) -> None:
             smooth = [_moving_average(r["loss"], window) for r in records]
             axes[1][column].plot([statistics.fmean(v) for v in zip(*[r[key] for r in records])],
                                  [statistics.fmean(v) for v in zip(*smooth)], label=name, color=line.get_color())
+    for column in (0, 1):  # the lines a ZO curve is read against
+        if report["zero_shot"] is not None:
+            axes[0][column].axhline(report["zero_shot"], color="grey", linestyle="--", label="zero-shot")
+        if report.get("ceiling"):
+            axes[0][column].axhline(report["rows"][report["ceiling"]]["final"][0], color="black", linestyle=":",
+                                    label=f"FT ({report['ceiling']}) final")
     for row, label in ((0, "test score (mean ± sd over seeds)"), (1, "training loss (moving average, mean)")):
         for column, x in ((0, "forward passes (one training batch each)"), (1, "training time (s)")):
             axes[row][column].set_xlabel(x)
