@@ -155,13 +155,22 @@ def test_two_gloo_ranks_follow_the_single_process_trajectory(tmp_path, single, b
     """Replicas (no DDP), FSDP2 shards and ZeRO-3 partitions by zoscale's backends, the Trainer
     running the loop; and ZeRO-3 by the Trainer's own DeepSpeed integration
     (TrainingArguments(deepspeed="configs/deepspeed/zero3.json")). The ZeRO-3 runs resume the
-    single-process checkpoint at step 3."""
-    resume = (f"resume={single['dir'] / 'run' / 'checkpoint-3'}",) if "deepspeed" in backend else ()
-    ranks = torchrun(SCRIPT, 2, tmp_path, "steps=6", f"backend={backend}", "save_model=1", *resume, timeout=240)
+    single-process checkpoint at step 3. The sharded runs end with load_best_model_at_end: each rank
+    reads its elements of the best checkpoint (chosen as the worst eval loss, so not the last)."""
+    resumed = "deepspeed" in backend
+    resume = (f"resume={single['dir'] / 'run' / 'checkpoint-3'}",) if resumed else ()
+    best = ("best=1", "save_steps=2") if backend != "none" else ()
+    ranks = torchrun(SCRIPT, 2, tmp_path, "steps=6", f"backend={backend}", "save_model=1", *resume, *best,
+                     timeout=240)
     assert steps(ranks[0]) == steps(ranks[1])
     for (step, loss, pg), (_, loss_2, pg_2) in zip(steps(single), steps(ranks[0]), strict=True):
         assert loss_2 == pytest.approx(loss, rel=1e-5) and pg_2 == pytest.approx(pg, rel=2e-3, abs=2e-3), step
-    assert ranks[0]["param_sum"] == pytest.approx(single["param_sum"], rel=1e-6)
+    final = ranks[0]["saved"]["6"] if best else ranks[0]["param_sum"]
+    assert final == pytest.approx(single["param_sum"], rel=1e-6)
+    if best:
+        best_step = ranks[0]["best"].rsplit("-", 1)[1]
+        assert best_step == ("4" if resumed else "2") and ranks[1]["best"] == ranks[0]["best"]
+        assert ranks[0]["param_sum"] == pytest.approx(ranks[0]["saved"][best_step], rel=1e-12)
     if backend != "none":  # the gathered shards, saved by rank 0
         assert loaded_sum(tmp_path / "model") == pytest.approx(ranks[0]["param_sum"], rel=1e-12)
         step_dir = "zoscale/checkpoints/step-00000006"

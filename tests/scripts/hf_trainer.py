@@ -88,6 +88,10 @@ def main(out: Path, options: dict) -> None:
                 "zo_max_new_tokens": 2, "zo_max_stalled_steps": 0}
     else:
         data = {"train_dataset": dataset(tok), "data_collator": DataCollatorForLanguageModeling(tok, mlm=False)}
+    if options.get("best"):  # the first evaluation as "best" (eval_earliness): not the last parameters
+        data["eval_dataset"] = dataset(tok, rows=16)
+        args.eval_strategy, args.eval_steps, args.load_best_model_at_end = "steps", args.save_steps, True
+        args.metric_for_best_model, args.greater_is_better = "eval_earliness", True
     eps = 0.03 if options.get("objective") == "reward" else 1e-3
     trainer = ZOTrainer(model=model(len(tok), dtype=options.get("dtype", "float32")), args=args,
                         processing_class=tok, **data,
@@ -95,6 +99,23 @@ def main(out: Path, options: dict) -> None:
                         zo_backend=backend if backend in ("fsdp", "deepspeed") else None,
                         zo_master_weights=bool(int(options.get("master", 0))),
                         zo_dual_forward=bool(int(options.get("dual", 0))))
+    saved = {}  # step -> the parameters' sum at each save, for the best model's reload
+    if options.get("best"):
+        from transformers import TrainerCallback
+
+        class SumAtSave(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                state.eval_steps = state.save_steps = args.save_steps  # a resumed state keeps its own
+
+            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+                metrics["eval_earliness"] = -state.global_step
+
+            def on_save(self, args, state, control, **kwargs):
+                trainer.zo.flush()
+                saved[state.global_step] = trainer.zo.param_sums(
+                    [sum(float(s.tensor.double().sum()) for s in trainer.zo.shards)])[0]
+
+        trainer.add_callback(SumAtSave())
     resume = options.get("resume")
     trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
     if options.get("save_model"):
@@ -102,7 +123,8 @@ def main(out: Path, options: dict) -> None:
     trainer.zo.flush()
     sums = trainer.zo.param_sums([sum(float(s.tensor.double().sum()) for s in trainer.zo.shards)])
     rank = dist.get_rank() if dist.is_initialized() else 0
-    result = {"log": trainer.state.log_history, "param_sum": sums[0], "world_size": world,
+    result = {"log": trainer.state.log_history, "param_sum": sums[0], "world_size": world, "saved": saved,
+              "best": trainer.state.best_model_checkpoint,
               "files": sorted(str(p.relative_to(out)) for p in (out / "run").rglob("*") if p.is_file())}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     if dist.is_initialized():

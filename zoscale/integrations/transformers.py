@@ -549,6 +549,20 @@ class ZOTrainer(Trainer):
         checkpoint.read_shards(found.path, self.zo.shards, self.zo.shard_buffers())
         self.zo.load_state_dict(state)
 
+    def _load_best_model(self) -> None:
+        """Sharded (zo_backend, or the Trainer's DeepSpeed / FSDP): the best checkpoint's parameters
+        are its ZO state's pieces, each rank reading its own elements as resume does (the Trainer's
+        loaders expect whole weights or its own engines' checkpoints, which ZOTrainer does not write)."""
+        if self.sharding is None:
+            return super()._load_best_model()
+        best = Path(self.state.best_model_checkpoint)
+        found = checkpoint.find(best / _ZO_STATE / "checkpoints", self.comm)
+        if found.path is None:
+            raise ValueError(f"load_best_model_at_end: {best} holds no complete ZO state ({_ZO_STATE}/)")
+        self.zo.flush()  # a deferred update belongs to the parameters being replaced
+        checkpoint.read_shards(found.path, self.zo.shards)
+        logger.info(f"Loaded the best model from {best} (score: {self.state.best_metric}), each rank its own elements.")
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.zo_backend is None:  # sharded: the parameters come from the ZO state's pieces instead
             super()._load_from_checkpoint(resume_from_checkpoint, model)
