@@ -3,13 +3,14 @@
 When every trainable parameter sits in decoder layer k or above (the top layers' norms, LoRA on
 the top layers), the hidden state entering layer k is a function of the example alone: every
 forward of a ZO step, and every evaluation, would compute it again. It is computed once per
-example, alone (batch of one, no padding, so the value does not depend on which batch first met
-the example and resumed runs stay bit-exact), kept, and fed to layer k; the first k layers are
-replaced during the forward by modules that return it. Right padding with causal attention keeps
-the real positions independent of the padding, so the cached rows are padded with zeros.
+example (the run's examples in data order, in fixed chunks, so a resumed run computes the same
+values; on disk, keyed by the weights below the cut, runs share them), and fed to layer k: the
+first k layers are replaced during the forward by modules that return it. Right padding with
+causal attention keeps the real positions independent of the padding, so cached rows are padded
+with zeros.
 
 The cost moves from steps to examples: a forward costs the top layers only. Memory: one
-(length, hidden) tensor per example met. Checked once against the uncached forward when built.
+(length, hidden) tensor per example. Checked against the uncached forward when a run starts.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class FrozenLayers:
         self.device = next(self.base.parameters()).device
         self.entries: dict[tuple[int, ...], torch.Tensor] = {}
         self.pending: torch.Tensor | None = None
-        self.returns_tuple = False  # what a layer returns (older layers: a tuple), seen while filling
+        self.returns_tuple = False  # what a layer returns (older layers: a tuple), seen by check()
         self.replays = [_Replay(self, last=i == self.frozen - 1) for i in range(self.frozen)]
         self.store = store / self._fingerprint() if store is not None else None
         if self.store is not None and self.store.is_dir():
@@ -132,19 +133,14 @@ class FrozenLayers:
             captured["hidden"] = args[0] if args else kwargs["hidden_states"]
             raise _Stop
 
-        def kind(module, args, output):
-            self.returns_tuple = isinstance(output, tuple)
-
-        hooks = [self.layers[self.frozen].register_forward_pre_hook(capture, with_kwargs=True),
-                 self.layers[self.frozen - 1].register_forward_hook(kind)]
+        hook = self.layers[self.frozen].register_forward_pre_hook(capture, with_kwargs=True)
         try:
             with torch.no_grad():
                 self.base(input_ids=input_ids, attention_mask=attention_mask)
         except _Stop:
             pass
         finally:
-            for hook in hooks:
-                hook.remove()
+            hook.remove()
         return captured["hidden"].detach()
 
     def body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -170,8 +166,15 @@ class FrozenLayers:
     def check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tolerance: float = 1e-4) -> None:
         """The cached body equals the model's own forward (else this architecture feeds its layers
         something the replay does not reproduce)."""
+        def kind(module, args, output):
+            self.returns_tuple = isinstance(output, tuple)
+
+        hook = self.layers[self.frozen - 1].register_forward_hook(kind)
         with torch.no_grad():
-            plain = self.base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            try:
+                plain = self.base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            finally:
+                hook.remove()
             try:
                 cached = self.body(input_ids, attention_mask)
             except Exception as e:
@@ -182,8 +185,6 @@ class FrozenLayers:
         if not error <= tolerance:
             raise ConfigError(f"model.cache_frozen_layers: the cached forward of {type(self.base).__name__} differs "
                               f"from its own by {error:.2g} (relative); this architecture is not supported")
-
-
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
