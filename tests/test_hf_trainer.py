@@ -234,6 +234,30 @@ def test_combinations_a_zo_step_cannot_honour_are_refused(tmp_path, change, mess
         unset_hf_deepspeed_config()
 
 
+@pytest.mark.parametrize("hook", ["_prepare_for_training", "_loss_shifts_labels"])
+def test_a_transformers_without_the_trainer_hooks_zotrainer_overrides_is_named(tmp_path, monkeypatch, hook):
+    """Older transformers (4.57: no _loss_shifts_labels; 5.0: no _prepare_for_training) would
+    bypass the ZO step's pieces silently; ZOTrainer says which hook is missing and what to install."""
+    from transformers import Trainer, TrainingArguments
+
+    from zoscale.integrations.transformers import ZOTrainer
+
+    if hasattr(Trainer, hook):
+        monkeypatch.delattr(Trainer, hook)
+    else:  # an attribute Trainer.__init__ sets
+        original = Trainer.__init__
+
+        def without(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            delattr(self, hook)
+
+        monkeypatch.setattr(Trainer, "__init__", without)
+    tok = hf_trainer.tokenizer()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(RuntimeError, match=rf"lacks Trainer\(?\)?\.{hook}: install 'transformers>=5\.10'"):
+        ZOTrainer(model=hf_trainer.model(len(tok)), args=args, train_dataset=hf_trainer.dataset(tok, rows=8))
+
+
 def test_weight_decay_from_the_training_arguments_is_applied(tmp_path):
     """ZO's decoupled decay (1 - lr wd) on matrices, as AdamW's Trainer decays all but biases and norms."""
     plain, decayed = run(tmp_path / "plain", steps=3), run(tmp_path / "decayed", steps=3, weight_decay=0.5)

@@ -147,6 +147,26 @@ def _changed(args: TrainingArguments, name: str) -> bool:
     return getattr(args, name) not in (default, {} if default is None else default)
 
 
+# transformers.Trainer's private hooks that ZOTrainer overrides or reads, as of transformers 5.10
+# through 5.25: a release without one of them would silently bypass the ZO step or its checkpoints
+TRAINER_HOOKS = ("_prepare_for_training", "get_batch_samples", "_wrap_model", "_prepare_inputs",
+                 "compute_loss_context_manager", "_save", "_save_optimizer_and_scheduler",
+                 "_load_optimizer_and_scheduler", "_load_from_checkpoint", "_load_best_model")
+TRAINER_STATE = ("_loss_shifts_labels", "_created_lr_scheduler")  # set by Trainer.__init__
+
+
+def check_trainer_hooks(trainer=None) -> None:
+    """The Trainer this transformers ships has the hooks ZOTrainer was written against."""
+    import transformers
+
+    missing = [f"Trainer.{n}" for n in TRAINER_HOOKS if not hasattr(Trainer, n)]
+    missing += [f"Trainer().{n}" for n in TRAINER_STATE if trainer is not None and not hasattr(trainer, n)]
+    if missing:
+        raise RuntimeError(f"ZOTrainer overrides transformers.Trainer's private hooks as of transformers 5.10; "
+                           f"transformers {transformers.__version__} lacks {', '.join(missing)}: install "
+                           f"'transformers>=5.10' (the range pyproject.toml declares)")
+
+
 def check_arguments(args: TrainingArguments, zo_optimizer: str, zo_backend: str | None,
                     zo_options: dict | None = None) -> None:
     """Combinations a ZO step cannot honour, each a one-line error naming the argument."""
@@ -236,6 +256,7 @@ class ZOTrainer(Trainer):
         zo_objective: what a step minimizes (the module docstring); zo_reward_weights: one per
         reward function; zo_max_new_tokens, zo_stop: the greedy generation of f1, exact_match and
         rewards."""
+        check_trainer_hooks()
         args = args or TrainingArguments("trainer_output")
         self.zo_objective, rewards = resolve_objective(zo_objective, zo_reward_weights)
         generates = self.zo_objective in GENERATING
@@ -292,6 +313,7 @@ class ZOTrainer(Trainer):
         if zo_master_weights and (args.deepspeed or args.fsdp):
             raise ValueError("zo_master_weights: not with the Trainer's sharding (keep the shards in fp32)")
         super().__init__(model, args, *rest, **kwargs)
+        check_trainer_hooks(self)
         self.comm = Comm()
         self.sharding = self.zo_backend  # whose shards, head and gathered state dict: set once the model is sharded
         self._micro_batches: list = []
