@@ -15,6 +15,7 @@ The cost moves from steps to examples: a forward costs the top layers only. Memo
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from pathlib import Path
@@ -70,6 +71,9 @@ class FrozenLayers:
         self.returns_tuple = False  # what a layer returns (older layers: a tuple), seen by check()
         self.replays = [_Replay(self, last=i == self.frozen - 1) for i in range(self.frozen)]
         self.store = store / self._fingerprint() if store is not None else None
+        self._read_store()
+
+    def _read_store(self) -> None:
         if self.store is not None and self.store.is_dir():
             for file in sorted(self.store.glob("*.safetensors")):
                 self._read(file)
@@ -95,7 +99,6 @@ class FrozenLayers:
             self.entries.setdefault(tuple(int(t) for t in name.split("-")), value)
 
     def _write(self, sequences: list[tuple[int, ...]]) -> None:
-        self.store.mkdir(parents=True, exist_ok=True)
         tensors = {"-".join(map(str, s)): self.entries[s].contiguous() for s in sequences}
         name = hashlib.sha256("|".join(tensors).encode()).hexdigest()[:24]
         temporary = self.store / f".{name}.{os.getpid()}.tmp"
@@ -109,7 +112,17 @@ class FrozenLayers:
     def fill(self, sequences: list[list[int]], chunk: int = 16) -> None:
         """Entries for ``sequences`` not cached yet, computed ``chunk`` at a time in the order given
         (the run's own examples, in data order: the same chunks, so the same values, whenever the
-        run is started or resumed)."""
+        run is started or resumed). Runs that start together (a comparison's) take turns: the
+        second reads what the first wrote."""
+        if self.store is None or all(tuple(s) in self.entries for s in sequences):
+            return self._compute(sequences, chunk)
+        self.store.mkdir(parents=True, exist_ok=True)
+        with open(self.store / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._read_store()
+            self._compute(sequences, chunk)
+
+    def _compute(self, sequences: list[list[int]], chunk: int) -> None:
         missing = list(dict.fromkeys(tuple(s) for s in sequences if tuple(s) not in self.entries))
         for start in range(0, len(missing), chunk):
             group = missing[start:start + chunk]
@@ -147,7 +160,7 @@ class FrozenLayers:
         sequences = [tuple(ids[:n].tolist()) for ids, n in zip(input_ids, attention_mask.sum(dim=1).tolist())]
         for s in sequences:  # met outside the run's own examples: alone, so its value is its own
             if s not in self.entries:
-                self.fill([s])
+                self._compute([s], 1)
         rows = [self.entries[s] for s in sequences]
         hidden = rows[0].new_zeros(input_ids.shape + rows[0].shape[-1:])
         for i, row in enumerate(rows):
