@@ -75,6 +75,15 @@ def test_the_store_is_shared_and_keyed_by_the_frozen_weights(tmp_path):
     assert len(second.entries) == 2
     with torch.no_grad():
         assert torch.equal(second.body(ids, mask), expected)
+    # two runs started together: the later filler reads what the earlier one wrote meanwhile
+    early, late = FrozenLayers(model, tmp_path), FrozenLayers(model, tmp_path)
+    more = [tuple(range(5, 5 + n)) for n in (4, 6, 9)]
+    early.fill(more)
+    calls = []
+    hook = late.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    late.fill(more)
+    hook.remove()
+    assert not calls and all(torch.equal(late.entries[s], early.entries[s]) for s in more)
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.add_(0.1)  # other weights below the cut: other entries
     assert len(FrozenLayers(model, tmp_path).entries) == 0

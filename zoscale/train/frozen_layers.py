@@ -99,6 +99,7 @@ class FrozenLayers:
             self.entries.setdefault(tuple(int(t) for t in name.split("-")), value)
 
     def _write(self, sequences: list[tuple[int, ...]]) -> None:
+        self.store.mkdir(parents=True, exist_ok=True)
         tensors = {"-".join(map(str, s)): self.entries[s].contiguous() for s in sequences}
         name = hashlib.sha256("|".join(tensors).encode()).hexdigest()[:24]
         temporary = self.store / f".{name}.{os.getpid()}.tmp"
