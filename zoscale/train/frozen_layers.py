@@ -28,6 +28,11 @@ from zoscale.errors import ConfigError
 from zoscale.models import BodyHead, causal_lm
 
 
+def shared_store() -> Path:
+    """Where runs share their entries: $ZOSCALE_CACHE/frozen-layers (default ~/.cache/zoscale)."""
+    return Path(os.environ.get("ZOSCALE_CACHE", Path.home() / ".cache" / "zoscale")) / "frozen-layers"
+
+
 class _Stop(Exception):
     pass
 

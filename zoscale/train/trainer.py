@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from zoscale.optim.base import Objective
 from zoscale.train import checkpoint, data, gguf, objectives, tasks
 from zoscale.train import resume as resume_run
 from zoscale.train.evaluate import evaluate, headline, rank_batches
-from zoscale.train.frozen_layers import FrozenLayers
+from zoscale.train.frozen_layers import FrozenLayers, shared_store
 from zoscale.train.losses import Batch, sequence_length
 from zoscale.train.memory import MemorySampler
 from zoscale.train.runlog import RunLog
@@ -134,8 +133,7 @@ class Trainer:
                 print0(f"memory: no NVML ({self.memory.nvml_missing}); recording host and allocator memory only")
 
     def _frozen_split(self) -> BodyHead:
-        store = Path(os.environ.get("ZOSCALE_CACHE", Path.home() / ".cache" / "zoscale")) / "frozen-layers"
-        frozen = FrozenLayers(self.model, store)
+        frozen = FrozenLayers(self.model, shared_store())
         start = time.time()
         examples = self.train + self.dev + self.test
         packed = (Batch(examples[i:i + 64], self.loss_kind, self.tokenizer.pad_token_id, self.device)
