@@ -26,7 +26,8 @@ callbacks, `save_steps`/`save_total_limit`, `save_model`. What is replaced, and 
   buffers such as ConMeZO's momentum or SVRG's anchor, and the trainable parameters themselves)
   goes into ``checkpoint-N/zoscale/`` as a zoscale checkpoint (atomic, checksummed, per rank), so
   ``resume_from_checkpoint`` continues the same trajectory on any world size.
-- ``save_model`` on a sharded model: the shards gathered into one state dict for rank 0.
+- ``save_model`` on a sharded model: the shards gathered into one state dict for rank 0;
+  ``_load_best_model`` on one: each rank reads its elements of the best checkpoint's ZO state.
 - ``log``: ``projected_grad`` and the ZO step's lr in the training logs, no ``grad_norm``;
   ``evaluation_loop`` and ``save_model`` flush a deferred update first.
 
