@@ -2,6 +2,7 @@
 
     python profiling/learning_report.py DIR --choose norm   # main's per-optimizer rates from DIR/sweep
     python profiling/learning_report.py DIR                 # DIR/summary.md: the sweep and the main tables
+    python profiling/learning_report.py DIR --publish REPORT  # and the files a report keeps, into REPORT
 
 The sweep ran one compare per grid point (DIR/sweep/PARAMS-I); an optimizer's rate is the one
 whose best dev score was highest (ties: the smaller rate). Each main compare (DIR/main/PROMPT-PARAMS)
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from pathlib import Path
 
 RATE_KEYS = {"mezo_svrg": ("lr", "anchor_lr")}  # optim keys the sweep moved together
@@ -91,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     parser.add_argument("--choose", choices=("norm", "lora"), help="print main's OPTIMIZER:key=value rates")
+    parser.add_argument("--publish", type=Path, help="copy summary.md and each compare's report files here")
     args = parser.parse_args()
     if args.choose:
         chosen = choose(sweep(args.out, args.choose))
@@ -101,6 +104,21 @@ def main() -> None:
         return
     (args.out / "summary.md").write_text(summary(args.out))
     print(f"{args.out / 'summary.md'} written")
+    if args.publish:
+        publish(args.out, args.publish)
+
+
+def publish(out: Path, report: Path) -> None:
+    """summary.md; each main compare's report.md, report.json, plan.json and curves.png; each sweep
+    point's report.md and plan.json (its numbers are in the summary)."""
+    keep = {"main": ("report.md", "report.json", "plan.json", "curves.png"), "sweep": ("report.md", "plan.json")}
+    shutil.copy(out / "summary.md", report / "summary.md")
+    for stage, names in keep.items():
+        for compare in sorted((out / stage).glob("*")):
+            if (compare / "report.json").is_file():
+                (report / stage / compare.name).mkdir(parents=True, exist_ok=True)
+                for name in names:
+                    shutil.copy(compare / name, report / stage / compare.name / name)
 
 
 if __name__ == "__main__":
