@@ -42,29 +42,27 @@ class ZOSFTTrainer(ZOTrainer, SFTTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         batches = list(self._micro_batches)  # the update's micro-batches, when its ZO step runs now
-        before = {key: len(values) for key, values in self._metrics["eval"].items()}
-        eval_tokens = self._metrics["eval"].get("num_tokens")
+        before = {key: list(values) for key, values in self._metrics["eval"].items()}
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not batches:
-            return loss
-        for key in [k for k in self._metrics["eval"] if k != "num_tokens"]:
-            values = self._metrics["eval"][key]
-            new, kept = values[before.get(key, 0):], values[:before.get(key, 0)]
-            if kept:
-                self._metrics["eval"][key] = kept
+        if batches:
+            self._step_metrics_to_training(before, batches)
+        return loss
+
+    def _step_metrics_to_training(self, before: dict[str, list], batches: list[dict]) -> None:
+        """What SFTTrainer filed under eval during the step's forwards becomes one training entry
+        per metric (their mean); eval keeps what it held; the step's tokens count once."""
+        for key, values in list(self._metrics["eval"].items()):
+            new = values[len(before.get(key, [])):]
+            if new and key != "num_tokens":
+                self._metrics["train"][key].append(sum(new) / len(new))
+            if key in before:
+                self._metrics["eval"][key] = before[key]
             else:
                 del self._metrics["eval"][key]
-            if new:
-                self._metrics["train"][key].append(sum(new) / len(new))
-        if eval_tokens is None:
-            self._metrics["eval"].pop("num_tokens", None)
-        else:
-            self._metrics["eval"]["num_tokens"] = eval_tokens
-        if all("attention_mask" in b for b in batches):  # the update's tokens, on every rank
+        if all("attention_mask" in b for b in batches):
             self._total_train_tokens += sum(self.accelerator.gather_for_metrics(b["attention_mask"].sum()).sum().item()
                                             for b in batches)
         self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
-        return loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """A training log (it carries ``loss``) while the model is in eval mode: SFTTrainer reads the
