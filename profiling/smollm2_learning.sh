@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Issue 26's CPU comparison: SmolLM2-135M-Instruct on balanced tweets, the top 4 decoder layers
 # trained (norm weights, or LoRA), two prompts, MeZO, ConMeZO, MeZO-SVRG, PseuZO and AdamW.
-#   bash profiling/smollm2_learning.sh sweep DIR    # lr on the dev split: SST-2 prompt, 1 seed, 300 MeZO steps
-#   bash profiling/smollm2_learning.sh main DIR     # 3 seeds, 1,000 MeZO steps, both prompts and both parameter sets
-#   python profiling/learning_report.py DIR         # DIR/README.md from both stages
+#   bash profiling/smollm2_learning.sh sweep DIR [norm|lora]          # lr on the dev split: SST-2 prompt,
+#                                                                     # 1 seed, 300 MeZO steps
+#   bash profiling/smollm2_learning.sh main DIR [norm|lora] [PROMPT]  # 3 seeds, 1,000 MeZO steps
+#   bash profiling/smollm2_learning.sh all DIR     # each sweep, then its mains: the order results come soonest
+#   python profiling/learning_report.py DIR [--publish REPORT]        # DIR/summary.md (and a report's files)
+# PROMPT: tweets_sst2 (MeZO's SST-2 prompt) or tweets (an instruction); default both.
 # Needs `pip install 'zoscale[real]' && zoscale real-inputs --out real-inputs`. One thread a run, JOBS runs at
 # a time (2 on a 2-core machine). Every stage continues where it stopped; the frozen layers' cache
 # ($ZOSCALE_CACHE, default ~/.cache/zoscale) is shared by all runs.
