@@ -64,7 +64,8 @@ def summary(out: Path) -> str:
                   " | chosen |", "| --- |" + " --- |" * (max(map(len, table.values())) + 1)]
         for name, points in table.items():
             cells = [f"{p['lr']:g}: {p['best_dev']:.3f}" for p in points]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen[name]['lr']:g} |")
+            edge = " (the grid's edge: a wider grid may do better)" if chosen[name] in (points[0], points[-1]) else ""
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen[name]['lr']:g}{edge} |")
         lines.append("")
     for main in sorted((out / "main").glob("*")):
         report = _json(main / "report.json")
