@@ -7,9 +7,10 @@ trainer-fsdp: the Trainer's own integrations, TrainingArguments(deepspeed=...) o
 latter on CUDA), steps, batch (the global batch), accumulation, save_steps, resume (a checkpoint
 directory, or "last": the newest complete one in OUT/run), lr, dtype, master (fp32 master weights),
 save_model, weight_decay, dual (zo_dual_forward),
-objective (loss, or reward: the prompts' greedy words scored by the quickstart's reward function).
-Every rank writes OUT/rank{r}.json: the Trainer's log history, the parameter checksum and the files
-of OUT/run.
+objective (loss, or reward: the prompts' greedy words scored by the quickstart's reward function),
+best (evaluate at every save and load the best model at the end, the first evaluation being best).
+Every rank writes OUT/rank{r}.json: the Trainer's log history, the parameter checksum (and, with
+best, the checksum at each save and the best checkpoint) and the files of OUT/run.
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ def prompts(rows: int = 64):
     return Dataset.from_list([{"prompt": f"{r['sentence']} It was", "label": r["label"]} for r in lines])
 
 
+def parameter_sum(trainer) -> float:
+    """The trainable parameters' sum over every rank's shards (a collective)."""
+    trainer.zo.flush()
+    return trainer.zo.param_sums([sum(float(s.tensor.double().sum()) for s in trainer.zo.shards)])[0]
+
+
 def main(out: Path, options: dict) -> None:
     from transformers import DataCollatorForLanguageModeling, TrainingArguments
 
@@ -111,20 +118,16 @@ def main(out: Path, options: dict) -> None:
                 metrics["eval_earliness"] = -state.global_step
 
             def on_save(self, args, state, control, **kwargs):
-                trainer.zo.flush()
-                saved[state.global_step] = trainer.zo.param_sums(
-                    [sum(float(s.tensor.double().sum()) for s in trainer.zo.shards)])[0]
+                saved[state.global_step] = parameter_sum(trainer)
 
         trainer.add_callback(SumAtSave())
     resume = options.get("resume")
     trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
     if options.get("save_model"):
         trainer.save_model(str(out / "model"))
-    trainer.zo.flush()
-    sums = trainer.zo.param_sums([sum(float(s.tensor.double().sum()) for s in trainer.zo.shards)])
     rank = dist.get_rank() if dist.is_initialized() else 0
-    result = {"log": trainer.state.log_history, "param_sum": sums[0], "world_size": world, "saved": saved,
-              "best": trainer.state.best_model_checkpoint,
+    result = {"log": trainer.state.log_history, "param_sum": parameter_sum(trainer), "world_size": world,
+              "saved": saved, "best": trainer.state.best_model_checkpoint,
               "files": sorted(str(p.relative_to(out)) for p in (out / "run").rglob("*") if p.is_file())}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     if dist.is_initialized():
