@@ -16,8 +16,11 @@ config=configs/real/smollm2_tweets_top_cpu.yaml
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OPTIMIZERS=mezo,conmezo,mezo_svrg,pseuzo,adamw
 LORA='model.lora={r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj], layers_to_transform: [26, 27, 28, 29]}'
-ZO_LRS=(1e-4 3e-4 1e-3)     # the ZO optimizers' grid
-FO_LRS=(1e-4 1e-3 1e-2)     # AdamW's
+ZO_LRS=(1e-4 3e-4 1e-3 3e-3 1e-2)     # the ZO optimizers' grid
+FO_LRS=(1e-4 1e-3 1e-2 3e-2 1e-1)     # AdamW's
+# points of the grid per parameter set: norms took the first three (every choice at 1e-3 / 1e-2,
+# their mains ran with them); ZO on LoRA moved nothing at 1e-4 and 3e-4, so LoRA takes all five
+POINTS_norm="0 1 2" POINTS_lora="0 1 2 3 4"
 params() { [ "$1" = lora ] && echo "$LORA" || echo "model.lora=null"; }  # norm: the config's model.trainable
 if [ "$stage" = all ]; then
   for p in norm lora; do
@@ -27,7 +30,8 @@ if [ "$stage" = all ]; then
   for p in norm lora; do bash "$0" main "$out" "$p" tweets; done
 elif [ "$stage" = sweep ]; then
   for p in $only_params; do
-    for i in 0 1 2; do
+    points=POINTS_$p
+    for i in ${!points}; do
       zo=${ZO_LRS[$i]} fo=${FO_LRS[$i]}
       zoscale compare --config "$config" --optimizers "$OPTIMIZERS" --seeds 1 --steps 300 --evals 2 --jobs "${JOBS:-2}" \
         --out "$out/sweep/$p-$i" "$(params $p)" data.num_test=50 optim.lr="$zo" adamw:optim.lr="$fo" \
