@@ -108,6 +108,13 @@ def unwrap(model):
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's decoder layers: its modules of the classes it names in `_no_split_modules` (the
+    units FSDP2 shards, ZeRO-3 gathers whole, `zoscale plan` counts and the frozen-layer cache cuts)."""
+    units = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in units]
+
+
 def causal_lm(model):
     """The transformers causal LM itself, also under a peft wrapper (whose LoRA layers it contains)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -38,7 +38,15 @@ from zoscale.backends.base import (
 from zoscale.engine import Shard, decays, offload_compute_device
 from zoscale.engine.comm import Comm, print0
 from zoscale.errors import ConfigError
-from zoscale.models import BodyHead, auto_class, causal_lm, linear_head, select_trainable, transformers_config
+from zoscale.models import (
+    BodyHead,
+    auto_class,
+    causal_lm,
+    decoder_layers,
+    linear_head,
+    select_trainable,
+    transformers_config,
+)
 
 
 def _deepspeed():
@@ -181,8 +189,7 @@ class DeepSpeedBackend:
         parameters are gathered together when it starts, one collective per layer and forward,
         instead of one per parameter as its submodules start."""
         dtype = next(model.parameters()).dtype
-        units = set(getattr(model, "_no_split_modules", None) or [])
-        layers = {type(m) for m in model.modules() if type(m).__name__ in units}
+        layers = {type(m) for m in decoder_layers(model)}
         if layers:
             from deepspeed.utils import set_z3_leaf_modules
 
@@ -305,7 +312,9 @@ class NVMeStorage:
         self.capacity = max(1, self.swapper.param_buffer_count)
 
     def load(self, shards) -> None:
-        from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
+        from deepspeed.runtime.swap_tensor.partitioned_param_swapper import (
+            PartitionedParamStatus,
+        )
 
         params = [self.params[s.name] for s in shards]
         if any(p.ds_tensor.status != PartitionedParamStatus.NOT_AVAILABLE for p in params):

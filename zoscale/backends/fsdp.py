@@ -30,10 +30,24 @@ from zoscale.backends.base import (
     shard_layout,
     shard_mesh,
 )
-from zoscale.engine import PerturbationEngine, Shard, decays, offload_compute_device, rng
+from zoscale.engine import (
+    PerturbationEngine,
+    Shard,
+    decays,
+    offload_compute_device,
+    rng,
+)
 from zoscale.engine.comm import Comm, print0
 from zoscale.errors import ConfigError
-from zoscale.models import BodyHead, auto_class, causal_lm, linear_head, select_trainable, transformers_config
+from zoscale.models import (
+    BodyHead,
+    auto_class,
+    causal_lm,
+    decoder_layers,
+    linear_head,
+    select_trainable,
+    transformers_config,
+)
 
 _INIT_STREAM = 0x1A17  # mixed into the init seed, so the weights never share a seed with a step
 
@@ -148,17 +162,15 @@ class FSDPBackend:
         group, the ranks of a shard group consecutive) FSDP2 gathers within the shard group only:
         replicas exchange no parameter."""
         self.mesh = mesh = shard_mesh(device, *self.layout())
-        units = set(getattr(model, "_no_split_modules", None) or [])
-        if not units:
+        if not getattr(model, "_no_split_modules", None):
             raise ConfigError("backend fsdp: the model names no _no_split_modules to shard layer by layer")
         options = {"mesh": mesh}
         if self.compute_dtype is not None:
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, self.compute_dtype))
         if self.cpu_offload:
             options["offload_policy"] = CPUOffloadPolicy()
-        for module in model.modules():
-            if type(module).__name__ in units:
-                fully_shard(module, **options)
+        for module in decoder_layers(model):
+            fully_shard(module, **options)
         fully_shard(model, reshard_after_forward=True, **options)
         return model
 
@@ -182,7 +194,10 @@ class FSDPBackend:
 
     def full_state_dict(self, model) -> dict[str, torch.Tensor]:
         """The whole model's tensors on rank 0 (a collective: every rank calls it)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

@@ -105,12 +105,13 @@ def model_counts(model: str) -> tuple:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from zoscale.models import decoder_layers
+
     cfg = load_model_config(model)
     with torch.device("meta"):
         net = AutoModelForCausalLM.from_config(cfg)
     total = sum(p.numel() for p in net.parameters())
-    units = set(getattr(net, "_no_split_modules", None) or [])
-    layers = [m for m in net.modules() if type(m).__name__ in units]
+    layers = decoder_layers(net)
     layer_numel = max((sum(p.numel() for p in m.parameters()) for m in layers), default=0)
     return cfg, total, len(layers), layer_numel, total - sum(sum(p.numel() for p in m.parameters()) for m in layers)
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from zoscale.engine.comm import print0
 from zoscale.errors import ConfigError
-from zoscale.models import BodyHead, causal_lm
+from zoscale.models import BodyHead, causal_lm, decoder_layers
 
 
 def shared_store() -> Path:
@@ -57,7 +57,7 @@ class FrozenLayers:
     def __init__(self, model: torch.nn.Module, store: Path | None = None):
         """``store``: a directory shared by runs (one subdirectory per model state below the cut)."""
         self.base = causal_lm(model).base_model
-        self.layers = _decoder_layers(causal_lm(model))
+        self.layers = _layer_list(causal_lm(model))
         first = next((i for i, layer in enumerate(self.layers) if any(p.requires_grad for p in layer.parameters())),
                      len(self.layers))
         self.frozen = min(first, len(self.layers) - 1)  # the last layer runs, so the cut is a layer's input
@@ -206,11 +206,11 @@ class FrozenLayers:
                               f"from its own by {error:.2g} (relative); this architecture is not supported")
 
 
-def _decoder_layers(model) -> torch.nn.ModuleList:
-    """The model's list of decoder layers: the ModuleList of its `_no_split_modules` classes."""
-    units = set(getattr(model, "_no_split_modules", None) or [])
+def _layer_list(model) -> torch.nn.ModuleList:
+    """The ModuleList that holds the model's decoder layers, in order (the cut swaps its entries)."""
+    layers = decoder_layers(model)
     for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) and all(type(m).__name__ in units for m in module):
+        if isinstance(module, torch.nn.ModuleList) and len(module) and list(module) == layers:
             return module
     raise ConfigError(f"model.cache_frozen_layers: {type(model).__name__} names no decoder layer class "
                       f"(_no_split_modules) whose list could be cut")
