@@ -152,15 +152,17 @@ def test_the_example_script_lowers_the_validation_loss(tmp_path):
 
 @pytest.mark.parametrize("backend", ["none", "fsdp", "deepspeed", "trainer-deepspeed"])
 def test_two_gloo_ranks_follow_the_single_process_trajectory(tmp_path, single, backend):
-    """Replicas (no DDP), FSDP2 shards and ZeRO-3 partitions by zoscale's backends, the Trainer
-    running the loop; and ZeRO-3 by the Trainer's own DeepSpeed integration
-    (TrainingArguments(deepspeed="configs/deepspeed/zero3.json")). The ZeRO-3 runs resume the
+    """Replicas (no DDP), FSDP2 shards (norms and biases kept whole) and ZeRO-3 partitions by
+    zoscale's backends, the Trainer running the loop; and ZeRO-3 by the Trainer's own DeepSpeed integration
+    (TrainingArguments(deepspeed=...), its persistence threshold "auto": the norms and biases are
+    kept whole on every rank). The ZeRO-3 runs resume the
     single-process checkpoint at step 3. The sharded runs end with load_best_model_at_end: each rank
     reads its elements of the best checkpoint (chosen as the worst eval loss, so not the last)."""
     resumed = "deepspeed" in backend
     resume = (f"resume={single['dir'] / 'run' / 'checkpoint-3'}",) if resumed else ()
     best = ("best=1", "save_steps=2") if backend != "none" else ()
-    ranks = torchrun(SCRIPT, 2, tmp_path, "steps=6", f"backend={backend}", "save_model=1", *resume, *best,
+    small = ("small=100",) if backend == "fsdp" else ()
+    ranks = torchrun(SCRIPT, 2, tmp_path, "steps=6", f"backend={backend}", "save_model=1", *resume, *best, *small,
                      timeout=240)
     assert steps(ranks[0]) == steps(ranks[1])
     for (step, loss, pg), (_, loss_2, pg_2) in zip(steps(single), steps(ranks[0]), strict=True):
@@ -171,6 +173,9 @@ def test_two_gloo_ranks_follow_the_single_process_trajectory(tmp_path, single, b
         best_step = ranks[0]["best"].rsplit("-", 1)[1]
         assert best_step == ("4" if resumed else "2") and ranks[1]["best"] == ranks[0]["best"]
         assert ranks[0]["param_sum"] == pytest.approx(ranks[0]["saved"][best_step], rel=1e-12)
+    if backend in ("fsdp", "trainer-deepspeed"):  # small=100, and the JSON's threshold: norms and biases kept whole
+        whole = set(ranks[1]["kept_whole"])
+        assert whole and all(name.endswith(("bias", "norm.weight")) for name in whole), whole
     if backend != "none":  # the gathered shards, saved by rank 0
         assert loaded_sum(tmp_path / "model") == pytest.approx(ranks[0]["param_sum"], rel=1e-12)
         step_dir = "zoscale/checkpoints/step-00000006"
@@ -184,7 +189,6 @@ def test_two_gloo_ranks_follow_the_single_process_trajectory(tmp_path, single, b
     ({"fsdp": "full_shard"}, "TrainingArguments.fsdp_config: ZOTrainer needs FSDP2"),
     ({"fsdp": "full_shard", "fsdp_config": {"version": 2, "reshard_after_forward": True}}, "needs CUDA"),
     ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "ZeRO stage 2"),
-    ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "stage3_param_persistence_threshold"),
     ({"deepspeed": str(hf_trainer.ZERO3), "zo_backend": "deepspeed"}, "both shard the model"),
     ({"gradient_accumulation_steps": 2, "zo": "pseuzo"}, "gradient_accumulation_steps"),
     ({"zo_options": {"epsilon": 1}}, "unknown option"),
@@ -193,6 +197,7 @@ def test_two_gloo_ranks_follow_the_single_process_trajectory(tmp_path, single, b
     ({"zo_options": {"lr": "1e-3"}}, "lr: expected a number, got '1e-3'"),
     ({"zo_fsdp_shard_size": 2}, "zo_fsdp_shard_size: shard groups are FSDP2's"),
     ({"zo_zero3_shard_size": 2, "zo_backend": "fsdp"}, "zo_zero3_shard_size: shard groups of ZeRO-3"),
+    ({"zo_replicate_small_params": 100}, "zo_replicate_small_params: needs zo_backend"),
     ({"zo": "adamw"}, "zo_optimizer: adamw is a first-order baseline"),
     ({"zo_backend": "megatron"}, "zo_backend"),
     ({"optimizers": (torch.optim.SGD([torch.zeros(1, requires_grad=True)]), None)}, "optimizers"),
@@ -210,10 +215,7 @@ def test_combinations_a_zo_step_cannot_honour_are_refused(tmp_path, change, mess
     from zoscale.integrations.transformers import ZOTrainer
 
     change = dict(change)
-    trainer_keys = {k: change.pop(k) for k in ("zo_options", "zo_backend", "zo_fsdp_shard_size", "zo_zero3_shard_size",
-                                               "optimizers",
-                                               "zo_dual_forward")
-                    if k in change}
+    trainer_keys = {k: change.pop(k) for k in list(change) if k.startswith("zo_") or k == "optimizers"}
     name = change.pop("zo", "mezo")
     try:
         args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, dataloader_drop_last=True,

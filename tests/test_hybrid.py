@@ -3,7 +3,8 @@ as 4 replicas (shard groups of 1) and as one flat group of 4, and ZeRO-3 in grou
 give the single-process trajectory for all four optimizers; replicas exchange no parameter (the
 communication ledger); a hybrid checkpoint resumes flat and a flat one hybrid. `dual_forward`
 (both sides of a step in one forward) equals the two-forward step and gathers each layer once a
-step; replica groups as a population take n-SPSA steps."""
+step; replica groups as a population take n-SPSA steps; small parameters kept whole give the
+same trajectory with fewer gathers."""
 
 import json
 import sys
@@ -19,6 +20,7 @@ COMMON = ["steps=4", "eval_every=0", "save_every=0", "eval_before=false", "data.
 # a float32 momentum: bf16 would round the ranks' loss-sum orders into the trajectory
 EXTRA = {"conmezo": ["optim.buffer_dtype=float32"]}
 LAYOUTS = {"hybrid": 2, "replicas": 1, "flat": 4}  # ranks per shard group, of 4
+SMALL = "replicate_small_params=100"  # the quickstart's norms and biases (32 or 64 elements), not its matrices
 
 
 def run(name: str, optimizer: str, *extra: str) -> list:
@@ -60,7 +62,10 @@ def runs(tmp_path_factory):
     sharded += [run("zero3-replicas", "mezo", "backend=deepspeed", "zero3_shard_size=1"),
                 run("zero3-dual", "mezo", "backend=deepspeed", "zero3_shard_size=2", "dual_forward=true"),
                 run("zero3-to-flat", "conmezo", "backend=deepspeed", "zero3_shard_size=2"),
-                ["zero3-to-flat", {"steps": 8, "backend": "fsdp", "zero3_shard_size": None}, True]]
+                ["zero3-to-flat", {"steps": 8, "backend": "fsdp", "zero3_shard_size": None}, True],
+                run("zero3-small", "conmezo", "backend=deepspeed", "zero3_shard_size=2", SMALL),
+                run("hybrid-small", "conmezo", "backend=fsdp", "fsdp_shard_size=2", SMALL),
+                ["hybrid-small", {"steps": 8, "fsdp_shard_size": None, "replicate_small_params": 0}, True]]
     done = launch(4, SCRIPT, str(out), json.dumps(sharded), timeout=900)
     assert done.returncode == 0, done.stdout[-3000:]
     return out
@@ -109,6 +114,25 @@ def test_the_ledger_shows_only_scalars_between_replicas(runs):
     # a shard group of 2 gathers the same layers as one of 4 (padded to the group's size)
     assert hybrid["shard"]["all_gather"]["calls"] == flat["world"]["all_gather"]["calls"]
     assert hybrid["shard"]["all_gather"]["bytes"] == pytest.approx(flat["world"]["all_gather"]["bytes"], rel=0.05)
+
+
+def test_small_parameters_kept_whole_keep_the_trajectory_with_fewer_gathers(runs):
+    """Norms and biases kept whole on every rank (ZeRO-3's persistence threshold, FSDP2's ignored
+    parameters): the same trajectory, a checkpoint (each element once) that resumes under flat
+    FSDP2 without them, and under ZeRO-3 the final norm's all-gather gone: a forward gathers each decoder
+    layer once, the two embeddings and the head."""
+    same_trajectory(runs / "zero3-small", runs / "local-conmezo")
+    assert summary(runs / "hybrid-small")["steps"] == 8
+    same_trajectory(runs / "hybrid-small", runs / "local-conmezo-8")
+    from zoscale.train.checkpoint import PieceReader
+
+    with PieceReader(runs / "zero3-small" / "checkpoints" / "step-00000004") as saved:
+        for (kind, name), pieces in saved.pieces.items():
+            assert sum(numel for _, numel, _, _ in pieces) == saved.numel(name, kind), (kind, name)
+    small, plain = (json.loads((runs / name / "comm.json").read_text())["1"]["shard"]["all_gather"]
+                    for name in ("zero3-small", "zero3-conmezo"))
+    layers = 2
+    assert small["calls"] == 2 * (layers + 3) == plain["calls"] - 2 and small["bytes"] < plain["bytes"], (small, plain)
 
 
 def test_replica_groups_as_a_population_take_n_spsa_steps(runs):
@@ -165,6 +189,9 @@ def test_the_slurm_scripts_default_shard_size_applies_only_where_none_is_named(m
     (["backend=deepspeed", "zero3_shard_size=2"], "zero3_shard_size: 2 ranks per shard group do not divide the 1"),
     (["optim.name=pseuzo", "dual_forward=true"], "dual_forward: pseuzo does not take its losses as (+eps, -eps) pairs"),
     (["dual_forward=true", "objective=accuracy"], "dual_forward: the objective must be the loss"),
+    (["replicate_small_params=100"], "replicate_small_params: backend local holds every parameter whole already"),
+    (["backend=deepspeed", "replicate_small_params=100", "deepspeed_config=configs/deepspeed/zero3.json"],
+     "replicate_small_params: the DeepSpeed JSON sets it"),
 ])
 def test_bad_shard_sizes_are_refused_in_one_line(overrides, message, tmp_path):
     done = run_group([sys.executable, "-m", "zoscale", "train", "--out", str(tmp_path / "run"), *COMMON, *overrides])

@@ -151,6 +151,9 @@ class TrainConfig:
     # the losses); auto: the ranks of one node (LOCAL_WORLD_SIZE); default: the whole world
     fsdp_shard_size: int | str | None = None
     zero3_shard_size: int | str | None = None  # backend deepspeed: the same, for ZeRO-3's partition groups
+    # backends fsdp and deepspeed: parameters of at most this many elements (norms, biases) are kept
+    # whole on every rank of a shard group, never gathered (ZeRO-3's persistence threshold); 0: none
+    replicate_small_params: int = 0
     # the +eps and -eps forwards as one forward of the batch taken twice: each layer gathered once a
     # step, the shards take only the update (engine/dual.py; optimizers that declare `pairs`)
     dual_forward: bool = False
@@ -208,6 +211,15 @@ class TrainConfig:
             other = SHARD_SIZE_KEYS.get(self.backend)
             _require(self.backend == backend, key, f"shard groups of backend {backend}; backend {self.backend} "
                      f"{f'takes {other}' if other else 'holds whole replicas'}")
+        _require(self.replicate_small_params >= 0, "replicate_small_params",
+                 f"must be >= 0, got {self.replicate_small_params}")
+        if self.replicate_small_params:
+            _require(self.backend in ("fsdp", "deepspeed"), "replicate_small_params",
+                     f"backend {self.backend} holds every parameter whole already")
+            _require(self.deepspeed_config is None, "replicate_small_params", "the DeepSpeed JSON sets it "
+                     "(zero_optimization.stage3_param_persistence_threshold)")
+            _require(self.fsdp_compute_dtype is None, "replicate_small_params", "not with fsdp_compute_dtype "
+                     "(FSDP2 casts only the parameters it shards)")
         if self.deepspeed_config is not None:
             check_deepspeed_json(self.deepspeed_config)
         if self.tensorboard:
@@ -240,9 +252,6 @@ def check_deepspeed_json(path: str) -> None:
     except json.JSONDecodeError as e:
         raise ConfigError(f"deepspeed_config: {path} is not valid JSON ({e})") from None
     _require(zero.get("stage") == 3, "deepspeed_config", f"{path}: zero_optimization.stage must be 3")
-    _require(zero.get("stage3_param_persistence_threshold", 1) == 0, "deepspeed_config",
-             f"{path}: zero_optimization.stage3_param_persistence_threshold must be 0 (persistent parameters "
-             f"stay gathered and would silently stop seeing perturbations)")
 
 
 def _require(ok: bool, key: str, message: str) -> None:

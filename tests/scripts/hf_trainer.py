@@ -6,7 +6,7 @@ Keys: optimizer, backend (none | fsdp | deepspeed: zoscale shards the model; tra
 trainer-fsdp: the Trainer's own integrations, TrainingArguments(deepspeed=...) or fsdp=..., the
 latter on CUDA), steps, batch (the global batch), accumulation, save_steps, resume (a checkpoint
 directory, or "last": the newest complete one in OUT/run), lr, dtype, master (fp32 master weights),
-save_model, weight_decay, dual (zo_dual_forward),
+save_model, weight_decay, dual (zo_dual_forward), small (zo_replicate_small_params),
 objective (loss, or reward: the prompts' greedy words scored by the quickstart's reward function),
 best (evaluate at every save and load the best model at the end, the first evaluation being best).
 Every rank writes OUT/rank{r}.json: the Trainer's log history, the parameter checksum (and, with
@@ -26,7 +26,11 @@ import torch.distributed as dist
 TOKENIZER = Path(__file__).resolve().parents[2] / "zoscale" / "quickstart" / "tokenizer"
 REVIEWS = Path(__file__).resolve().parents[2] / "zoscale" / "quickstart" / "sst2" / "train.jsonl"
 ZERO3 = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "zero3.json"
-TRAINER_SHARDING = {"trainer-deepspeed": {"deepspeed": str(ZERO3), "use_cpu": True},
+# as users' ZeRO-3 JSONs usually have it: the Trainer fills the persistence threshold (10 x hidden
+# size), so the norms and biases are kept whole and the matrices partitioned
+ZERO3_AUTO = {**json.loads(ZERO3.read_text()), "zero_optimization": {"stage": 3,
+                                                                     "stage3_param_persistence_threshold": "auto"}}
+TRAINER_SHARDING = {"trainer-deepspeed": {"deepspeed": ZERO3_AUTO, "use_cpu": True},
                     "trainer-fsdp": {"fsdp": "full_shard", "fsdp_config": {
                         "version": 2, "reshard_after_forward": True, "transformer_layer_cls_to_wrap": ["OPTDecoderLayer"]}}}
 TINY_OPT = dict(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4, max_position_embeddings=64,
@@ -69,7 +73,7 @@ def prompts(rows: int = 64):
 def parameter_sum(trainer) -> float:
     """The trainable parameters' sum over every rank's shards (a collective)."""
     trainer.zo.flush()
-    return trainer.zo.param_sums([sum(float(s.tensor.double().sum()) for s in trainer.zo.shards)])[0]
+    return trainer.zo.param_sums([sum(float(s.tensor.double().sum()) for s in trainer.zo.shards if s.primary)])[0]
 
 
 def main(out: Path, options: dict) -> None:
@@ -104,6 +108,7 @@ def main(out: Path, options: dict) -> None:
                         processing_class=tok, **data,
                         zo_optimizer=options.get("optimizer", "mezo"), zo_options={"eps": eps},
                         zo_backend=backend if backend in ("fsdp", "deepspeed") else None,
+                        zo_replicate_small_params=int(options.get("small", 0)),
                         zo_master_weights=bool(int(options.get("master", 0))),
                         zo_dual_forward=bool(int(options.get("dual", 0))))
     saved = {}  # step -> the parameters' sum at each save, for the best model's reload
@@ -128,6 +133,7 @@ def main(out: Path, options: dict) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     result = {"log": trainer.state.log_history, "param_sum": parameter_sum(trainer), "world_size": world,
               "saved": saved, "best": trainer.state.best_model_checkpoint,
+              "kept_whole": [s.name for s in trainer.zo.shards if s.numel == s.global_numel],
               "files": sorted(str(p.relative_to(out)) for p in (out / "run").rglob("*") if p.is_file())}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     if dist.is_initialized():

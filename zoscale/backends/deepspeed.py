@@ -3,11 +3,19 @@
 `deepspeed.initialize` partitions the model with no optimizer (ZO needs none). Partition r of a
 parameter holds its flattened elements [r * P, (r + 1) * P) with P = ceil(numel / world); the last
 rank's partition is padded, and the padding is cut off the shard. Decoder layers are ZeRO-3 leaf
-modules: a layer's parameters are gathered in one collective. The persistence threshold is 0:
-DeepSpeed keeps a parameter below it gathered only once its trace of the forward is complete, and
-releases it (to be gathered again from the partitions) whenever the trace is incomplete or
-invalidated, so neither the gathered copy nor the partition can hold the state alone. The head
-gathers its parameters with `GatheredParameters`, on every rank.
+modules: a layer's parameters are gathered in one collective. The head gathers its parameters
+with `GatheredParameters`, on every rank.
+
+Parameters at or below the persistence threshold (`replicate_small_params`, or the JSON's
+`stage3_param_persistence_threshold`) are kept whole on every rank of the partition group: the
+shard is the whole parameter, gathered once at start-up, and DeepSpeed's two copies follow it
+without a collective. Its partition becomes a view of the whole, and its gathered copy is the
+whole, marked available and external (DeepSpeed's flag for a parameter that the module which
+fetched it must not release). DeepSpeed's own persistence cannot serve alone: it keeps a
+parameter gathered only once its trace of the forward is complete, which zoscale's forwards, run
+below the root module, never make it, so it would gather the parameter in every forward.
+Should anything release it anyway (a `GatheredParameters` outside zoscale), the next gather reads
+the partition, which is the whole's own elements, and a forward pre-hook points it at the whole.
 
 Hybrid (`zero3_shard_size: S`): an `mpu` whose data-parallel group is this rank's shard group of S
 consecutive ranks is handed to `deepspeed.initialize`, and models built in place are built under
@@ -65,11 +73,11 @@ def offload_device(config_path: str | None) -> str | None:
         return json.load(f).get("zero_optimization", {}).get("offload_param", {}).get("device")
 
 
-def zero3_config(dtype: torch.dtype) -> dict:
+def zero3_config(dtype: torch.dtype, persistence_threshold: int = 0) -> dict:
     """The DeepSpeed config zoscale generates (configs/deepspeed/zero3.json, resolved)."""
     return {
         "train_micro_batch_size_per_gpu": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": persistence_threshold},
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16},
     }
@@ -98,10 +106,14 @@ class DeepSpeedBackend:
     name = "deepspeed"
     sharded = True
 
-    def __init__(self, config_path: str | None = None, shard_size: int | str | None = None):
+    def __init__(self, config_path: str | None = None, shard_size: int | str | None = None,
+                 replicate_small_params: int = 0):
         """shard_size: ranks per partition group, replicas across groups (None: the whole world;
-        "auto": one node's ranks)."""
+        "auto": one node's ranks). replicate_small_params: the persistence threshold of the config
+        zoscale generates (a JSON sets its own)."""
         self.config_path, self.shard_size = config_path, shard_size
+        self.replicate_small_params = replicate_small_params
+        self.wholes: dict[torch.nn.Parameter, torch.Tensor] = {}  # parameters kept whole -> their values
         self.split = BodyHead(head_fn=_gathered_head)
         self.mesh = None  # replicas x shard, when the world holds several shard groups
 
@@ -180,7 +192,7 @@ class DeepSpeedBackend:
 
     def _config(self, dtype: torch.dtype) -> dict:
         if self.config_path is None:
-            return zero3_config(dtype)
+            return zero3_config(dtype, self.replicate_small_params)
         with open(self.config_path) as f:  # validated by zoscale.config
             return resolve_auto(json.load(f), dtype)
 
@@ -203,8 +215,14 @@ class DeepSpeedBackend:
             raise ConfigError("model.master_weights: not with backend deepspeed")
         shard_comm = Comm(group=self.shard_group)
         rank, shards, swapped = shard_comm.rank, [], {}
+        self._keep_whole(model, rank)
         for name, p in model.named_parameters():
             if not p.requires_grad:
+                continue
+            if p in self.wholes:
+                whole = self.wholes[p]
+                shards.append(Shard(name, whole, global_numel=p.ds_numel, weight_decay=decays(name, p.ds_shape),
+                                    compute_device=offload_compute_device(whole), primary=rank == 0))
                 continue
             partition = p.ds_tensor.ds_numel
             offset = rank * partition
@@ -225,16 +243,47 @@ class DeepSpeedBackend:
                 shard.storage = storage if shard.name in swapped else None
         return shards, shard_comm
 
+    def _keep_whole(self, model, rank: int) -> None:
+        """The trainable parameters DeepSpeed persists, each as one whole tensor per rank (gathered
+        once, here): its partition becomes a view of it and its gathered copy is it, marked
+        available and external so that DeepSpeed neither gathers nor releases it; a forward pre-hook
+        on the module that owns it re-points a copy gathered again after something released it."""
+        kept = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad and getattr(p, "ds_persist", False)
+                and p not in self.wholes]
+        if not kept:
+            return
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        with _deepspeed().zero.GatheredParameters(kept):
+            for p in kept:
+                partition = p.ds_tensor.ds_numel
+                padded = torch.zeros(partition * dist.get_world_size(self.shard_group), dtype=p.dtype,
+                                     device=p.ds_tensor.device)
+                padded[: p.ds_numel].copy_(p.data.reshape(-1))
+                self.wholes[p] = padded[: p.ds_numel].view(p.ds_shape)
+                p.ds_tensor.data = padded.narrow(0, rank * partition, partition)
+        for p in kept:
+            p.data, p.ds_status, p.is_external_param = self.wholes[p], ZeroParamStatus.AVAILABLE, True
+        for module in model.modules():
+            owned = [p for p in module._parameters.values() if p in self.wholes]
+            if owned:
+                module.register_forward_pre_hook(lambda _module, _args, owned=owned: self._point_at_wholes(owned))
+
+    def _point_at_wholes(self, params) -> None:
+        for p in params:
+            p.data = self.wholes[p]
+
     def full_state_dict(self, model) -> dict[str, torch.Tensor]:
         """Gathered a module at a time, copied to the host on rank 0."""
         state = {}
         for prefix, module in model.named_modules():
-            params = list(module.parameters(recurse=False))
+            params = [p for p in module.parameters(recurse=False) if p not in self.wholes]
             with _deepspeed().zero.GatheredParameters(params):
                 if Comm().is_main:
                     buffers = [(n, b) for n, b in module.named_buffers(recurse=False)
                                if n not in module._non_persistent_buffers_set]
                     for name, t in [*module.named_parameters(recurse=False), *buffers]:
+                        t = self.wholes.get(t, t) if isinstance(t, torch.nn.Parameter) else t
                         state[f"{prefix}.{name}" if prefix else name] = t.detach().cpu().clone()
         return state
 
@@ -292,8 +341,11 @@ def _load_partitions(model, files: list[Path], rank: int) -> None:
 def _gathered_head(model, hidden: torch.Tensor) -> torch.Tensor:
     """The output embedding with its parameters gathered and copied (a collective), so that
     autograd through the head (PseuZO) outlives the release of the gathered weights."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
     head = causal_lm(model).get_output_embeddings()
-    params = [p for p in (head.weight, head.bias) if p is not None]
+    # a parameter kept whole is available already, and must not be released after
+    params = [p for p in (head.weight, head.bias) if p is not None and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
     with _deepspeed().zero.GatheredParameters(params):
         weight = head.weight.detach().clone()
         bias = None if head.bias is None else head.bias.detach().clone()

@@ -6,7 +6,9 @@ model as a unit of its own silently unties OPT's embedding and head. The root re
 forward, otherwise edits to its shards would not reach the next forward.
 
 Shards are the local blocks (`DTensor.to_local()`, rows along dim 0, the last rank may hold fewer)
-with their global offsets; sums over parameter elements reduce over the world. The body runs
+with their global offsets; sums over parameter elements reduce over the shard group. Parameters of
+at most `replicate_small_params` elements are left out of FSDP2 (`ignored_params`): every rank holds
+them whole and the forward reads them as they are. The body runs
 through the root forward (so every unit's hooks fire); the head is applied with its weight
 gathered (`full_tensor`), outside FSDP's unshard/reshard cycle.
 """
@@ -52,9 +54,12 @@ from zoscale.models import (
 _INIT_STREAM = 0x1A17  # mixed into the init seed, so the weights never share a seed with a step
 
 
-def _local_rows(p: DTensor) -> tuple[torch.Tensor, int]:
+def _local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
     """This rank's block of rows of a sharded parameter (the same storage, detached: ZO writes it in
-    place without autograd's view tracking) and the parameter's first row in it."""
+    place without autograd's view tracking) and the parameter's first row in it; all of a parameter
+    kept whole."""
+    if not isinstance(p, DTensor):
+        return p.detach(), 0
     _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     return p.to_local().detach(), offset[0]
 
@@ -100,11 +105,13 @@ class FSDPBackend:
     sharded = True
 
     def __init__(self, compute_dtype: str | None = None, cpu_offload: bool = False,
-                 shard_size: int | str | None = None):
+                 shard_size: int | str | None = None, replicate_small_params: int = 0):
         """compute_dtype: FSDP2's MixedPrecisionPolicy (e.g. fp32 shards, which the perturbations
         go into, with bf16 compute); cpu_offload: shards in host memory; shard_size: ranks per
-        shard group, replicas across groups (None: the whole world; "auto": one node's ranks)."""
+        shard group, replicas across groups (None: the whole world; "auto": one node's ranks);
+        replicate_small_params: parameters of at most this many elements stay whole on every rank."""
         self.compute_dtype, self.cpu_offload, self.shard_size = compute_dtype, cpu_offload, shard_size
+        self.replicate_small_params = replicate_small_params
         self.split = BodyHead(_root_body, _gathered_head)
         self.mesh = None
 
@@ -165,6 +172,8 @@ class FSDPBackend:
         if not getattr(model, "_no_split_modules", None):
             raise ConfigError("backend fsdp: the model names no _no_split_modules to shard layer by layer")
         options = {"mesh": mesh}
+        if self.replicate_small_params:
+            options["ignored_params"] = {p for p in model.parameters() if p.numel() <= self.replicate_small_params}
         if self.compute_dtype is not None:
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, self.compute_dtype))
         if self.cpu_offload:
@@ -178,6 +187,8 @@ class FSDPBackend:
         if master_dtype is not None:
             raise ConfigError("model.master_weights: not with backend fsdp (keep fp32 shards and compute in half "
                               "precision instead)")
+        mesh = next(p.device_mesh for p in model.parameters() if isinstance(p, DTensor))
+        shard_comm = Comm() if mesh.ndim == 1 else Comm(group=mesh.get_group("shard"))
         shards = []
         for name, p in model.named_parameters():
             if not p.requires_grad:
@@ -185,9 +196,9 @@ class FSDPBackend:
             local, first = _local_rows(p)
             row = p.numel() // p.shape[0] if p.shape[0] else 0
             shards.append(Shard(name, local, offset=first * row, global_numel=p.numel(),
-                                weight_decay=decays(name, p.shape), compute_device=offload_compute_device(local)))
-        mesh = next(p.device_mesh for p in model.parameters() if isinstance(p, DTensor))
-        return shards, Comm() if mesh.ndim == 1 else Comm(group=mesh.get_group("shard"))
+                                weight_decay=decays(name, p.shape), compute_device=offload_compute_device(local),
+                                primary=isinstance(p, DTensor) or shard_comm.rank == 0))
+        return shards, shard_comm
 
     def named_groups(self) -> dict[tuple[int, ...], str]:
         return mesh_groups(self.mesh)

@@ -204,11 +204,20 @@ class PerturbationEngine:
         if p.identity and all(o is s for o, s in zip(outs, srcs)):
             return 0.0
         self.traffic += sum(o.numel() * o.element_size() + s.numel() * s.element_size() for o, s in zip(outs, srcs))
-        on_kernels, on_host = [], []
+        items = []
         for shard, out, src in zip(shards, outs, srcs):
             bufs = [b.tensors[self._index[id(shard)]].view(-1) for b, _ in p.buffers]
             self.traffic += sum(b.numel() * b.element_size() for b in bufs) * (1 + (p.advance is not None))
-            (on_kernels if self._on_kernels(out) else on_host).append((shard, out.view(-1), src.view(-1), bufs))
+            items.append((shard, out.view(-1), src.view(-1), bufs))
+        if p.advance is None or all(shard.primary for shard in shards):
+            return self._pass(items, p)
+        self._pass([item for item in items if not item[0].primary], p)  # their squares are another rank's
+        return self._pass([item for item in items if item[0].primary], p)
+
+    def _pass(self, items: list, p: Pass) -> float:
+        on_kernels, on_host = [], []
+        for item in items:
+            (on_kernels if self._on_kernels(item[1]) else on_host).append(item)
         squares = self._kernel_pass([(kernels.Segment(out, shard.offset, shard.stream, src, bufs[0] if bufs else None),
                                       bufs[1:]) for shard, out, src, bufs in on_kernels], p)
         if self.stage_device is not None:  # host shards (offload): a chunk at a time through the kernels
@@ -253,7 +262,8 @@ class PerturbationEngine:
 
     def norm2(self, tensors: Sequence[torch.Tensor]) -> float:
         """This rank's part of sum(v**2) over a shard-laid-out tensor list, accumulated in float64."""
-        return float(sum(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2 for t in tensors))
+        return float(sum(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2
+                         for s, t in zip(self.shards, tensors) if s.primary))
 
     def dot(self, seed: int, tensors: Sequence[torch.Tensor] | None = None) -> float:
         """This rank's part of <v, z(seed)> (v defaults to the parameters' values), in float64.
@@ -268,7 +278,8 @@ class PerturbationEngine:
         total = torch.zeros((), dtype=torch.float64)
         on_device = []  # the kernels' sums, brought to the host once at the end
         # sum(z**2) needs only sizes: NVMe shards are not read in for it
-        for batch in [self.shards] if square else resident(self.shards):
+        counted = [s for s in self.shards if s.primary]
+        for batch in [counted] if square else resident(counted):
             on_kernels, on_host = [], []
             for shard in batch:
                 t = (shard.value if tensors is None else tensors[self._index[id(shard)]]).view(-1)

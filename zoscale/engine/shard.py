@@ -45,6 +45,9 @@ class Shard:
              offload): the engine generates its perturbations there, a chunk at a time
     parameter: the Parameter a whole shard views (``local_shards``), whose gradient a first-order
              baseline reads
+    primary: False for the copies of a parameter that every rank of a shard group holds whole (small
+             parameters kept replicated) on all ranks but the group's first: sums over elements and
+             checkpoints count each element once
     """
 
     name: str
@@ -56,6 +59,7 @@ class Shard:
     storage: Storage | None = field(default=None, repr=False)
     compute_device: torch.device | None = None
     parameter: torch.nn.Parameter | None = field(default=None, repr=False)
+    primary: bool = True
     stream: int = field(init=False)
 
     def __post_init__(self):

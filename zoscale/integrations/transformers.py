@@ -50,7 +50,8 @@ The generating objectives read rows, not tensors: keep the dataset's columns
   DeepSpeed's or FSDP's optimizer files, which are not written.
 
 Sharding, two ways. The Trainer's own: ``TrainingArguments(deepspeed="configs/deepspeed/zero3.json")``
-(stage 3, ``stage3_param_persistence_threshold: 0``; runs on CPU ranks too) or ``fsdp=...`` with
+(stage 3; parameters under its persistence threshold are kept whole on every rank; runs on CPU
+ranks too) or ``fsdp=...`` with
 ``fsdp_config={"version": 2, "reshard_after_forward": True}`` (needs CUDA: on CPU the Trainer falls
 back to DDP without sharding, so it is refused there). Or zoscale's: ``zo_backend="fsdp"`` (FSDP2)
 or ``"deepspeed"`` (ZeRO-3) shards the model with zoscale's backends before the Trainer sees it,
@@ -201,9 +202,6 @@ def check_arguments(args: TrainingArguments, zo_optimizer: str, zo_backend: str 
         if zero.get("stage", 0) < 3:
             raise ValueError(f"TrainingArguments.deepspeed: ZeRO stage {zero.get('stage', 0)} shards optimizer state, "
                              f"which ZO does not have; use stage 3 (sharded parameters) or no DeepSpeed")
-        if zero.get("stage3_param_persistence_threshold") != 0:
-            raise ValueError("TrainingArguments.deepspeed: set zero_optimization.stage3_param_persistence_threshold "
-                             "to 0 (parameters below it stay gathered and would stop seeing perturbations)")
     if args.fsdp:
         fsdp = args.fsdp_config or {}
         if str(fsdp.get("version", 1)) != "2" or not fsdp.get("reshard_after_forward", False):
@@ -241,7 +239,7 @@ class ZOTrainer(Trainer):
                  zo_options: dict | None = None, zo_backend: str | None = None,
                  zo_deepspeed_config: str | None = None, zo_master_weights: bool = False,
                  zo_fsdp_shard_size: int | str | None = None, zo_zero3_shard_size: int | str | None = None,
-                 zo_max_stalled_steps: int = 50,
+                 zo_replicate_small_params: int = 0, zo_max_stalled_steps: int = 50,
                  zo_objective="loss", zo_reward_weights: list[float] | None = None, zo_max_new_tokens: int = 16,
                  zo_stop: tuple[str, ...] = ("\n",), zo_dual_forward: bool = False, **kwargs):
         """zo_optimizer, zo_options: as for ``zoscale.build_optimizer`` (the same names, options and
@@ -252,6 +250,8 @@ class ZOTrainer(Trainer):
         zo_fsdp_shard_size: with zo_backend "fsdp", ranks per shard group, replicas across groups
         ("auto": one node's ranks), as ``fsdp_shard_size`` in zoscale train's config;
         zo_zero3_shard_size: the same for zo_backend "deepspeed" (``zero3_shard_size``).
+        zo_replicate_small_params: with zo_backend, parameters of at most this many elements stay
+        whole on every rank (``replicate_small_params``; a zo_deepspeed_config sets its own).
         zo_max_stalled_steps: consecutive steps that change nothing (a projected gradient of exactly
         0, or a loss equal to the last bit) before training stops with StalledRun (0: never).
         zo_objective: what a step minimizes (the module docstring); zo_reward_weights: one per
@@ -306,8 +306,12 @@ class ZOTrainer(Trainer):
             raise ValueError("zo_fsdp_shard_size: shard groups are FSDP2's; needs zo_backend='fsdp'")
         if zo_zero3_shard_size is not None and zo_backend != "deepspeed":
             raise ValueError("zo_zero3_shard_size: shard groups of ZeRO-3; needs zo_backend='deepspeed'")
+        if zo_replicate_small_params and (zo_backend is None or zo_deepspeed_config is not None):
+            raise ValueError("zo_replicate_small_params: needs zo_backend 'fsdp' or 'deepspeed' without "
+                             "zo_deepspeed_config (whose stage3_param_persistence_threshold sets it)")
         self.zo_backend = backends.get(zo_backend, zo_deepspeed_config, fsdp_shard_size=zo_fsdp_shard_size,
-                                       zero3_shard_size=zo_zero3_shard_size) if zo_backend else None
+                                       zero3_shard_size=zo_zero3_shard_size,
+                                       replicate_small_params=zo_replicate_small_params) if zo_backend else None
         if self.zo_backend is not None:
             _, device = self.zo_backend.setup(args.ddp_timeout)
             model = self.zo_backend.prepare(model.to(device), device)

@@ -70,7 +70,7 @@ class ConMeZO(ZOOptimizer):
     def __init__(self, shards, config: ConMeZOConfig, comm=None, shard_comm=None, phase=None):
         super().__init__(shards, config, comm, shard_comm, phase)
         self.buffer = self.engine.new_buffer(getattr(torch, config.buffer_dtype))
-        self.dim = self.param_sums([sum(s.numel for s in self.shards)])[0]
+        self.dim = self.param_sums([sum(s.numel for s in self.shards if s.primary)])[0]
         self.momentum_norm = 0.0  # |m_t|, measured or predicted
         self.initialized = config.momentum_init == "zero"
 

@@ -216,9 +216,9 @@ def write_shards(directory: Path, rank: int, shards: Sequence[Shard], buffers: d
         _save_synced(lambda f: save_file(pieces, f), directory / f"shards-rank{rank}{suffix}.safetensors")
 
     in_memory = {f"{kind}/{s.name}@{s.offset}": t for kind, buffer in buffers.items()
-                 for s, t in zip(shards, buffer.tensors)}
+                 for s, t in zip(shards, buffer.tensors) if s.primary}
     for i, batch in enumerate(resident(shards)):
-        params = {f"param/{s.name}@{s.offset}": s.tensor for s in batch}
+        params = {f"param/{s.name}@{s.offset}": s.tensor for s in batch if s.primary}
         if batch[0].storage is None:
             in_memory.update(params)
         else:

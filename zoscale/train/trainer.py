@@ -50,7 +50,7 @@ class Preempted(RuntimeError):
 def parameter_stats(optimizer) -> dict[str, float]:
     """Global statistics of the trainable parameters (float64, over every rank's shards)."""
     local = [0.0, 0.0]
-    for batch in resident(optimizer.shards):
+    for batch in resident([s for s in optimizer.shards if s.primary]):
         local[0] += sum(s.tensor.double().sum().item() for s in batch)
         local[1] += sum(s.tensor.double().pow(2).sum().item() for s in batch)
     total, squares = optimizer.param_sums(local)
@@ -63,7 +63,7 @@ class Trainer:
         requeued job, for which a complete run raises ``RunComplete``)."""
         self.cfg, self.run_dir = cfg, run_dir
         self.backend = backends.get(cfg.backend, cfg.deepspeed_config, cfg.fsdp_compute_dtype, cfg.fsdp_cpu_offload,
-                                    cfg.fsdp_shard_size, cfg.zero3_shard_size)
+                                    cfg.fsdp_shard_size, cfg.zero3_shard_size, cfg.replicate_small_params)
         self.comm, self.device = self.backend.setup(cfg.collective_timeout_s)
         try:
             self.resume_point = resume_run.find_point(run_dir, cfg, self.comm, auto_resume) if resume else None
