@@ -189,12 +189,25 @@ def test_the_slurm_scripts_default_shard_size_applies_only_where_none_is_named(m
     (["backend=deepspeed", "zero3_shard_size=2"], "zero3_shard_size: 2 ranks per shard group do not divide the 1"),
     (["optim.name=pseuzo", "dual_forward=true"], "dual_forward: pseuzo does not take its losses as (+eps, -eps) pairs"),
     (["dual_forward=true", "objective=accuracy"], "dual_forward: the objective must be the loss"),
-    (["replicate_small_params=100"], "replicate_small_params: backend local holds every parameter whole already"),
-    (["backend=deepspeed", "replicate_small_params=100", "deepspeed_config=configs/deepspeed/zero3.json"],
-     "replicate_small_params: the DeepSpeed JSON sets it"),
 ])
 def test_bad_shard_sizes_are_refused_in_one_line(overrides, message, tmp_path):
     done = run_group([sys.executable, "-m", "zoscale", "train", "--out", str(tmp_path / "run"), *COMMON, *overrides])
     last = done.stdout.strip().splitlines()[-1]
     assert done.returncode == 2 and last.startswith(f"zoscale: error: {message}"), done.stdout[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["replicate_small_params=100"], "replicate_small_params: backend local holds every parameter whole already"),
+    (["backend=deepspeed", "replicate_small_params=100", "deepspeed_config=configs/deepspeed/zero3.json"],
+     "replicate_small_params: the DeepSpeed JSON sets it"),
+    (["backend=fsdp", "replicate_small_params=100", "fsdp_compute_dtype=bfloat16"],
+     "replicate_small_params: not with fsdp_compute_dtype"),
+])
+def test_small_parameters_kept_whole_where_they_cannot_be_are_refused(overrides, message):
+    from zoscale.config import load
+    from zoscale.errors import ConfigError
+    from zoscale.quickstart import QUICKSTART
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load(None, overrides, defaults=QUICKSTART)
