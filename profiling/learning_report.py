@@ -6,7 +6,9 @@
 
 The sweep ran one compare per grid point (DIR/sweep/PARAMS-I); an optimizer's rate is the one
 whose best dev score was highest (ties: the smaller rate). Each main compare (DIR/main/PROMPT-PARAMS)
-wrote its own report.md and curves.png; the summary puts their headline numbers side by side.
+wrote its own report.md and curves.png; the summary puts their headline numbers side by side. A
+recheck (DIR/lower/PROMPT-PARAMS) reruns the optimizers whose chosen rate diverged over the main's
+budget one grid point lower.
 """
 
 from __future__ import annotations
@@ -67,14 +69,15 @@ def summary(out: Path) -> str:
             edge = " (the grid's edge: a wider grid may do better)" if chosen[name] in (points[0], points[-1]) else ""
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen[name]['lr']:g}{edge} |")
         lines.append("")
-    for main in sorted((out / "main").glob("*")):
+    for main in [*sorted((out / "main").glob("*")), *sorted((out / "lower").glob("*"))]:
         report = _json(main / "report.json")
         if report is None:
             continue
         prompt, params = main.name.rsplit("-", 1)
         plan = _json(main / "plan.json")
-        lines += [f"## {PROMPTS.get(prompt, prompt)}, {params}", "",
-                  f"Zero-shot test accuracy {report['zero_shot']:.3f}; FT ceiling: {report['ceiling']}'s final.", "",
+        recheck = ", rechecked one grid point below the chosen rate" if main.parent.name == "lower" else ""
+        lines += [f"## {PROMPTS.get(prompt, prompt)}, {params}{recheck}", "",
+                  f"Zero-shot test accuracy {report['zero_shot']:.3f}; FT ceiling: {report['ceiling'] or 'none'}.", "",
                   "| optimizer | lr | steps | forward passes | final test | best dev → test | of FT's gain | "
                   "passes to 90% of FT (seeds) | training time | peak RSS |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -86,7 +89,7 @@ def summary(out: Path) -> str:
                          f"{row['forward_passes']:.0f} | {_fmt(row['final'])} | {_fmt(row['best_dev_test'])} | "
                          f"{gain} | "
                          f"{ft90} ({row.get('ft90_reached', '-')}) | {row['training_seconds']:.0f} s | {memory} |")
-        lines += ["", f"Curves: main/{main.name}/curves.png.", ""]
+        lines += ["", f"Curves: {main.parent.name}/{main.name}/curves.png.", ""]
     return "\n".join(lines)
 
 
@@ -112,7 +115,8 @@ def main() -> None:
 def publish(out: Path, report: Path) -> None:
     """summary.md; each main compare's report.md, report.json, plan.json and curves.png; each sweep
     point's report.md and plan.json (its numbers are in the summary)."""
-    keep = {"main": ("report.md", "report.json", "plan.json", "curves.png"), "sweep": ("report.md", "plan.json")}
+    curves = ("report.md", "report.json", "plan.json", "curves.png")
+    keep = {"main": curves, "lower": curves, "sweep": ("report.md", "plan.json")}
     shutil.copy(out / "summary.md", report / "summary.md")
     for stage, names in keep.items():
         for compare in sorted((out / stage).glob("*")):

@@ -5,6 +5,8 @@
 #                                                                     # 1 seed, 300 MeZO steps
 #   bash profiling/smollm2_learning.sh main DIR [norm|lora] [PROMPT]  # 3 seeds, 1,000 MeZO steps
 #   bash profiling/smollm2_learning.sh all DIR     # each sweep, then its mains: the order results come soonest
+#   bash profiling/smollm2_learning.sh lower DIR PARAMS PROMPT OPTIMIZERS LR  # a main's optimizers whose
+#                                                   # chosen rate diverged, rerun at LR (3 seeds)
 #   python profiling/learning_report.py DIR [--publish REPORT]        # DIR/summary.md (and a report's files)
 # PROMPT: tweets_sst2 (MeZO's SST-2 prompt) or tweets (an instruction); default both.
 # Needs `pip install 'zoscale[real]' && zoscale real-inputs --out real-inputs`. One thread a run, JOBS runs at
@@ -48,7 +50,10 @@ elif [ "$stage" = main ]; then
         --out "$out/main/$prompt-$p" "$(params $p)" data.task="configs/real/tasks/$prompt.yaml" mezo_svrg:optim.q=100 $lrs
     done
   done
+elif [ "$stage" = lower ]; then
+  zoscale compare --config "$config" --optimizers "$5" --seeds 3 --steps 1000 --evals 4 --jobs "${JOBS:-2}" \
+    --out "$out/lower/$4-$3" "$(params "$3")" data.task="configs/real/tasks/$4.yaml" optim.lr="$6"
 else
-  echo "usage: $0 sweep|main|all DIR [norm|lora] [PROMPT]" >&2
+  echo "usage: $0 sweep|main|all|lower DIR [norm|lora] [PROMPT] [OPTIMIZERS LR]" >&2
   exit 2
 fi
