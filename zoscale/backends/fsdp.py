@@ -6,11 +6,11 @@ model as a unit of its own silently unties OPT's embedding and head. The root re
 forward, otherwise edits to its shards would not reach the next forward.
 
 Shards are the local blocks (`DTensor.to_local()`, rows along dim 0, the last rank may hold fewer)
-with their global offsets; sums over parameter elements reduce over the shard group. Parameters of
-at most `replicate_small_params` elements are left out of FSDP2 (`ignored_params`): every rank holds
-them whole and the forward reads them as they are. The body runs
+with their global offsets; sums over parameter elements reduce over the shard group. The body runs
 through the root forward (so every unit's hooks fire); the head is applied with its weight
-gathered (`full_tensor`), outside FSDP's unshard/reshard cycle.
+gathered (`full_tensor`), outside FSDP's unshard/reshard cycle. Parameters of at most
+`replicate_small_params` elements are left out of FSDP2 (`ignored_params`): every rank holds them
+whole and the forward reads them as they are.
 """
 
 from __future__ import annotations
