@@ -1,5 +1,6 @@
 """No silent failures: a run that stopped learning stops with a one-line error and a non-zero exit
-(zoscale train and ZOTrainer), and model.config keys are checked against the model type's config."""
+(zoscale train and ZOTrainer), one that made the model worse says so, and model.config keys are
+checked against the model type's config."""
 
 import sys
 
@@ -35,6 +36,15 @@ def test_the_check_can_be_turned_off_and_a_learning_run_never_trips_it(tmp_path)
     assert off.returncode == 0 and "changed nothing" in off.stdout
     learning = train(tmp_path / "learning", "max_stalled_steps=3")
     assert learning.returncode == 0 and "changed nothing" not in learning.stdout, learning.stdout[-2000:]
+
+
+def test_a_run_that_ends_worse_than_it_started_says_so(tmp_path):
+    """A rate too high for the quickstart (0.03) takes its test accuracy from 0.516 to 0.469."""
+    done = train(tmp_path, "steps=30", "eval_before=true", "data.num_test=64", "optim.lr=0.03")
+    assert done.returncode == 0, done.stdout[-2000:]
+    note = next(line for line in done.stdout.splitlines() if line.startswith("note: the test accuracy ended below"))
+    after, before = map(float, note.split("(", 1)[1].split(")", 1)[0].split(" < "))
+    assert after < before == 0.516, note
 
 
 def test_zotrainer_stops_a_run_that_changes_nothing(tmp_path):

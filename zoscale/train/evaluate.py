@@ -121,7 +121,11 @@ def evaluate(model, tokenizer, examples: list[Encoded], evaluation: str, batch_s
 def headline(metrics: dict[str, float]) -> float:
     """The number a run is judged by: the reward of a reward objective, else accuracy, or F1 for
     generation tasks."""
+    return metrics[headline_key(metrics)]
+
+
+def headline_key(metrics: dict[str, float]) -> str:
     for key in ("reward", "accuracy", "f1"):
         if key in metrics:
-            return metrics[key]
+            return key
     raise KeyError(f"no headline metric in {sorted(metrics)}")

@@ -30,7 +30,7 @@ from zoscale.optim import REGISTRY
 from zoscale.optim.base import Objective
 from zoscale.train import checkpoint, data, gguf, objectives, tasks
 from zoscale.train import resume as resume_run
-from zoscale.train.evaluate import evaluate, headline, rank_batches
+from zoscale.train.evaluate import evaluate, headline, headline_key, rank_batches
 from zoscale.train.frozen_layers import FrozenLayers, shared_store
 from zoscale.train.losses import Batch, sequence_length
 from zoscale.train.memory import MemorySampler
@@ -294,6 +294,11 @@ class Trainer:
         before = self._fmt(summary["eval_before"]) if "eval_before" in summary else "-"
         after = self._fmt(summary["eval_after"])
         print0(f"done: {self.step} steps in {seconds:.0f} s; test before {before}, after {after}")
+        if "eval_before" in summary and headline(summary["eval_after"]) < headline(summary["eval_before"]):
+            key = headline_key(summary["eval_after"])
+            print0(f"note: the test {key} ended below where it started ({headline(summary['eval_after']):.3f} < "
+                   f"{headline(summary['eval_before']):.3f}): training made the model worse; if its loss rose "
+                   f"too, try a lower optim.lr")
         return summary
 
     # -- evaluation ------------------------------------------------------------------------------
