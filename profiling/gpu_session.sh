@@ -7,6 +7,8 @@
 #     bash profiling/gpu_session.sh speed      # kernel tests; SASS counts under this machine's Triton;
 #                                              # OPT-13B: MeZO v1, v2 and deferred, ConMeZO v1 and v2 (7 min)
 #     bash profiling/gpu_session.sh large      # OPT-66B resident in bf16: MeZO step and peak memory (5 min)
+#     bash profiling/gpu_session.sh sharded    # OPT-1.3B's MeZO step: local, FSDP2, ZeRO-3, ZeRO-3 with
+#                                              # norms and biases kept whole (world size 1; issue 28's target)
 #     bash profiling/gpu_session.sh memory     # zoscale profile: OPT-1.3B and OPT-13B at 16x128 and 16x512
 #     bash profiling/gpu_session.sh real       # issue 26: full-parameter SmolLM2-135M on tweets, MeZO, ConMeZO
 #                                              # and AdamW, 3 seeds, 2,000 MeZO steps' budget (under 9 min)
@@ -24,7 +26,7 @@
 # the log beside it; unpack it under profiling/reports/ and commit what you keep.
 # Knobs: MODEL_SMALL, MODEL_LARGE, MODEL_XXL (config.json paths), REPEATS.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh speed|large|memory|real|real-prepare|real-stash}
+stage=${1:?usage: gpu_session.sh speed|large|sharded|memory|real|real-prepare|real-stash}
 out=${OUT:-/tmp/gpu-session}
 small=${MODEL_SMALL:-configs/models/opt-1.3b.json}
 large=${MODEL_LARGE:-configs/models/opt-13b.json}
@@ -116,6 +118,11 @@ speed)  # about 7 minutes on an H200: what the SASS meter predicted, measured (i
 large)  # OPT-66B in bf16 built on the GPU (about 122 GiB of 139 GiB): MeZO's step and peak memory
     LIMIT=480 step --model "$xxl" --optimizer mezo --repeats 3 --no-reference
     ;;
+sharded)  # issue 28's target at world size 1: OPT-1.3B's step under FSDP2 and ZeRO-3 against unsharded
+    for backend in local fsdp deepspeed; do step --model "$small" --optimizer mezo --backend "$backend" --no-reference; done
+    step --model "$small" --optimizer mezo --backend deepspeed --deepspeed-config configs/deepspeed/zero3_small_params.json \
+        --no-reference  # norms and biases kept whole
+    ;;
 memory)
     for seq in 128 512; do
         profile --seq "$seq" --out "$reports/opt-1.3b-16x$seq" "model.config=$small"
@@ -123,7 +130,7 @@ memory)
     done
     ;;
 *)
-    echo "unknown stage $stage (speed | large | memory | real | real-prepare | real-stash)"; exit 2 ;;
+    echo "unknown stage $stage (speed | large | sharded | memory | real | real-prepare | real-stash)"; exit 2 ;;
 esac
 save
 echo "wrote $out/$stage.tgz"
