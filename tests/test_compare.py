@@ -71,6 +71,16 @@ def test_the_report_has_the_table_curves_and_zero_shot_row(four):
     assert all(r["peak_memory_gib"] > 0 and r["step_time_median"] > 0 for r in report["rows"].values())
 
 
+def test_rows_that_end_below_zero_shot_are_named_under_the_table(four):
+    from zoscale.cli.compare import markdown
+
+    _, report = four
+    assert "Below zero-shot" not in markdown({**report, "zero_shot": 0.0})
+    note = markdown({**report, "zero_shot": 1.0}).splitlines()[-1]
+    assert note.startswith("Below zero-shot at the end: mezo (") and all(f"{n} (" in note for n in report["rows"])
+    assert note.endswith("the reference, mezo, is one of them, so its targets say little.")
+
+
 def test_runs_side_by_side_give_the_same_results(four, tmp_path):
     sequential, _ = four
     out = tmp_path / "two"

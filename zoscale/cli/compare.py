@@ -442,6 +442,14 @@ def markdown(report: dict) -> str:
                      f"{passes(r['passes_to_ft90'], r['ft90_reached']) if 'ft90_reached' in r else '-'} |")
     lines += ["", "Peak memory: the process's GPU memory (NVML) where there is a GPU, else its host RSS. "
               "Curves: curves.png; every run: runs/ and report.json.", ""]
+    worse = {name: r["final"][0] for name, r in rows.items()
+             if report["zero_shot"] is not None and r["final"][0] < report["zero_shot"]}
+    if worse:
+        named = ", ".join(f"{name} ({final:.3f})" for name, final in worse.items())
+        lines += [f"Below zero-shot at the end: {named}. Training made the model worse, usually a learning rate too "
+                  f"high for the budget (the runs' projected gradients, pg in runs/*/metrics.jsonl, swing wide)"
+                  + (f"; the reference, {report['reference']}, is one of them, so its targets say little"
+                     if report["reference"] in worse else "") + ".", ""]
     return "\n".join(lines)
 
 
