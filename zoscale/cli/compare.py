@@ -376,7 +376,8 @@ def build_report(plan: Plan, out: Path) -> dict:
         row["loss_speedup"] = loss_base / row["passes_to_loss_target"] \
             if loss_base and row["passes_to_loss_target"] and loss_every else None
         gain = None if ceiling is None or zero_shot is None else rows[ceiling]["final"][0] - zero_shot
-        row["of_ft_gain"] = (row["final"][0] - zero_shot) / gain if gain else None
+        # FT that ended at or below zero-shot gained nothing to take a fraction of
+        row["of_ft_gain"] = (row["final"][0] - zero_shot) / gain if gain and gain > 0 else None
     if ceiling is not None:  # how soon each optimizer reaches 90% of backpropagation's final score
         ft_target = 0.9 * rows[ceiling]["final"][0]
         for name, row in rows.items():
