@@ -81,6 +81,22 @@ def test_rows_that_end_below_zero_shot_are_named_under_the_table(four):
     assert note.endswith("the reference, mezo, is one of them, so its targets say little.")
 
 
+def test_a_comparison_begun_by_an_older_zoscale_continues(four, tmp_path):
+    """Its plan.json lacks the config keys added since: not an edit of the config."""
+    import shutil
+
+    out = tmp_path / "four"
+    shutil.copytree(four[0], out, ignore=shutil.ignore_patterns("curves.png"))
+    plan = json.loads((out / "plan.json").read_text())
+    for resolved in plan["resolved"].values():
+        del resolved["replicate_small_params"]
+    (out / "plan.json").write_text(json.dumps(plan))
+    done = zoscale("compare", "--optimizers", "mezo,conmezo,mezo_svrg,pseuzo", "--seeds", 1, "--steps", 12,
+                   "--evals", 2, "--out", out, *TINY, "mezo_svrg:optim.q=3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (out / "curves.png").is_file() and "replicate_small_params" in (out / "plan.json").read_text()
+
+
 def test_runs_side_by_side_give_the_same_results(four, tmp_path):
     sequential, _ = four
     out = tmp_path / "two"

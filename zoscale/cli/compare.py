@@ -151,13 +151,13 @@ def compare(plan: Plan, out: Path, jobs: int = 1) -> dict:
         if recorded is None:
             raise ConfigError(f"--out: {saved} is unreadable (torn or not JSON): the comparison's arguments are "
                               f"unknown; use another --out")
-        if recorded != current:
-            changed = _changed_keys(recorded.get("resolved", {}), current["resolved"])
-            if changed and {k: v for k, v in recorded.items() if k != "resolved"} == \
-                    {k: v for k, v in current.items() if k != "resolved"}:
-                raise ConfigError(f"--config: {plan.config or 'the quickstart'} resolves to another config than the "
-                                  f"one {out} began with ({', '.join(changed[:3])}); use another --out")
+        arguments = lambda plan_json: {k: v for k, v in plan_json.items() if k != "resolved"}  # noqa: E731
+        if arguments(recorded) != arguments(current):
             raise ConfigError(f"--out: {out} holds a comparison with other arguments ({saved}); use another --out")
+        changed = _changed_keys(recorded.get("resolved", {}), current["resolved"])
+        if changed:
+            raise ConfigError(f"--config: {plan.config or 'the quickstart'} resolves to another config than the "
+                              f"one {out} began with ({', '.join(changed[:3])}); use another --out")
     elif out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise ConfigError(f"--out: {out} exists and is not a comparison (no plan.json); nothing is overwritten")
     out.mkdir(parents=True, exist_ok=True)
@@ -199,9 +199,11 @@ def _run_plan(plan: Plan, out: Path, saved: Path, current: dict, jobs: int) -> d
 
 
 def _changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two nested dicts."""
+    """The dotted keys whose values differ between two nested dicts. A key only one of them has
+    is a zoscale version's new or retired key, not an edit: the arguments, compared as well,
+    catch a new key set by an override."""
     keys = []
-    for key in sorted(set(before) | set(after)):
+    for key in sorted(set(before) & set(after)):
         a, b = before.get(key), after.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += _changed_keys(a, b, f"{prefix}{key}.")
